@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs every planproxy test: formatting, lints, unit and property tests, the
+# data-plane tests on the real kernel (network namespaces, iptables), the e2e
+# suite and the Helm chart tests. Needs root on Linux (Debian/Ubuntu); installs
+# the system and Python packages the tests use when they are missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+for tool in iptables:iptables ip6tables:iptables ip:iproute2 conntrack:conntrack; do
+    command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool#*:}")
+done
+if ((${#need_apt[@]})); then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+if [ -f charts/tests/requirements.txt ]; then
+    python3 -m pip install -q --disable-pip-version-check -r charts/tests/requirements.txt
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
+if [ -f charts/tests/test_chart.py ]; then
+    python3 -m pytest -q charts/tests
+fi
