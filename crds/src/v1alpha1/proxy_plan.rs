@@ -92,6 +92,13 @@ pub struct NodeSettings {
 
     /// Interval of the agent's full resyncs (a duration, e.g. `30s`).
     pub sync_period: String,
+
+    /// True while the Node is being deleted or drained for deletion (it has a
+    /// deletionTimestamp or the cluster autoscaler's `ToBeDeletedByClusterAutoscaler`
+    /// taint). The agent's `/healthz` then answers 503 so load balancers drain the
+    /// node, as kube-proxy's does; the agent needs no access to Node objects.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub node_terminating: bool,
 }
 
 /// The local traffic detector with its CIDRs resolved for this node.
