@@ -10,9 +10,18 @@
 //! CIDR, port, protocol) or from a name checked against the Kubernetes naming
 //! rules; plan content cannot inject a rule.
 
+pub mod hash;
+pub mod model;
+mod render;
+pub mod restore;
 pub mod ruleset;
+mod tree;
 
-pub use ruleset::{Family, Table};
+pub use model::{InvalidServicePort, NodeModel, PlanError};
+pub use render::{Rendered, probability, render, render_model};
+pub use restore::{RestoreInput, restore_full, restore_incremental};
+pub use ruleset::{Chain, Family, FamilyRules, Jump, RuleSet, Table, TableRules, chains};
+pub use tree::LEAF_MAX;
 
 /// How service frontends are dispatched from the top-level services chain.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
