@@ -191,6 +191,6 @@ pub fn resolve(snapshot: &Snapshot) -> Resolution {
     for policy in &snapshot.policies {
         index.apply_policy(policy.clone());
     }
-    index.flush();
-    index.resolution()
+    let changes = index.flush();
+    index.first_resolution(changes)
 }
