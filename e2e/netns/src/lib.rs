@@ -71,4 +71,4 @@ pub use child::ChildGuard;
 pub use echo::{Attempt, ConnectOpts, EchoConfig, EchoGuard, echo_line, here};
 pub use error::{NetnsError, Result};
 pub use ns::{MAX_IFNAME_LEN, NAME_PREFIX, Netns, remove_stale_namespaces, veth};
-pub use topology::{Client, Node, Pod, Topology, TopologySpec};
+pub use topology::{Client, Host, Node, Pod, Topology, TopologySpec};

@@ -9,6 +9,7 @@
 //! | node *i* (1-based) `eth0` | 172.30.0.(10+*i*) | fd00:30::1*i* (e.g. `::11`) |
 //! | client network (router bridge `br-clients`) | 172.31.0.0/24, router .1 | fd00:31::/64, router ::1 |
 //! | client *c* (1-based) `eth0` | 172.31.0.(100+*c*) | fd00:31::10*c* (e.g. `::101`) |
+//! | other hosts on the node network ([`Topology::add_host`]) | 172.30.0.*h* | fd00:30::*h* (hex) |
 //! | node *i* pod CIDR, bridge `cni0` | 10.244.*i*.0/24, bridge .1 | fd00:244:*i*::/64, bridge ::1 |
 //! | pods on node *i* `eth0` | 10.244.*i*.2, .3, … | fd00:244:*i*::2, ::3, … |
 //!
@@ -88,6 +89,15 @@ pub struct Pod {
 /// A machine outside the cluster, reaching nodes through the router.
 #[derive(Debug)]
 pub struct Client {
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    pub ns: Netns,
+}
+
+/// A machine on the node network that is not a node (a control plane host,
+/// say): reaches nodes directly and, through them, nothing else.
+#[derive(Debug)]
+pub struct Host {
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
     pub ns: Netns,
@@ -201,6 +211,30 @@ impl Topology {
             IpAddr::V6(ip) => (format!("{ip}/128"), IpAddr::V6(node.ipv6)),
         };
         self.router.add_route(&cidr, via)
+    }
+
+    /// Attaches a new machine to the node network as `172.30.0.<host>` /
+    /// `fd00:30::<host>` (hex), routing everything else via the router.
+    /// `host` must be 2 to 9 or 20 to 254 (1 is the router, 11 to 19 are
+    /// nodes).
+    pub fn add_host(&self, role: &str, host: u8) -> Result<Host> {
+        if host < 2 || (10..20).contains(&host) || host == 255 {
+            return Err(NetnsError::InvalidName {
+                name: format!("{role} ({host})"),
+                reason: "node-network host numbers are 2-9 or 20-254",
+            });
+        }
+        let ns = Netns::new(role)?;
+        let uplink = format!("h{host}");
+        veth(&self.router, &uplink, &ns, "eth0")?;
+        self.router.set_master(&uplink, NODE_NET_BRIDGE)?;
+        let ipv4 = Ipv4Addr::new(172, 30, 0, host);
+        let ipv6 = Ipv6Addr::new(0xfd00, 0x30, 0, 0, 0, 0, 0, u16::from(host));
+        ns.add_addr("eth0", ipv4.into(), 24)?;
+        ns.add_addr("eth0", ipv6.into(), 64)?;
+        ns.add_route("default", ROUTER_NODE_NET_V4.into())?;
+        ns.add_route("default", ROUTER_NODE_NET_V6.into())?;
+        Ok(Host { ipv4, ipv6, ns })
     }
 
     /// Every pod of every node.

@@ -282,6 +282,14 @@ fn topology_connects_pods_across_nodes_and_clients_to_nodes_without_nat() {
         .connect_udp(SocketAddr::new(remote.ipv4.into(), 8080), &short());
     assert_eq!(attempt.peer().map(|p| p.ip()), Some(neighbour.ipv4.into()));
 
+    // Another host on the node network reaches nodes directly.
+    let host = topology.add_host("control-plane", 2).unwrap();
+    let attempt = host.ns.connect_tcp(
+        SocketAddr::new(topology.node(2).ipv4.into(), 30080),
+        &short(),
+    );
+    assert_eq!(attempt, Attempt::Refused, "node2 has no server on 30080");
+
     // A client outside the cluster reaches a node through the router.
     let node = topology.node(1);
     let _node_echo = node
@@ -299,6 +307,10 @@ fn topology_connects_pods_across_nodes_and_clients_to_nodes_without_nat() {
         assert_eq!(attempt.server(), Some("node1"), "{attempt:?}");
         assert_eq!(attempt.peer().map(|p| p.ip()), Some(client_ip));
     }
+    let attempt = host
+        .ns
+        .connect_tcp(SocketAddr::new(node.ipv6.into(), 30080), &short());
+    assert_eq!(attempt.peer().map(|p| p.ip()), Some(host.ipv6.into()));
 }
 
 #[test]
