@@ -16,11 +16,14 @@ struct Cli {
 enum Command {
     /// Print the planproxy CRDs as YAML (identical to the chart's crds/ copy).
     Crds,
+    /// Run the controller: watch the cluster and write every node's ProxyPlans.
+    Run(Box<planproxy_controller::run::RunArgs>),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run(args) => run(*args),
         Command::Crds => match planproxy_crds::crds_yaml() {
             Ok(yaml) => {
                 #[allow(clippy::print_stdout)]
@@ -34,5 +37,30 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+fn run(args: planproxy_controller::run::RunArgs) -> ExitCode {
+    if let Err(error) = planproxy_controller::run::init_tracing(&args) {
+        eprintln!("error: {error}");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(planproxy_controller::run::run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "controller failed");
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
