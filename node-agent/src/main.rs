@@ -16,6 +16,14 @@ struct Cli {
 enum Command {
     /// Print the agent's version.
     Version,
+    /// Print the iptables-restore input for a plan (dry run; touches nothing).
+    Render(planproxy_node_agent::cli::RenderArgs),
+    /// Program a plan once into the current network namespace and verify it.
+    Apply(planproxy_node_agent::cli::ApplyArgs),
+    /// Remove every planproxy rule and chain, and nothing else.
+    Cleanup(planproxy_node_agent::cli::CleanupArgs),
+    /// Program this node from its ProxyPlans until SIGTERM (the DaemonSet's command).
+    Run(planproxy_node_agent::run::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -24,6 +32,41 @@ fn main() -> ExitCode {
         Command::Version => {
             eprintln!("planproxy-agent {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
+        }
+        Command::Render(args) => planproxy_node_agent::cli::render(args),
+        Command::Apply(args) => planproxy_node_agent::cli::apply(args),
+        Command::Cleanup(args) => planproxy_node_agent::cli::cleanup(args),
+        Command::Run(args) => run_agent(args),
+    }
+}
+
+fn run_agent(args: planproxy_node_agent::run::RunArgs) -> ExitCode {
+    use planproxy_node_agent::dataplane::{DataPlane, DataPlaneConfig};
+    use planproxy_node_agent::run;
+
+    run::init_logging(args.log_format, &args.log_level);
+    let layout = match args.layout {
+        run::Layout::Tree => planproxy_render::Layout::Tree,
+        run::Layout::Flat => planproxy_render::Layout::Flat,
+    };
+    let config = DataPlaneConfig {
+        layout,
+        ..Default::default()
+    };
+    let result = DataPlane::new(config)
+        .map_err(anyhow::Error::from)
+        .and_then(|kernel| {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime
+                .block_on(run::run(args, kernel))
+                .map_err(anyhow::Error::from)
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("planproxy-agent: {error:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -1,0 +1,89 @@
+//! The seam between the sync loop and the data plane: what the loop needs from
+//! whatever owns the node's rules, so the loop can be tested with a fake kernel.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use planproxy_crds::ProxyPlanSpec;
+use planproxy_crds::v1alpha1::ProgrammedSummary;
+
+/// Something that programs a node's complete plan into the kernel.
+///
+/// Both calls block (they run `iptables-restore` / `iptables-save`), so the sync
+/// loop calls them from `spawn_blocking`; it is the only caller.
+pub trait Kernel: Send + 'static {
+    /// Programs `shards` (a complete set, sorted by index). `full` rewrites every
+    /// chain we own; otherwise only what changed since the last successful sync.
+    /// On error the kernel keeps the rules it had.
+    fn sync(&mut self, shards: &[ProxyPlanSpec], full: bool) -> Result<Applied, ApplyError>;
+
+    /// Whether the kernel's rules differ from what the last sync wrote (someone
+    /// flushed or edited our chains).
+    fn drift_detected(&self) -> Result<bool, ApplyError>;
+}
+
+/// What one successful sync wrote.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Applied {
+    /// Whether every chain was rewritten.
+    pub full: bool,
+    /// Wall time of the sync, including waiting for the xtables lock.
+    pub duration: Duration,
+    /// Time spent waiting for the xtables lock.
+    pub lock_wait: Duration,
+    /// Rules the node holds per table (`nat`, `filter`, ...), all families.
+    pub rules_per_table: BTreeMap<String, usize>,
+    /// What each shard (by index) programmed.
+    pub per_shard: BTreeMap<u32, ProgrammedSummary>,
+    /// Conntrack entries removed after the sync (stale UDP flows).
+    pub conntrack_entries_deleted: usize,
+}
+
+/// Why a sync (or a drift check) failed. The kernel still holds the last good rules.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApplyError {
+    /// A short, bounded name for metrics and logs (e.g. `restore`).
+    pub kind: &'static str,
+    /// What failed, with the table and line when the kernel refused a rule.
+    pub message: String,
+}
+
+// === impl Kernel for DataPlane ===
+
+impl Kernel for crate::dataplane::DataPlane {
+    fn sync(&mut self, shards: &[ProxyPlanSpec], full: bool) -> Result<Applied, ApplyError> {
+        let report =
+            crate::dataplane::DataPlane::sync(self, shards, full).map_err(ApplyError::from)?;
+        for skipped in &report.skipped {
+            tracing::warn!(%skipped, "service port not programmed");
+        }
+        // The data plane reports rule counts per shard, not per table.
+        let rules: usize = report
+            .per_shard
+            .values()
+            .map(|summary| usize::try_from(summary.rules).unwrap_or_default())
+            .sum();
+        Ok(Applied {
+            full: report.full,
+            duration: report.duration,
+            lock_wait: report.lock_wait,
+            rules_per_table: BTreeMap::from([("all".to_owned(), rules)]),
+            per_shard: report.per_shard,
+            conntrack_entries_deleted: report.conntrack_entries_deleted,
+        })
+    }
+
+    fn drift_detected(&self) -> Result<bool, ApplyError> {
+        crate::dataplane::DataPlane::drift_detected(self).map_err(ApplyError::from)
+    }
+}
+
+impl From<crate::dataplane::Error> for ApplyError {
+    fn from(error: crate::dataplane::Error) -> Self {
+        ApplyError {
+            kind: error.kind(),
+            message: error.to_string(),
+        }
+    }
+}
