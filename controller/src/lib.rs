@@ -1,3 +1,3 @@
 //! Work in progress.
 
-pub mod run;
+pub mod cli;
