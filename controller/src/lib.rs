@@ -1,3 +1,4 @@
 //! Work in progress.
 
 pub mod cli;
+pub mod run;

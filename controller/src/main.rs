@@ -20,6 +20,8 @@ enum Command {
     Plan(planproxy_controller::cli::plan::PlanArgs),
     /// Time the resolver on synthetic clusters and print a table.
     BenchResolve(planproxy_controller::cli::bench::BenchArgs),
+    /// Run the controller: watch the cluster and write every node's ProxyPlans.
+    Run(Box<planproxy_controller::run::RunArgs>),
 }
 
 fn main() -> ExitCode {
@@ -27,6 +29,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Plan(args) => plan(&args),
         Command::BenchResolve(args) => bench_resolve(&args),
+        Command::Run(args) => run(*args),
         Command::Crds => match planproxy_crds::crds_yaml() {
             Ok(yaml) => {
                 #[allow(clippy::print_stdout)]
@@ -40,6 +43,31 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+fn run(args: planproxy_controller::run::RunArgs) -> ExitCode {
+    if let Err(error) = planproxy_controller::run::init_tracing(&args) {
+        eprintln!("error: {error}");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(planproxy_controller::run::run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "controller failed");
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 
