@@ -24,9 +24,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && install -D -m 0755 target/release/planproxy-agent /out/planproxy-agent
 
 FROM debian:${DEBIAN_RELEASE}-slim
-# iptables: iptables-restore/-save for the agent (Debian selects the nf_tables
-# backend, as current distributions and kubelets do); conntrack: clearing stale UDP
-# flows; ca-certificates: TLS to an API server named by k8sServiceHost.
+# iptables: iptables-restore/-save for the agent, both the nf_tables and the legacy
+# backend (the agent detects which one the host's rules use and runs that one);
+# conntrack: clearing stale UDP flows; ca-certificates: TLS to an API server named
+# by k8sServiceHost.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends iptables conntrack ca-certificates \
  && rm -rf /var/lib/apt/lists/*

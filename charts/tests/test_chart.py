@@ -353,14 +353,30 @@ def source_flags(crate: str) -> set[str]:
     return flags
 
 
+def source_subcommands(crate: str) -> set[str]:
+    """Subcommands of a binary: the variants of `enum Command` in its main.rs."""
+    main = (REPO / crate / "src" / "main.rs").read_text()
+    body = re.search(r"enum Command \{(.*?)\n\}", main, re.S)
+    assert body, f"no `enum Command` in {crate}/src/main.rs"
+    variants = re.findall(r"^    ([A-Z]\w*)\b", body.group(1), re.M)
+    return {re.sub(r"(?<!^)([A-Z])", r"-\1", v).lower() for v in variants}
+
+
 @pytest.mark.parametrize(("component", "crate"), [("controller", "controller"), ("agent", "node-agent")])
 def test_every_flag_the_chart_passes_exists_in_the_binary(component: str, crate: str) -> None:
     known = source_flags(crate)
     assert "--log-format" in known, f"found no clap flags under {crate}/src"
     objects = render(CUSTOM_VALUES)
     workload = one(objects, "Deployment" if component == "controller" else "DaemonSet", component)
-    passed = set(flags_of(container(workload, component)))
+    c = container(workload, component)
+    assert c["args"][0] in source_subcommands(crate)
+    passed = set(flags_of(c))
     assert sorted(passed - known) == []
+
+
+def test_the_uninstall_hook_runs_an_existing_agent_subcommand() -> None:
+    init = container(one(render(), "DaemonSet", "cleanup"), "cleanup")
+    assert init["args"][0] in source_subcommands("node-agent")
 
 
 # --- workloads -------------------------------------------------------------------
