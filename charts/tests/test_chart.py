@@ -662,3 +662,29 @@ def test_release_names_shape_object_names() -> None:
     assert {"edge-planproxy-controller", "edge-planproxy-agent"} <= names
     names = {o["metadata"]["name"] for o in render(release="planproxy")}
     assert {"planproxy-controller", "planproxy-agent"} <= names
+
+
+def readme_helm_commands() -> list[str]:
+    """The `helm install` / `helm upgrade` commands of the README, continuation lines joined."""
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    return re.findall(r"helm (?:install|upgrade) [^\n`]*", text)
+
+
+def test_the_readmes_helm_commands_use_values_the_chart_accepts() -> None:
+    commands = readme_helm_commands()
+    assert len(commands) >= 3
+    for command in commands:
+        values: dict[str, Any] = {}
+        for expression in re.findall(r"--set\s+(\S+)", command):
+            key, _, value = expression.partition("=")
+            values = merge(values, helm.parse_set_string(f"{key}={value.strip(chr(34))}"))
+        if "k8sServiceHost" in values:
+            values["k8sServiceHost"] = "172.18.0.2"  # the README fills it in from `docker inspect`
+        assert render(values), command
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
