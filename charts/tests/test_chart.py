@@ -689,3 +689,24 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     for key, value in extra.items():
         out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
+
+
+# The Rust type (or, for the hooks, the kubectl resource name) each resource of
+# api_calls.yaml is called through; its `source` must mention it.
+CALLED_AS = {
+    "services": "Service",
+    "endpointslices": "EndpointSlice",
+    "nodes": "Node",
+    "proxypolicies": "ProxyPolicy",
+    "proxyplans": "ProxyPlan",
+    "events": "Recorder",
+    "leases": "Lease",
+    "daemonsets": "daemonset/",
+}
+
+
+@pytest.mark.parametrize("call", api_calls(), ids=lambda c: f"{c['component']}-{c['resource']}-{'-'.join(c['verbs'])}")
+def test_every_api_call_names_the_code_that_makes_it(call: dict[str, Any]) -> None:
+    source = REPO / call["source"]
+    assert source.is_file(), f"{call['source']} does not exist: update api_calls.yaml"
+    assert CALLED_AS[call["resource"]] in source.read_text(), f"{call['source']} no longer uses {call['resource']}"
