@@ -200,6 +200,13 @@ def test_values_schema_is_generated_from_the_proxypolicy_crd() -> None:
     )
 
 
+def test_duration_values_take_the_binaries_duration_syntax() -> None:
+    rust = (REPO / "crds" / "src" / "duration.rs").read_text()
+    pattern = re.search(r'pub const PATTERN: &str = r"([^"]+)";', rust)
+    assert pattern, "crds/src/duration.rs no longer declares PATTERN"
+    assert values_schema.DURATION["pattern"] == pattern.group(1)
+
+
 def test_default_values_satisfy_the_schema() -> None:
     with helm.Chart.load(CHART) as chart:
         for values in VALUE_SETS.values():
