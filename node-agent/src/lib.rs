@@ -1,5 +1,6 @@
 //! Work in progress.
 
 pub mod cli;
+pub mod cli;
 pub mod dataplane;
 pub mod run;

@@ -9,11 +9,23 @@
 //! content changed are rewritten. Calls block (they spawn processes); the runtime
 //! calls them from `spawn_blocking`.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
+mod backend;
+mod conntrack;
+mod exec;
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use iptables::IPTables;
 use planproxy_crds::v1alpha1::ProgrammedSummary;
-use planproxy_render::{Family, Layout, Table};
+use planproxy_render::hash::CHAIN_PREFIX;
+use planproxy_render::{
+    FamilyRules, Layout, RenderOptions, RestoreInput, RuleSet, Table, chains, restore_full,
+    restore_incremental,
+};
+
+pub use planproxy_render::Family;
 
 /// Which iptables implementation the host uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -143,24 +155,48 @@ impl Error {
 /// The node's iptables state, owned by one writer.
 #[derive(Debug)]
 pub struct DataPlane {
-    config: DataPlaneConfig,
+    layout: Layout,
     backend: Backend,
     families: Vec<Family>,
+    /// What the kernel holds since the last successful sync; `None` forces the
+    /// next sync to be full (at start, and after any failure).
+    applied: Option<RuleSet>,
+    /// The UDP frontends of the last synced plan, to clean flows of services that
+    /// disappear from it.
+    udp_frontends: BTreeMap<Family, BTreeSet<SocketAddr>>,
 }
+
+/// The canary chain's only rule: a flush of our chains empties it, a delete
+/// removes it; either way the next check sees it gone.
+const CANARY_RULE: &str = "-m comment --comment \"planproxy canary\" -j RETURN";
 
 impl DataPlane {
     /// Detects the backend and the families the kernel supports; touches no rule.
     pub fn new(config: DataPlaneConfig) -> Result<Self, Error> {
-        let backend = config.backend.unwrap_or(Backend::NfTables);
-        let families = if config.families.is_empty() {
-            Family::ALL.to_vec()
+        let backend = match config.backend {
+            Some(b) => b,
+            None => backend::detect()?,
+        };
+        let families: Vec<Family> = if config.families.is_empty() {
+            Family::ALL
+                .into_iter()
+                .filter(|f| backend::supports(backend, *f))
+                .collect()
         } else {
             config.families.clone()
         };
+        if families.is_empty() {
+            return Err(Error::Backend(format!(
+                "neither iptables nor ip6tables works with the {backend} backend here"
+            )));
+        }
+        tracing::info!(%backend, families = ?families, layout = ?config.layout, "data plane ready");
         Ok(Self {
-            config,
+            layout: config.layout,
             backend,
             families,
+            applied: None,
+            udp_frontends: BTreeMap::new(),
         })
     }
 
@@ -174,6 +210,20 @@ impl DataPlane {
         &self.families
     }
 
+    /// The rules the kernel holds since the last successful sync.
+    pub fn applied(&self) -> Option<&RuleSet> {
+        self.applied.as_ref()
+    }
+
+    fn iptables(&self, family: Family) -> IPTables {
+        IPTables {
+            cmd: self.backend.programs(family).iptables,
+            has_check: true,
+            has_wait: true,
+            is_numeric: true,
+        }
+    }
+
     /// Programs the node to exactly `shards` (a complete set of the node's
     /// ProxyPlan shards). Full when `full` or on the first call after
     /// [`DataPlane::new`]; incremental (only changed chains) otherwise. On error
@@ -184,18 +234,268 @@ impl DataPlane {
         shards: &[planproxy_crds::ProxyPlanSpec],
         full: bool,
     ) -> Result<SyncReport, Error> {
-        let _ = (shards, full, &self.config);
-        Err(Error::Backend("not implemented yet".into()))
+        let start = Instant::now();
+        let node = shards
+            .first()
+            .map(|s| s.node_name.as_str())
+            .unwrap_or_default();
+        let span = tracing::info_span!("sync", node, full = tracing::field::Empty);
+        let _guard = span.enter();
+        let options = RenderOptions {
+            layout: self.layout,
+            families: self.families.clone(),
+        };
+        let rendered = planproxy_render::render(shards, &options)
+            .map_err(|e| Error::InvalidPlan(e.to_string()))?;
+        let previous = self.applied.take();
+        let full = full || previous.is_none();
+        span.record("full", full);
+        let mut report = SyncReport {
+            full,
+            ..Default::default()
+        };
+
+        for family in self.families.clone() {
+            let programs = self.backend.programs(family);
+            let Some(next) = rendered.rule_set.families.get(&family) else {
+                continue;
+            };
+            if full {
+                self.ensure_base(family, next)?;
+            }
+            for table in Table::ALL {
+                let next_table = next.table(table);
+                let input = match previous.as_ref().and_then(|p| p.families.get(&family)) {
+                    Some(prev) if !full => {
+                        restore_incremental(table, prev.table(table), next_table)
+                    }
+                    _ => {
+                        let dump = exec::save(&programs, table)?;
+                        let stale: Vec<String> =
+                            exec::chain_rule_counts(&dump).into_keys().collect();
+                        restore_full(table, next_table, &stale)
+                    }
+                };
+                if input.is_noop() {
+                    continue;
+                }
+                report.lock_wait += exec::wait_for_xtables_lock(self.backend);
+                exec::restore(&programs, family, table, &input)?;
+                report.rules_written += input.rules_written;
+                report.chains_written += input.chains_written;
+                report.chains_deleted += input.chains_deleted;
+            }
+        }
+
+        for family in self.families.clone() {
+            let targets = conntrack::UdpTargets::of(&rendered.model, family);
+            let now: BTreeSet<SocketAddr> = targets.frontends.keys().copied().collect();
+            let before = self
+                .udp_frontends
+                .insert(family, now.clone())
+                .unwrap_or_default();
+            let gone: BTreeSet<SocketAddr> = before.difference(&now).copied().collect();
+            match conntrack::reconcile(family, &targets, &gone) {
+                Ok(n) => report.conntrack_entries_deleted += n,
+                // The rules are in place; stale flows are retried next sync.
+                Err(e) => tracing::warn!(%family, error = %e, "stale UDP conntrack cleanup failed"),
+            }
+        }
+
+        report.per_shard = rendered.per_shard;
+        report.skipped = rendered.skipped.iter().map(ToString::to_string).collect();
+        for skipped in &report.skipped {
+            tracing::warn!(service_port = %skipped, "service port skipped");
+        }
+        self.applied = Some(rendered.rule_set);
+        report.duration = start.elapsed();
+        tracing::info!(
+            duration_ms = report.duration.as_millis() as u64,
+            rules = report.rules_written,
+            chains = report.chains_written,
+            deleted = report.chains_deleted,
+            "synced"
+        );
+        Ok(report)
+    }
+
+    /// Creates the fixed chains and the canary and ensures the jumps from the
+    /// built-in chains, each only if missing.
+    fn ensure_base(&self, family: Family, rules: &FamilyRules) -> Result<(), Error> {
+        let ipt = self.iptables(family);
+        for table in Table::ALL {
+            let t = table.as_str();
+            for chain in chains::fixed(table).iter().chain([&chains::CANARY]) {
+                if let Err(e) = ipt.new_chain(t, chain) {
+                    let message = e.to_string();
+                    if !message.contains("exists") {
+                        return Err(command_error(&ipt, format!("-t {t} -N {chain}"), message));
+                    }
+                }
+            }
+            if !ipt.exists(t, chains::CANARY, CANARY_RULE).map_err(|e| {
+                command_error(&ipt, format!("-t {t} -C {}", chains::CANARY), e.to_string())
+            })? {
+                ipt.append(t, chains::CANARY, CANARY_RULE).map_err(|e| {
+                    command_error(
+                        &ipt,
+                        format!("-t {t} -A {} {CANARY_RULE}", chains::CANARY),
+                        e.to_string(),
+                    )
+                })?;
+            }
+            // Inserting at the top in reverse order leaves the jumps in list order.
+            for jump in rules.table(table).jumps.iter().rev() {
+                let present = ipt.exists(t, jump.builtin, &jump.spec).map_err(|e| {
+                    command_error(
+                        &ipt,
+                        format!("-t {t} -C {} {}", jump.builtin, jump.spec),
+                        e.to_string(),
+                    )
+                })?;
+                if !present {
+                    ipt.insert(t, jump.builtin, &jump.spec, 1).map_err(|e| {
+                        command_error(
+                            &ipt,
+                            format!("-t {t} -I {} 1 {}", jump.builtin, jump.spec),
+                            e.to_string(),
+                        )
+                    })?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// True when the canary chains show that someone flushed or deleted
     /// planproxy's chains, so a full sync is needed.
     pub fn drift_detected(&self) -> Result<bool, Error> {
-        Err(Error::Backend("not implemented yet".into()))
+        for family in &self.families {
+            let programs = self.backend.programs(*family);
+            for table in Table::ALL {
+                let out = std::process::Command::new(programs.iptables)
+                    .args(["-w", "-t", table.as_str(), "-S", chains::CANARY])
+                    .output()
+                    .map_err(|source| Error::Spawn {
+                        program: programs.iptables.to_owned(),
+                        source,
+                    })?;
+                let listing = String::from_utf8_lossy(&out.stdout);
+                if !out.status.success() || !listing.lines().any(|l| l.starts_with("-A ")) {
+                    tracing::info!(%family, %table, "canary gone: planproxy's chains were flushed");
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
     }
 
-    /// Removes every planproxy rule and chain, and nothing else.
+    /// Checks that the kernel holds what the last sync wrote: every chain with
+    /// its number of rules, and every jump from the built-in chains.
+    pub fn verify(&self) -> Result<(), Error> {
+        let Some(applied) = &self.applied else {
+            return Err(Error::InvalidPlan("nothing has been synced yet".into()));
+        };
+        for (family, rules) in &applied.families {
+            let programs = self.backend.programs(*family);
+            let ipt = self.iptables(*family);
+            for table in Table::ALL {
+                let counts = exec::chain_rule_counts(&exec::save(&programs, table)?);
+                let expected = rules.table(table);
+                for (name, chain) in &expected.chains {
+                    let found = counts.get(name).copied();
+                    if found != Some(chain.rules.len()) {
+                        return Err(Error::Verify {
+                            family: *family,
+                            table,
+                            detail: match found {
+                                None => format!("chain {name} is missing"),
+                                Some(n) => format!(
+                                    "chain {name} has {n} rules, expected {}",
+                                    chain.rules.len()
+                                ),
+                            },
+                        });
+                    }
+                }
+                for jump in &expected.jumps {
+                    let present = ipt
+                        .exists(table.as_str(), jump.builtin, &jump.spec)
+                        .unwrap_or(false);
+                    if !present {
+                        return Err(Error::Verify {
+                            family: *family,
+                            table,
+                            detail: format!(
+                                "jump from {} to {} is missing",
+                                jump.builtin, jump.target
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every planproxy rule and chain, and nothing else: the jumps it
+    /// added to built-in chains and every `PPX-` chain. Conntrack is left alone.
     pub fn cleanup(&mut self) -> Result<(), Error> {
-        Err(Error::Backend("not implemented yet".into()))
+        self.applied = None;
+        self.udp_frontends.clear();
+        for family in self.families.clone() {
+            let programs = self.backend.programs(family);
+            let ipt = self.iptables(family);
+            for table in Table::ALL {
+                let t = table.as_str();
+                let dump = exec::save(&programs, table)?;
+                for rule in dump.lines().filter_map(|l| l.strip_prefix("-A ")) {
+                    let (chain, spec) = rule.split_once(' ').unwrap_or((rule, ""));
+                    if !chain.starts_with(CHAIN_PREFIX) && is_our_jump(table, spec) {
+                        ipt.delete(t, chain, spec).map_err(|e| {
+                            command_error(&ipt, format!("-t {t} -D {chain} {spec}"), e.to_string())
+                        })?;
+                    }
+                }
+                let ours: Vec<String> = exec::chain_rule_counts(&dump)
+                    .into_keys()
+                    .filter(|c| c.starts_with(CHAIN_PREFIX))
+                    .collect();
+                if ours.is_empty() {
+                    continue;
+                }
+                let mut text = format!("*{t}\n");
+                for c in &ours {
+                    text.push_str(&format!(":{c} - [0:0]\n"));
+                }
+                for c in &ours {
+                    text.push_str(&format!("-X {c}\n"));
+                }
+                text.push_str("COMMIT\n");
+                let input = RestoreInput {
+                    text,
+                    chains_deleted: ours.len(),
+                    ..Default::default()
+                };
+                exec::restore(&programs, family, table, &input)?;
+                tracing::info!(%family, %table, chains = ours.len(), "planproxy chains removed");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a rule in a built-in chain is one of the jumps planproxy adds: it
+/// targets one of our fixed chains and carries our comment.
+fn is_our_jump(table: Table, spec: &str) -> bool {
+    let target = spec.rsplit_once("-j ").map(|(_, t)| t.trim());
+    target.is_some_and(|t| chains::fixed(table).contains(&t))
+        && spec.contains("--comment \"planproxy ")
+}
+
+fn command_error(ipt: &IPTables, args: String, stderr: String) -> Error {
+    Error::Command {
+        command: format!("{} {args}", ipt.cmd),
+        stderr,
     }
 }

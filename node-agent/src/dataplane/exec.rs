@@ -1,0 +1,166 @@
+//! Running iptables-restore and iptables-save.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use planproxy_render::{Family, RestoreInput, Table};
+
+use super::backend::Programs;
+use super::{Backend, Error};
+
+/// Where the legacy backend's xtables lock lives (iptables' own default and override).
+fn xtables_lock_path() -> String {
+    std::env::var("XTABLES_LOCKFILE").unwrap_or_else(|_| "/run/xtables.lock".to_owned())
+}
+
+/// Waits until the xtables lock is free and returns how long that took. The lock
+/// is released again at once: iptables-restore takes it itself (with `-w`), so
+/// this measures how long other holders kept the node waiting. nf_tables has no
+/// such lock (the kernel serialises transactions).
+pub(crate) fn wait_for_xtables_lock(backend: Backend) -> Duration {
+    if backend != Backend::Legacy {
+        return Duration::ZERO;
+    }
+    let start = Instant::now();
+    let Ok(file) = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(xtables_lock_path())
+    else {
+        return Duration::ZERO;
+    };
+    if file.lock().is_ok() {
+        let _ = file.unlock();
+    }
+    start.elapsed()
+}
+
+/// Feeds `input` to `iptables-restore -w --noflush`. The kernel applies all of it or
+/// none of it; on failure the error names the line iptables-restore complained
+/// about and its text.
+pub(crate) fn restore(
+    programs: &Programs,
+    family: Family,
+    table: Table,
+    input: &RestoreInput,
+) -> Result<(), Error> {
+    let mut child = Command::new(programs.restore)
+        .args(["-w", "--noflush"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| Error::Spawn {
+            program: programs.restore.to_owned(),
+            source,
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A write error means the program exited early; its status says why.
+        let _ = stdin.write_all(input.text.as_bytes());
+    }
+    let out = child.wait_with_output().map_err(|source| Error::Spawn {
+        program: programs.restore.to_owned(),
+        source,
+    })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    let line = failed_line(&stderr);
+    let rule = line
+        .and_then(|l| input.text.lines().nth(l.checked_sub(1)?))
+        .map(str::to_owned);
+    Err(Error::Restore {
+        family,
+        table,
+        line,
+        rule,
+        stderr,
+    })
+}
+
+/// The line number in iptables-restore's complaint: `line 5 failed` (legacy),
+/// `line 5: CHAIN_DEL failed` (nf_tables commit) or `Error occurred at line: 5`.
+pub(crate) fn failed_line(stderr: &str) -> Option<usize> {
+    let mut rest = stderr;
+    while let Some(at) = rest.find("line") {
+        let after = rest[at + 4..].trim_start_matches([':', ' ']);
+        let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+        if let Ok(n) = digits.parse() {
+            return Some(n);
+        }
+        rest = &rest[at + 4..];
+    }
+    None
+}
+
+/// `iptables-save -t <table>`.
+pub(crate) fn save(programs: &Programs, table: Table) -> Result<String, Error> {
+    let out = Command::new(programs.save)
+        .args(["-t", table.as_str()])
+        .output()
+        .map_err(|source| Error::Spawn {
+            program: programs.save.to_owned(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            command: format!("{} -t {table}", programs.save),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The chains of an iptables-save dump with their rule counts.
+pub(crate) fn chain_rule_counts(dump: &str) -> BTreeMap<String, usize> {
+    let mut chains = BTreeMap::new();
+    for line in dump.lines() {
+        if let Some(decl) = line.strip_prefix(':') {
+            let name = decl.split(' ').next().unwrap_or_default();
+            chains.entry(name.to_owned()).or_insert(0);
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let name = rule.split(' ').next().unwrap_or_default();
+            *chains.entry(name.to_owned()).or_insert(0) += 1;
+        }
+    }
+    chains
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_line_is_read_from_every_iptables_restore_dialect() {
+        assert_eq!(failed_line("iptables-restore: line 5 failed"), Some(5));
+        assert_eq!(
+            failed_line(
+                "iptables-nft-restore v1.8.9 (nf_tables): \nline 12: CHAIN_DEL failed (Device or resource busy): chain PPX-A"
+            ),
+            Some(12)
+        );
+        assert_eq!(
+            failed_line(
+                "iptables-restore v1.8.9 (legacy): Couldn't load match `foo'\n\nError occurred at line: 4\nTry `iptables-restore -h'"
+            ),
+            Some(4)
+        );
+        assert_eq!(
+            failed_line("iptables-restore: unable to initialize table 'nat'"),
+            None
+        );
+    }
+
+    #[test]
+    fn chain_rule_counts_reads_declarations_and_rules() {
+        let dump = "*nat\n:PREROUTING ACCEPT [0:0]\n:PPX-A - [0:0]\n:PPX-B - [0:0]\n-A PREROUTING -j PPX-A\n-A PPX-A -j RETURN\n-A PPX-A -j RETURN\nCOMMIT\n";
+        let counts = chain_rule_counts(dump);
+        assert_eq!(counts.get("PPX-A"), Some(&2));
+        assert_eq!(counts.get("PPX-B"), Some(&0));
+        assert_eq!(counts.get("PREROUTING"), Some(&1));
+    }
+}
