@@ -1,6 +1,5 @@
 //! Work in progress.
 
 pub mod cli;
-pub mod cli;
 pub mod dataplane;
 pub mod run;

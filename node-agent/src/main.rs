@@ -22,12 +22,6 @@ enum Command {
     Apply(planproxy_node_agent::cli::ApplyArgs),
     /// Remove every planproxy rule and chain, and nothing else.
     Cleanup(planproxy_node_agent::cli::CleanupArgs),
-    /// Print the iptables-restore input for a plan (dry run; touches nothing).
-    Render(planproxy_node_agent::cli::RenderArgs),
-    /// Program a plan once into the current network namespace and verify it.
-    Apply(planproxy_node_agent::cli::ApplyArgs),
-    /// Remove every planproxy rule and chain, and nothing else.
-    Cleanup(planproxy_node_agent::cli::CleanupArgs),
     /// Program this node from its ProxyPlans until SIGTERM (the DaemonSet's command).
     Run(planproxy_node_agent::run::RunArgs),
 }
@@ -39,9 +33,6 @@ fn main() -> ExitCode {
             eprintln!("planproxy-agent {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::Render(args) => planproxy_node_agent::cli::render(args),
-        Command::Apply(args) => planproxy_node_agent::cli::apply(args),
-        Command::Cleanup(args) => planproxy_node_agent::cli::cleanup(args),
         Command::Render(args) => planproxy_node_agent::cli::render(args),
         Command::Apply(args) => planproxy_node_agent::cli::apply(args),
         Command::Cleanup(args) => planproxy_node_agent::cli::cleanup(args),
