@@ -172,7 +172,8 @@ pub async fn run_with(
         shard_target_bytes: usize::try_from(args.shard_target_bytes).unwrap_or(usize::MAX),
         ..ResolveOptions::default()
     };
-    let mut reconciler = reconcile::Reconciler::new(Index::new(options), shared, metrics.clone());
+    let mut reconciler =
+        reconcile::Reconciler::new(Index::new(options), shared.clone(), metrics.clone());
     let mut deadline: Option<Instant> = None;
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     loop {
@@ -197,13 +198,15 @@ pub async fn run_with(
                 if first {
                     health.set_synced();
                     health.set_first_flush();
+                    // Wake the writer even when nothing was queued: it reports
+                    // readiness once it sees the queue empty.
+                    shared.notify.notify_one();
                     tracing::info!(shards = reconciler.desired_count(), "initial resolution done");
                 }
             }
             _ = leading.changed() => {
                 let now_leading = *leading.borrow_and_update();
                 metrics.leader.set(i64::from(now_leading));
-                health.set_leading(now_leading);
                 reconciler.set_leading(now_leading);
             }
             _ = heartbeat.tick() => health.beat(),

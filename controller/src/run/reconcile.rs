@@ -348,7 +348,18 @@ impl Reconciler {
                 let name = policy.name_any();
                 self.policies_keys.seen(name.clone());
                 self.touched_policies.insert(name.clone());
+                // A policy change makes the index recompute every node, and our
+                // own status writes come back as events: feed it only what it reads.
+                let resolved_alike = self.policies.get(&name).is_some_and(|old| {
+                    old.spec == policy.spec
+                        && old.metadata.generation == policy.metadata.generation
+                        && old.status.as_ref().map(|s| &s.accepted_spec)
+                            == policy.status.as_ref().map(|s| &s.accepted_spec)
+                });
                 self.policies.insert(name, policy.clone());
+                if resolved_alike {
+                    return true;
+                }
                 self.index.apply_policy(policy);
             }
             Event::Delete(policy) => {

@@ -75,11 +75,19 @@ impl Writer {
         let policies: Api<ProxyPolicy> = Api::all(self.client.clone());
         let mut budget = WriteBudget::new(self.max_writes_per_second, Instant::now());
         let mut failures: u32 = 0;
+        let mut was_leading = false;
         loop {
             if *shutdown.borrow() {
                 return;
             }
-            if !*leading.borrow_and_update() {
+            let now_leading = *leading.borrow_and_update();
+            if now_leading != was_leading {
+                // Readiness follows what this task saw, in order: a new leader is
+                // ready only after it found its queue empty.
+                self.health.set_leading(now_leading);
+                was_leading = now_leading;
+            }
+            if !now_leading {
                 tokio::select! {
                     _ = leading.changed() => continue,
                     _ = shutdown.wait_for(|stop| *stop) => return,
