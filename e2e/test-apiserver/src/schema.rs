@@ -1,0 +1,305 @@
+//! CRD OpenAPI schemas: pruning of unknown fields and validation on write.
+//!
+//! kube-apiserver prunes fields a structural schema does not declare and then
+//! validates. Here the schema is converted to JSON Schema for the `jsonschema`
+//! crate: `nullable: true` becomes a `null` alternative of the declared type and
+//! `x-kubernetes-int-or-string` becomes `integer | string`.
+//!
+//! Not implemented: CEL rules (`x-kubernetes-validations`) are skipped, and
+//! `format` is an annotation only (as in JSON Schema 2020-12). The crate-level
+//! semantic validation of planproxy objects stays the controller's job, as it is
+//! on a real cluster.
+
+use serde_json::{Map, Value};
+
+use crate::error::Cause;
+
+/// A CRD version's schema, ready to prune and validate objects.
+pub struct CrdSchema {
+    openapi: Value,
+    validator: jsonschema::Validator,
+}
+
+impl std::fmt::Debug for CrdSchema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CrdSchema").finish_non_exhaustive()
+    }
+}
+
+/// The CRD schema could not be turned into a validator.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid CRD schema: {0}")]
+pub struct SchemaError(String);
+
+impl CrdSchema {
+    /// Builds the pruner and validator from an `openAPIV3Schema`.
+    pub fn new(openapi: Value) -> Result<Self, SchemaError> {
+        let json_schema = to_json_schema(&openapi);
+        let validator =
+            jsonschema::validator_for(&json_schema).map_err(|e| SchemaError(e.to_string()))?;
+        Ok(CrdSchema { openapi, validator })
+    }
+
+    /// Drops every field the schema does not declare (root `apiVersion`, `kind`
+    /// and `metadata` are always kept), like kube-apiserver's pruning.
+    pub fn prune(&self, object: &mut Value) {
+        if let Value::Object(map) = object {
+            let props = self.openapi.get("properties").and_then(Value::as_object);
+            map.retain(|k, _| {
+                matches!(k.as_str(), "apiVersion" | "kind" | "metadata")
+                    || props.is_some_and(|p| p.contains_key(k))
+            });
+            if let Some(props) = props {
+                for (k, v) in map.iter_mut() {
+                    if let Some(schema) = props.get(k) {
+                        prune(schema, v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Validates a (pruned) object; one cause per violation, with its field path.
+    pub fn validate(&self, object: &Value) -> Vec<Cause> {
+        self.validator
+            .iter_errors(object)
+            .map(|e| Cause {
+                field: field_path(e.instance_path().as_str()),
+                message: e.to_string(),
+            })
+            .collect()
+    }
+}
+
+impl SchemaError {
+    pub(crate) fn from_message(message: String) -> Self {
+        SchemaError(message)
+    }
+}
+
+fn prune(schema: &Value, value: &mut Value) {
+    if schema
+        .get("x-kubernetes-preserve-unknown-fields")
+        .and_then(Value::as_bool)
+        == Some(true)
+    {
+        return;
+    }
+    match value {
+        Value::Object(map) => {
+            if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+                map.retain(|k, _| props.contains_key(k));
+                for (k, v) in map.iter_mut() {
+                    if let Some(s) = props.get(k) {
+                        prune(s, v);
+                    }
+                }
+            } else if let Some(additional) = schema.get("additionalProperties") {
+                if additional.is_object() {
+                    for v in map.values_mut() {
+                        prune(additional, v);
+                    }
+                }
+            } else if schema.get("type").and_then(Value::as_str) == Some("object") {
+                map.clear();
+            }
+        }
+        Value::Array(items) => {
+            if let Some(item_schema) = schema.get("items") {
+                for item in items {
+                    prune(item_schema, item);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `/spec/frontends/0/port` → `spec.frontends[0].port`.
+fn field_path(pointer: &str) -> String {
+    let mut out = String::new();
+    for segment in pointer.split('/').skip(1) {
+        let segment = segment.replace("~1", "/").replace("~0", "~");
+        if segment.chars().all(|c| c.is_ascii_digit()) && !segment.is_empty() {
+            out.push_str(&format!("[{segment}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(&segment);
+        }
+    }
+    if out.is_empty() {
+        "<root>".to_string()
+    } else {
+        out
+    }
+}
+
+/// OpenAPI v3 (Kubernetes dialect) → JSON Schema 2020-12.
+fn to_json_schema(schema: &Value) -> Value {
+    match schema {
+        Value::Object(map) => {
+            let mut out = Map::new();
+            for (k, v) in map {
+                match k.as_str() {
+                    "nullable" | "x-kubernetes-int-or-string" => {}
+                    k if k.starts_with("x-kubernetes-") => {}
+                    "properties" | "patternProperties" | "definitions" => {
+                        let converted = v
+                            .as_object()
+                            .map(|props| {
+                                props
+                                    .iter()
+                                    .map(|(name, s)| (name.clone(), to_json_schema(s)))
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        out.insert(k.to_string(), Value::Object(converted));
+                    }
+                    "items" | "additionalProperties" | "not" => {
+                        out.insert(k.to_string(), to_json_schema(v));
+                    }
+                    "allOf" | "anyOf" | "oneOf" => {
+                        let converted = v
+                            .as_array()
+                            .map(|all| all.iter().map(to_json_schema).collect())
+                            .unwrap_or_default();
+                        out.insert(k.to_string(), Value::Array(converted));
+                    }
+                    _ => {
+                        out.insert(k.to_string(), v.clone());
+                    }
+                }
+            }
+            if map
+                .get("x-kubernetes-int-or-string")
+                .and_then(Value::as_bool)
+                == Some(true)
+            {
+                out.remove("type");
+                out.insert(
+                    "anyOf".into(),
+                    serde_json::json!([{"type": "integer"}, {"type": "string"}]),
+                );
+            }
+            if map.get("nullable").and_then(Value::as_bool) == Some(true) {
+                if let Some(Value::String(t)) = out.get("type").cloned() {
+                    out.insert("type".into(), serde_json::json!([t, "null"]));
+                }
+                // `enum` must also admit null, or a nullable enum could never be null.
+                if let Some(Value::Array(values)) = out.get_mut("enum") {
+                    values.push(Value::Null);
+                }
+            }
+            Value::Object(out)
+        }
+        other => other.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn schema() -> CrdSchema {
+        CrdSchema::new(json!({
+            "type": "object",
+            "properties": {
+                "spec": {
+                    "type": "object",
+                    "required": ["port"],
+                    "properties": {
+                        "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+                        "mode": {"type": "string", "nullable": true, "enum": ["A", "B"]},
+                        "target": {"x-kubernetes-int-or-string": true},
+                        "list": {"type": "array", "items": {"type": "object", "properties": {"a": {"type": "string"}}}},
+                        "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                        "labels": {"type": "object", "additionalProperties": {"type": "string"}}
+                    }
+                },
+                "status": {"type": "object", "nullable": true, "properties": {"ok": {"type": "boolean"}}}
+            }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn nullable_fields_accept_null_and_reject_other_types() {
+        let s = schema();
+        assert!(
+            s.validate(&json!({"spec": {"port": 80, "mode": null}, "status": null}))
+                .is_empty()
+        );
+        let causes = s.validate(&json!({"spec": {"port": 80, "mode": 3}}));
+        assert!(!causes.is_empty());
+        assert_eq!(causes[0].field, "spec.mode");
+    }
+
+    #[test]
+    fn invalid_values_name_their_field_path() {
+        let s = schema();
+        let causes = s.validate(&json!({"spec": {"port": 0, "list": [{"a": 1}]}}));
+        let fields: Vec<&str> = causes.iter().map(|c| c.field.as_str()).collect();
+        assert!(fields.contains(&"spec.port"), "{fields:?}");
+        assert!(fields.contains(&"spec.list[0].a"), "{fields:?}");
+        assert!(
+            !s.validate(&json!({"spec": {}})).is_empty(),
+            "required port"
+        );
+    }
+
+    #[test]
+    fn int_or_string_accepts_both_and_nothing_else() {
+        let s = schema();
+        assert!(
+            s.validate(&json!({"spec": {"port": 1, "target": 8080}}))
+                .is_empty()
+        );
+        assert!(
+            s.validate(&json!({"spec": {"port": 1, "target": "http"}}))
+                .is_empty()
+        );
+        assert!(
+            !s.validate(&json!({"spec": {"port": 1, "target": true}}))
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn pruning_drops_undeclared_fields_but_keeps_preserved_ones() {
+        let s = schema();
+        let mut obj = json!({
+            "apiVersion": "x/v1", "kind": "X", "metadata": {"name": "a"},
+            "junk": 1,
+            "spec": {"port": 1, "extra": true, "list": [{"a": "x", "b": 2}],
+                     "free": {"anything": {"goes": 1}}, "labels": {"k": "v"}}
+        });
+        s.prune(&mut obj);
+        assert_eq!(
+            obj,
+            json!({
+                "apiVersion": "x/v1", "kind": "X", "metadata": {"name": "a"},
+                "spec": {"port": 1, "list": [{"a": "x"}], "free": {"anything": {"goes": 1}}, "labels": {"k": "v"}}
+            })
+        );
+    }
+
+    #[test]
+    fn generated_planproxy_crds_compile_to_validators() {
+        for crd in planproxy_crds::crds() {
+            let openapi = serde_json::to_value(
+                crd.spec.versions[0]
+                    .schema
+                    .as_ref()
+                    .unwrap()
+                    .open_api_v3_schema
+                    .as_ref()
+                    .unwrap(),
+            )
+            .unwrap();
+            CrdSchema::new(openapi).unwrap();
+        }
+    }
+}
