@@ -2,4 +2,5 @@
 
 pub mod cli;
 pub mod dataplane;
+pub mod explain;
 pub mod run;

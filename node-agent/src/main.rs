@@ -24,6 +24,9 @@ enum Command {
     Cleanup(planproxy_node_agent::cli::CleanupArgs),
     /// Program this node from its ProxyPlans until SIGTERM (the DaemonSet's command).
     Run(planproxy_node_agent::run::RunArgs),
+    /// Show what this node does for one service: frontends, chosen endpoints and
+    /// why, and its chains with the kernel's packet counters.
+    Explain(planproxy_node_agent::explain::ExplainArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +40,7 @@ fn main() -> ExitCode {
         Command::Apply(args) => planproxy_node_agent::cli::apply(args),
         Command::Cleanup(args) => planproxy_node_agent::cli::cleanup(args),
         Command::Run(args) => run_agent(args),
+        Command::Explain(args) => explain(args),
     }
 }
 
@@ -66,6 +70,26 @@ fn run_agent(args: planproxy_node_agent::run::RunArgs) -> ExitCode {
         Err(error) => {
             tracing::error!("{error:#}");
             eprintln!("planproxy-agent: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn explain(args: planproxy_node_agent::explain::ExplainArgs) -> ExitCode {
+    let result = tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| {
+            runtime
+                .block_on(planproxy_node_agent::explain::run(args))
+                .map_err(anyhow::Error::from)
+        });
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("planproxy-agent explain: {error:#}");
             ExitCode::FAILURE
         }
     }
