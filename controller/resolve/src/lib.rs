@@ -194,3 +194,6 @@ pub fn resolve(snapshot: &Snapshot) -> Resolution {
     let changes = index.flush();
     index.first_resolution(changes)
 }
+
+#[cfg(test)]
+mod tests;

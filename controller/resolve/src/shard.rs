@@ -83,11 +83,18 @@ pub fn next_count(current: u32, shards: &[ShardSize], options: &ResolveOptions) 
         .clamp(1, MAX_SHARDS)
         .next_power_of_two()
         .min(MAX_SHARDS);
-    let by_size = if total > current_capacity || total < current_capacity / 4 {
+    let mut by_size = if total > current_capacity || total < current_capacity / 4 {
         needed
     } else {
         current
     };
+    // Shrinking merges runs of neighbouring shards (their hash ranges are
+    // adjacent); never merge past the hard cap.
+    while by_size < current
+        && largest_merged(shards, (current / by_size) as usize) > options.shard_max_bytes
+    {
+        by_size *= 2;
+    }
     // A shard over the hard cap must be split if splitting can help (it holds more
     // than one service), whatever the average says.
     let oversized = shards
@@ -98,6 +105,14 @@ pub fn next_count(current: u32, shards: &[ShardSize], options: &ResolveOptions) 
     } else {
         by_size
     }
+}
+
+fn largest_merged(shards: &[ShardSize], run: usize) -> usize {
+    shards
+        .chunks(run.max(1))
+        .map(|c| c.iter().map(|s| s.bytes).sum())
+        .max()
+        .unwrap_or(0)
 }
 
 /// Serialises a shard once, for both its size and its hash.
@@ -213,5 +228,17 @@ mod tests {
             },
         ];
         assert_eq!(next_count(2, &single, &options), 2);
+    }
+
+    #[test]
+    fn shrinking_never_merges_shards_past_the_hard_cap() {
+        let options = ResolveOptions {
+            shard_target_bytes: 100_000,
+            shard_max_bytes: 1000,
+        };
+        // Tiny against the target, but two neighbours together exceed the cap.
+        assert_eq!(next_count(4, &sizes(&[600, 600, 100, 100]), &options), 4);
+        assert_eq!(next_count(4, &sizes(&[400, 400, 150, 100]), &options), 2);
+        assert_eq!(next_count(4, &sizes(&[400, 400, 100, 100]), &options), 1);
     }
 }
