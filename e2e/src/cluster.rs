@@ -1,0 +1,887 @@
+//! The namespace cluster: nodes, pods, a client and a control plane, each a
+//! network namespace; the test API server, the controller and the agents
+//! running in them exactly as they would in a real cluster.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use planproxy_netns::{
+    ChildGuard, Client, EchoConfig, EchoGuard, Host, Pod, Topology, TopologySpec,
+};
+use planproxy_test_apiserver::{Config as ApiServerConfig, TestApiServer};
+use serde_json::Value;
+
+use crate::binaries;
+use crate::error::{E2eError, Result};
+use crate::objects::{self, EndpointDef, ServiceDef};
+
+/// The port the test API server listens on, on the control plane host.
+pub const API_SERVER_PORT: u16 = 6443;
+/// The control plane host's number on the node network (172.30.0.2).
+const CONTROL_PLANE_HOST: u8 = 2;
+/// Where the harness allocates cluster IPs (as kube-apiserver would with
+/// `--service-cluster-ip-range=10.96.0.0/16,fd00:96::/112`).
+pub const SERVICE_CIDR_V4: &str = "10.96.0.0/16";
+pub const SERVICE_CIDR_V6: &str = "fd00:96::/112";
+/// First node port the harness hands out.
+pub const FIRST_NODE_PORT: u16 = 30000;
+
+/// How to build a namespace cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    /// Number of nodes (`node1` … `nodeN`), 1 to 3.
+    pub nodes: u8,
+    /// Zone of each node, cycling (`topology.kubernetes.io/zone`).
+    pub zones: Vec<String>,
+    /// Clients outside the cluster.
+    pub clients: u8,
+    /// Start `planproxy-controller run`.
+    pub controller: bool,
+    /// Start `planproxy-agent run` on every node.
+    pub agents: bool,
+    /// Extra flags for the controller and the agents.
+    pub controller_args: Vec<String>,
+    pub agent_args: Vec<String>,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        ClusterSpec {
+            nodes: 2,
+            zones: vec!["zone-a".into(), "zone-b".into()],
+            clients: 1,
+            controller: true,
+            agents: true,
+            controller_args: Vec::new(),
+            agent_args: Vec::new(),
+        }
+    }
+}
+
+impl ClusterSpec {
+    /// Only the network and the API server: no controller, no agents.
+    pub fn network_only(nodes: u8) -> Self {
+        ClusterSpec {
+            nodes,
+            controller: false,
+            agents: false,
+            ..ClusterSpec::default()
+        }
+    }
+}
+
+/// A Deployment-like set of pods: each pod a namespace behind a node, running
+/// an echo server that answers with the pod's name.
+#[derive(Clone, Debug)]
+pub struct AppDef {
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub replicas: usize,
+    /// Container ports the echo server answers on.
+    pub tcp_ports: Vec<u16>,
+    pub udp_ports: Vec<u16>,
+    /// Nodes (1-based) the replicas are placed on, round robin; empty means
+    /// every node.
+    pub nodes: Vec<u8>,
+}
+
+impl AppDef {
+    /// `replicas` pods labelled `app=<name>` in `default`, answering TCP and
+    /// UDP on `port`, spread over every node.
+    pub fn new(name: &str, replicas: usize, port: u16) -> Self {
+        AppDef {
+            namespace: "default".into(),
+            name: name.into(),
+            labels: BTreeMap::from([("app".to_owned(), name.to_owned())]),
+            replicas,
+            tcp_ports: vec![port],
+            udp_ports: vec![port],
+            nodes: Vec::new(),
+        }
+    }
+
+    /// Places the replicas on these nodes only (1-based, round robin).
+    pub fn on_nodes(mut self, nodes: &[u8]) -> Self {
+        self.nodes = nodes.to_vec();
+        self
+    }
+}
+
+/// One running replica.
+#[derive(Debug)]
+pub struct AppPod {
+    pub name: String,
+    pub node_name: String,
+    pub ready: bool,
+    pub terminating: bool,
+    _echo: EchoGuard,
+    pub pod: Pod,
+}
+
+#[derive(Debug)]
+struct AppState {
+    def: AppDef,
+    pods: Vec<AppPod>,
+    next_pod: usize,
+}
+
+#[derive(Debug)]
+struct ServiceRecord {
+    def: ServiceDef,
+    cluster_ips: Vec<IpAddr>,
+    node_ports: Vec<u16>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    apps: BTreeMap<(String, String), AppState>,
+    services: BTreeMap<(String, String), ServiceRecord>,
+    next_service_ip: u16,
+    next_node_port: u16,
+}
+
+/// A running namespace cluster. Dropping it stops every process and deletes
+/// every namespace; if that happens while a test panics, it first prints the
+/// ProxyPlans, ProxyPolicies, the controller's and agents' logs and
+/// `iptables-save` of every node.
+pub struct Cluster {
+    // Fields drop in this order: processes before the API server, the API
+    // server before the network it listens on.
+    agents: Mutex<Vec<(String, ChildGuard)>>,
+    controller: Mutex<Option<ChildGuard>>,
+    state: Mutex<State>,
+    apiserver: TestApiServer,
+    kubeconfig_dir: tempfile::TempDir,
+    control_plane: Host,
+    /// One pod per node that belongs to no app: where "from a pod on node N"
+    /// traffic starts.
+    probe_pods: Vec<Pod>,
+    topology: Topology,
+    spec: ClusterSpec,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("api", &self.apiserver.url())
+            .field("nodes", &self.spec.nodes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Builds the network, starts the API server in the control plane
+    /// namespace, registers the Nodes, and starts the controller and agents
+    /// as the spec asks.
+    pub fn start(spec: ClusterSpec) -> Result<Cluster> {
+        if !(1..=3).contains(&spec.nodes) {
+            return Err(E2eError::Invalid(format!(
+                "a cluster has 1 to 3 nodes, not {}",
+                spec.nodes
+            )));
+        }
+        let topology = Topology::new(TopologySpec {
+            nodes: spec.nodes,
+            pods_per_node: 0,
+            clients: spec.clients,
+        })?;
+        let control_plane = topology.add_host("control-plane", CONTROL_PLANE_HOST)?;
+        let listen = SocketAddr::new(IpAddr::V4(control_plane.ipv4), API_SERVER_PORT);
+        let config = ApiServerConfig {
+            listen,
+            advertise: Some(listen.ip()),
+            ..ApiServerConfig::default()
+        };
+        // The server's thread is started from inside the control plane
+        // namespace and inherits it, so it listens there.
+        let apiserver = control_plane
+            .ns
+            .try_run_in(move || TestApiServer::start_on_thread(config))?
+            .map_err(|e| E2eError::ApiServer(e.to_string()))?;
+        let kubeconfig_dir = tempfile::Builder::new()
+            .prefix("planproxy-e2e-")
+            .tempdir()
+            .map_err(|e| E2eError::io("creating the kubeconfig directory", e))?;
+        let probe_pods = topology
+            .nodes
+            .iter()
+            .map(|node| node.add_pod("probe"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let cluster = Cluster {
+            agents: Mutex::new(Vec::new()),
+            controller: Mutex::new(None),
+            state: Mutex::new(State {
+                next_service_ip: 10,
+                next_node_port: FIRST_NODE_PORT,
+                ..State::default()
+            }),
+            apiserver,
+            kubeconfig_dir,
+            control_plane,
+            probe_pods,
+            topology,
+            spec,
+        };
+        cluster.register_nodes()?;
+        if cluster.spec.controller {
+            cluster.start_controller()?;
+        }
+        if cluster.spec.agents {
+            for index in 1..=cluster.spec.nodes {
+                cluster.start_agent(index)?;
+            }
+        }
+        Ok(cluster)
+    }
+
+    fn register_nodes(&self) -> Result<()> {
+        for node in &self.topology.nodes {
+            let zone = self
+                .spec
+                .zones
+                .get((usize::from(node.index) - 1) % self.spec.zones.len().max(1))
+                .map(String::as_str);
+            let object = objects::node(
+                &node_name(node.index),
+                &[node.pod_cidr_v4.to_string(), node.pod_cidr_v6.to_string()],
+                &[node.ipv4.into(), node.ipv6.into()],
+                zone,
+            )?;
+            let value = serde_json::to_value(object)
+                .map_err(|e| E2eError::Invalid(format!("serialising a Node: {e}")))?;
+            self.apiserver
+                .create(value)
+                .map_err(|e| E2eError::ApiServer(format!("creating a Node: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Writes a kubeconfig for `user` and returns its path.
+    pub fn write_kubeconfig(&self, user: &str) -> Result<PathBuf> {
+        let path = self
+            .kubeconfig_dir
+            .path()
+            .join(format!("{user}.kubeconfig"));
+        std::fs::write(&path, self.apiserver.kubeconfig_for(user))
+            .map_err(|e| E2eError::io(format!("writing {}", path.display()), e))?;
+        Ok(path)
+    }
+
+    /// Starts `planproxy-controller run` in the control plane namespace (a
+    /// single replica, so without leader election).
+    pub fn start_controller(&self) -> Result<()> {
+        let binary = binaries::locate(binaries::CONTROLLER)?;
+        let kubeconfig = self.write_kubeconfig("planproxy-controller")?;
+        let mut args: Vec<String> = vec![
+            binary.display().to_string(),
+            "run".into(),
+            "--leader-elect=false".into(),
+            "--admin-bind-address=127.0.0.1:9090".into(),
+            "--coalesce-window=100ms".into(),
+        ];
+        args.extend(self.spec.controller_args.iter().cloned());
+        let kubeconfig = kubeconfig.display().to_string();
+        let process = self.control_plane.ns.spawn(
+            &args,
+            &[
+                ("KUBECONFIG", kubeconfig.as_str()),
+                ("PLANPROXY_LOG", "info,planproxy_controller=debug"),
+            ],
+        )?;
+        *lock(&self.controller) = Some(process);
+        Ok(())
+    }
+
+    /// Starts `planproxy-agent run --node-name nodeN` inside node N's
+    /// namespace, as a hostNetwork DaemonSet pod would run.
+    pub fn start_agent(&self, index: u8) -> Result<()> {
+        let binary = binaries::locate(binaries::AGENT)?;
+        let name = node_name(index);
+        let kubeconfig = self.write_kubeconfig(&format!("system:node:{name}"))?;
+        let mut args: Vec<String> = vec![
+            binary.display().to_string(),
+            "run".into(),
+            format!("--node-name={name}"),
+            "--status-min-interval=100ms".into(),
+        ];
+        args.extend(self.spec.agent_args.iter().cloned());
+        let kubeconfig = kubeconfig.display().to_string();
+        let process = self.node(index).ns.spawn(
+            &args,
+            &[
+                ("KUBECONFIG", kubeconfig.as_str()),
+                ("PLANPROXY_LOG", "info,planproxy_node_agent=debug"),
+            ],
+        )?;
+        lock(&self.agents).push((name, process));
+        Ok(())
+    }
+
+    /// Stops node N's agent (SIGTERM, then SIGKILL after `grace`).
+    pub fn stop_agent(&self, index: u8, grace: Duration) -> Result<()> {
+        let name = node_name(index);
+        let mut agents = lock(&self.agents);
+        if let Some(position) = agents.iter().position(|(n, _)| *n == name) {
+            let (_, mut process) = agents.remove(position);
+            process.terminate(grace)?;
+        }
+        Ok(())
+    }
+
+    // ---- accessors ------------------------------------------------------------
+
+    pub fn apiserver(&self) -> &TestApiServer {
+        &self.apiserver
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Node N (1-based) of the network.
+    pub fn node(&self, index: u8) -> &planproxy_netns::Node {
+        self.topology.node(index)
+    }
+
+    /// The node names, `node1` … `nodeN`.
+    pub fn node_names(&self) -> Vec<String> {
+        (1..=self.spec.nodes).map(node_name).collect()
+    }
+
+    /// A pod on node N that belongs to no app.
+    pub fn probe_pod(&self, index: u8) -> &Pod {
+        &self.probe_pods[usize::from(index) - 1]
+    }
+
+    /// Client N (1-based) outside the cluster.
+    pub fn client(&self, index: u8) -> &Client {
+        &self.topology.clients[usize::from(index) - 1]
+    }
+
+    /// The control plane host (API server, controller).
+    pub fn control_plane(&self) -> &Host {
+        &self.control_plane
+    }
+
+    /// The controller's log so far.
+    pub fn controller_log(&self) -> String {
+        lock(&self.controller)
+            .as_ref()
+            .map_or_else(|| "(controller not running)".to_owned(), ChildGuard::log)
+    }
+
+    /// Node N's agent log so far.
+    pub fn agent_log(&self, index: u8) -> String {
+        let name = node_name(index);
+        lock(&self.agents)
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or_else(|| format!("(no agent on {name})"), |(_, p)| p.log())
+    }
+
+    // ---- running test code against the API -------------------------------------
+
+    /// Runs `scenario` on a thread inside the control plane namespace (where
+    /// the API server is reachable) with a fresh tokio runtime and a kube
+    /// client, and returns its result.
+    pub fn run<'a, F, Fut, R>(&'a self, scenario: F) -> Result<R>
+    where
+        F: FnOnce(ClusterApi<'a>) -> Fut + Send,
+        Fut: Future<Output = R>,
+        R: Send,
+    {
+        // run_in re-raises a panic of the scenario with its own message.
+        self.control_plane.ns.run_in(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| E2eError::io("building a tokio runtime", e))?;
+            runtime.block_on(async move {
+                let client = self
+                    .apiserver
+                    .client("e2e-test")
+                    .await
+                    .map_err(|e| E2eError::ApiServer(format!("building a client: {e}")))?;
+                Ok(scenario(ClusterApi {
+                    cluster: self,
+                    client,
+                })
+                .await)
+            })
+        })
+    }
+
+    /// Runs `check` inside node N's namespace with a kube client built from
+    /// a kubeconfig file the harness wrote, exactly as the node's agent
+    /// connects (for checks of what the agent can see).
+    pub fn run_as_node<F, Fut, R>(&self, index: u8, check: F) -> Result<R>
+    where
+        F: FnOnce(kube::Client) -> Fut + Send,
+        Fut: Future<Output = R>,
+        R: Send,
+    {
+        let path = self.write_kubeconfig(&format!("system:node:{}", node_name(index)))?;
+        self.node(index).ns.run_in(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| E2eError::io("building a tokio runtime", e))?;
+            runtime.block_on(async move {
+                let kubeconfig = kube::config::Kubeconfig::read_from(&path)
+                    .map_err(|e| E2eError::Kubeconfig(e.to_string()))?;
+                let config = kube::Config::from_custom_kubeconfig(
+                    kubeconfig,
+                    &kube::config::KubeConfigOptions::default(),
+                )
+                .await
+                .map_err(|e| E2eError::Kubeconfig(e.to_string()))?;
+                let client = kube::Client::try_from(config)?;
+                Ok(check(client).await)
+            })
+        })
+    }
+
+    // ---- services and workloads (harness-side state) ----------------------------
+
+    fn allocate_service(&self, def: &ServiceDef) -> (Vec<IpAddr>, Vec<u16>) {
+        let mut state = lock(&self.state);
+        let host = state.next_service_ip;
+        state.next_service_ip += 1;
+        let [high, low] = host.to_be_bytes();
+        let mut ips = vec![IpAddr::V4(Ipv4Addr::new(10, 96, high, low))];
+        if def.dual_stack {
+            ips.push(IpAddr::V6(Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, host)));
+        }
+        let node_ports = if def.type_ == objects::ServiceType::ClusterIp {
+            Vec::new()
+        } else {
+            def.ports
+                .iter()
+                .map(|p| {
+                    p.node_port.unwrap_or_else(|| {
+                        let port = state.next_node_port;
+                        state.next_node_port += 1;
+                        port
+                    })
+                })
+                .collect()
+        };
+        (ips, node_ports)
+    }
+
+    /// The endpoints the EndpointSlice controller would derive for `service`
+    /// from the apps whose labels its selector matches.
+    fn endpoints_for(&self, service: &ServiceDef) -> Vec<EndpointDef> {
+        let state = lock(&self.state);
+        let mut endpoints = Vec::new();
+        for app in state.apps.values() {
+            let selected = app.def.namespace == service.namespace
+                && !service.selector.is_empty()
+                && service
+                    .selector
+                    .iter()
+                    .all(|(k, v)| app.def.labels.get(k) == Some(v));
+            if !selected {
+                continue;
+            }
+            for pod in &app.pods {
+                let zone = self.zone_of(&pod.node_name);
+                for ip in [IpAddr::V4(pod.pod.ipv4), IpAddr::V6(pod.pod.ipv6)] {
+                    endpoints.push(EndpointDef {
+                        ip,
+                        pod_name: pod.name.clone(),
+                        node_name: pod.node_name.clone(),
+                        zone: zone.clone(),
+                        ready: pod.ready && !pod.terminating,
+                        serving: pod.ready,
+                        terminating: pod.terminating,
+                        hint_zones: Vec::new(),
+                    });
+                }
+            }
+        }
+        endpoints
+    }
+
+    fn zone_of(&self, node: &str) -> Option<String> {
+        let index: usize = node.strip_prefix("node")?.parse().ok()?;
+        self.spec
+            .zones
+            .get((index - 1) % self.spec.zones.len().max(1))
+            .cloned()
+    }
+
+    fn services_selecting(&self, app: &AppDef) -> Vec<ServiceDef> {
+        lock(&self.state)
+            .services
+            .values()
+            .filter(|s| {
+                s.def.namespace == app.namespace
+                    && !s.def.selector.is_empty()
+                    && s.def
+                        .selector
+                        .iter()
+                        .all(|(k, v)| app.labels.get(k) == Some(v))
+            })
+            .map(|s| s.def.clone())
+            .collect()
+    }
+
+    fn add_replicas(&self, key: &(String, String), count: usize) -> Result<()> {
+        for _ in 0..count {
+            let (def, ordinal) = {
+                let mut state = lock(&self.state);
+                let app = state
+                    .apps
+                    .get_mut(key)
+                    .ok_or_else(|| E2eError::Invalid(format!("no app {}/{}", key.0, key.1)))?;
+                let ordinal = app.next_pod;
+                app.next_pod += 1;
+                (app.def.clone(), ordinal)
+            };
+            let nodes: Vec<u8> = if def.nodes.is_empty() {
+                (1..=self.spec.nodes).collect()
+            } else {
+                def.nodes.clone()
+            };
+            let node_index = nodes[ordinal % nodes.len()];
+            let pod_name = format!("{}-{ordinal}", def.name);
+            let pod = self.node(node_index).add_pod(&pod_name)?;
+            let echo = pod.ns.serve_echo(
+                &pod_name,
+                EchoConfig {
+                    tcp_ports: def.tcp_ports.clone(),
+                    udp_ports: def.udp_ports.clone(),
+                    bind: Vec::new(),
+                },
+            )?;
+            let mut state = lock(&self.state);
+            if let Some(app) = state.apps.get_mut(key) {
+                app.pods.push(AppPod {
+                    name: pod_name,
+                    node_name: node_name(node_index),
+                    ready: true,
+                    terminating: false,
+                    _echo: echo,
+                    pod,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on the app's pods (for data-plane checks against a pod).
+    pub fn with_app_pods<R>(
+        &self,
+        namespace: &str,
+        app: &str,
+        f: impl FnOnce(&[AppPod]) -> R,
+    ) -> R {
+        let state = lock(&self.state);
+        let pods = state
+            .apps
+            .get(&(namespace.to_owned(), app.to_owned()))
+            .map_or(&[][..], |a| a.pods.as_slice());
+        f(pods)
+    }
+
+    /// The names of an app's pods that are ready and not terminating.
+    pub fn ready_pod_names(&self, namespace: &str, app: &str) -> Vec<String> {
+        self.with_app_pods(namespace, app, |pods| {
+            pods.iter()
+                .filter(|p| p.ready && !p.terminating)
+                .map(|p| p.name.clone())
+                .collect()
+        })
+    }
+
+    /// A service's cluster IP of one family and port, as a socket address.
+    pub fn service_addr(
+        &self,
+        namespace: &str,
+        name: &str,
+        port: u16,
+        ipv6: bool,
+    ) -> Result<SocketAddr> {
+        let state = lock(&self.state);
+        let record = state
+            .services
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .ok_or_else(|| E2eError::Invalid(format!("no service {namespace}/{name}")))?;
+        let ip = record
+            .cluster_ips
+            .iter()
+            .find(|ip| ip.is_ipv6() == ipv6)
+            .ok_or_else(|| E2eError::Invalid(format!("{namespace}/{name} has no such family")))?;
+        Ok(SocketAddr::new(*ip, port))
+    }
+
+    /// The node port allocated for a service's port `port`.
+    pub fn node_port(&self, namespace: &str, name: &str, port: u16) -> Result<u16> {
+        let state = lock(&self.state);
+        let record = state
+            .services
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .ok_or_else(|| E2eError::Invalid(format!("no service {namespace}/{name}")))?;
+        record
+            .def
+            .ports
+            .iter()
+            .position(|p| p.port == port)
+            .and_then(|i| record.node_ports.get(i).copied())
+            .ok_or_else(|| {
+                E2eError::Invalid(format!("{namespace}/{name} has no node port for {port}"))
+            })
+    }
+
+    // ---- failure report ----------------------------------------------------------
+
+    /// Everything useful to debug a failed scenario: ProxyPlans and
+    /// ProxyPolicies as the API server holds them, the controller's and
+    /// agents' logs, and every node's iptables.
+    pub fn report(&self) -> String {
+        let mut out = String::new();
+        out.push_str("===== ProxyPlans =====\n");
+        for kind in ["ProxyPlan", "ProxyPolicy"] {
+            for object in self.apiserver.list("planproxy.dev/v1alpha1", kind) {
+                out.push_str(&serde_yaml::to_string(&object).unwrap_or_default());
+                out.push_str("---\n");
+            }
+            if kind == "ProxyPlan" {
+                out.push_str("===== ProxyPolicies =====\n");
+            }
+        }
+        out.push_str("===== EndpointSlices =====\n");
+        for object in self.apiserver.list("discovery.k8s.io/v1", "EndpointSlice") {
+            out.push_str(&compact(&object));
+        }
+        out.push_str("===== controller log =====\n");
+        out.push_str(&tail(&self.controller_log(), 200));
+        for index in 1..=self.spec.nodes {
+            out.push_str(&format!("===== agent log {} =====\n", node_name(index)));
+            out.push_str(&tail(&self.agent_log(index), 200));
+            out.push_str(&format!("===== iptables-save {} =====\n", node_name(index)));
+            out.push_str(&self.node(index).ns.iptables_save());
+        }
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "\n######## planproxy e2e failure report ########\n{}",
+                self.report()
+            );
+        }
+    }
+}
+
+/// Test code's view of the cluster through the Kubernetes API (see
+/// [`Cluster::run`]): what a user with `kubectl` would do, plus the
+/// EndpointSlice controller's part, which the harness plays.
+pub struct ClusterApi<'a> {
+    pub cluster: &'a Cluster,
+    pub client: kube::Client,
+}
+
+impl ClusterApi<'_> {
+    /// Creates a Service with harness-allocated cluster IPs (and node
+    /// ports), then its EndpointSlices from the apps it selects.
+    pub async fn create_service(&self, def: &ServiceDef) -> Result<()> {
+        let (ips, node_ports) = self.cluster.allocate_service(def);
+        let object = def.to_object(&ips, &node_ports)?;
+        let api: kube::Api<k8s_openapi::api::core::v1::Service> =
+            kube::Api::namespaced(self.client.clone(), &def.namespace);
+        api.create(&kube::api::PostParams::default(), &object)
+            .await?;
+        lock(&self.cluster.state).services.insert(
+            (def.namespace.clone(), def.name.clone()),
+            ServiceRecord {
+                def: def.clone(),
+                cluster_ips: ips,
+                node_ports,
+            },
+        );
+        self.sync_slices(def).await
+    }
+
+    /// Deletes a Service and its EndpointSlices.
+    pub async fn delete_service(&self, namespace: &str, name: &str) -> Result<()> {
+        let api: kube::Api<k8s_openapi::api::core::v1::Service> =
+            kube::Api::namespaced(self.client.clone(), namespace);
+        api.delete(name, &kube::api::DeleteParams::default())
+            .await?;
+        lock(&self.cluster.state)
+            .services
+            .remove(&(namespace.to_owned(), name.to_owned()));
+        let slices: kube::Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+            kube::Api::namespaced(self.client.clone(), namespace);
+        for ipv6 in [false, true] {
+            match slices
+                .delete(
+                    &objects::slice_name(name, ipv6),
+                    &kube::api::DeleteParams::default(),
+                )
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts an app's replicas and publishes them in the EndpointSlices of
+    /// the services that select it.
+    pub async fn deploy(&self, def: &AppDef) -> Result<()> {
+        let key = (def.namespace.clone(), def.name.clone());
+        lock(&self.cluster.state).apps.insert(
+            key.clone(),
+            AppState {
+                def: def.clone(),
+                pods: Vec::new(),
+                next_pod: 0,
+            },
+        );
+        self.cluster.add_replicas(&key, def.replicas)?;
+        self.sync_app(def).await
+    }
+
+    /// Scales an app: new replicas start ready; surplus replicas (newest
+    /// first) are removed at once, as after their termination completed.
+    pub async fn scale(&self, namespace: &str, app: &str, replicas: usize) -> Result<()> {
+        let key = (namespace.to_owned(), app.to_owned());
+        let (def, current) = {
+            let state = lock(&self.cluster.state);
+            let app = state
+                .apps
+                .get(&key)
+                .ok_or_else(|| E2eError::Invalid(format!("no app {namespace}/{app}")))?;
+            (app.def.clone(), app.pods.len())
+        };
+        if replicas > current {
+            self.cluster.add_replicas(&key, replicas - current)?;
+        } else {
+            let removed: Vec<AppPod> = {
+                let mut state = lock(&self.cluster.state);
+                state
+                    .apps
+                    .get_mut(&key)
+                    .map(|app| app.pods.split_off(replicas))
+                    .unwrap_or_default()
+            };
+            // Unpublish first, then remove the pods, as a graceful shutdown would.
+            self.sync_app(&def).await?;
+            drop(removed);
+            return Ok(());
+        }
+        self.sync_app(&def).await
+    }
+
+    /// Marks one replica terminating (ready=false, serving=true,
+    /// terminating=true) while it keeps answering.
+    pub async fn set_terminating(&self, namespace: &str, app: &str, pod: &str) -> Result<()> {
+        let def = {
+            let mut state = lock(&self.cluster.state);
+            let state_app = state
+                .apps
+                .get_mut(&(namespace.to_owned(), app.to_owned()))
+                .ok_or_else(|| E2eError::Invalid(format!("no app {namespace}/{app}")))?;
+            for p in state_app.pods.iter_mut().filter(|p| p.name == pod) {
+                p.terminating = true;
+            }
+            state_app.def.clone()
+        };
+        self.sync_app(&def).await
+    }
+
+    async fn sync_app(&self, def: &AppDef) -> Result<()> {
+        for service in self.cluster.services_selecting(def) {
+            self.sync_slices(&service).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes a service's EndpointSlices (one per family) as the
+    /// EndpointSlice controller would, with server-side apply.
+    pub async fn sync_slices(&self, service: &ServiceDef) -> Result<()> {
+        let endpoints = self.cluster.endpoints_for(service);
+        let trigger = objects::now_rfc3339();
+        let api: kube::Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+            kube::Api::namespaced(self.client.clone(), &service.namespace);
+        let families: &[bool] = if service.dual_stack {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        for &ipv6 in families {
+            let slice = objects::endpoint_slice(service, ipv6, &endpoints, &trigger)?;
+            let name = objects::slice_name(&service.name, ipv6);
+            api.patch(
+                &name,
+                &kube::api::PatchParams::apply(objects::MANAGED_BY_CONTROLLER).force(),
+                &kube::api::Patch::Apply(&slice),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Creates or replaces a ProxyPolicy from its JSON form (server-side
+    /// apply, so a test can write invalid values the typed struct would not
+    /// allow).
+    pub async fn apply_policy(&self, policy: Value) -> Result<()> {
+        let name = policy
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| E2eError::Invalid("a ProxyPolicy needs metadata.name".into()))?
+            .to_owned();
+        let api: kube::Api<planproxy_crds::ProxyPolicy> = kube::Api::all(self.client.clone());
+        api.patch(
+            &name,
+            &kube::api::PatchParams::apply("e2e-test").force(),
+            &kube::api::Patch::Apply(&policy),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Every ProxyPlan, as `kubectl get proxyplans` shows them.
+    pub async fn plans(&self) -> Result<Vec<planproxy_crds::ProxyPlan>> {
+        let api: kube::Api<planproxy_crds::ProxyPlan> = kube::Api::all(self.client.clone());
+        Ok(api.list(&kube::api::ListParams::default()).await?.items)
+    }
+}
+
+/// The name of node N.
+pub fn node_name(index: u8) -> String {
+    format!("node{index}")
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A test that panicked while holding the lock left consistent data:
+    // every critical section here is a plain update.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    let start = all.len().saturating_sub(lines);
+    let mut out = all[start..].join("\n");
+    out.push('\n');
+    out
+}
+
+fn compact(object: &Value) -> String {
+    let mut line = serde_json::to_string(object).unwrap_or_default();
+    line.push('\n');
+    line
+}

@@ -1,0 +1,199 @@
+//! The harness itself: the namespace cluster's network, API server and
+//! EndpointSlice bookkeeping, without the planproxy binaries.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::ListParams;
+use planproxy_crds::labels::SERVICE_NAME_LABEL;
+use planproxy_e2e::{AppDef, Cluster, ClusterSpec, ServiceDef};
+use planproxy_netns::{Attempt, ConnectOpts};
+
+fn short() -> ConnectOpts {
+    ConnectOpts::with_timeout(Duration::from_secs(1))
+}
+
+#[test]
+fn nodes_reach_the_api_server_with_their_kubeconfig_and_see_every_node() {
+    let cluster = Cluster::start(ClusterSpec::network_only(2)).unwrap();
+    let nodes = cluster
+        .run_as_node(2, |client| async move {
+            let api: kube::Api<Node> = kube::Api::all(client);
+            api.list(&ListParams::default()).await
+        })
+        .unwrap()
+        .unwrap();
+    let mut seen: Vec<(String, Vec<String>)> = nodes
+        .items
+        .into_iter()
+        .map(|n| {
+            (
+                n.metadata.name.unwrap_or_default(),
+                n.spec.unwrap_or_default().pod_cidrs.unwrap_or_default(),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            (
+                "node1".to_owned(),
+                vec!["10.244.1.0/24".to_owned(), "fd00:244:1::/64".to_owned()]
+            ),
+            (
+                "node2".to_owned(),
+                vec!["10.244.2.0/24".to_owned(), "fd00:244:2::/64".to_owned()]
+            ),
+        ]
+    );
+}
+
+#[test]
+fn app_pods_answer_across_nodes_and_from_outside_routing_reaches_nodes_only() {
+    let cluster = Cluster::start(ClusterSpec::network_only(2)).unwrap();
+    cluster
+        .run(|api| async move { api.deploy(&AppDef::new("echo", 2, 8080)).await })
+        .unwrap()
+        .unwrap();
+    let (remote_ip, remote_name) = cluster.with_app_pods("default", "echo", |pods| {
+        let pod = pods.iter().find(|p| p.node_name == "node2").unwrap();
+        (pod.pod.ipv6, pod.name.clone())
+    });
+    let probe = cluster.probe_pod(1);
+    let attempt = probe
+        .ns
+        .connect_tcp(SocketAddr::new(remote_ip.into(), 8080), &short());
+    assert_eq!(attempt.server(), Some(remote_name.as_str()), "{attempt:?}");
+    assert_eq!(
+        attempt.peer().map(|p| p.ip()),
+        Some(IpAddr::from(probe.ipv6))
+    );
+    let udp = probe
+        .ns
+        .connect_udp(SocketAddr::new(remote_ip.into(), 8080), &short());
+    assert_eq!(udp.server(), Some(remote_name.as_str()), "{udp:?}");
+    // Nothing listens on the port a service would use: no proxy, no answer.
+    let nothing = probe
+        .ns
+        .connect_tcp(SocketAddr::new(remote_ip.into(), 80), &short());
+    assert_eq!(nothing, Attempt::Refused);
+}
+
+#[test]
+fn endpoint_slices_follow_the_app_as_the_endpointslice_controller_would_write_them() {
+    let cluster = Cluster::start(ClusterSpec::network_only(2)).unwrap();
+    cluster
+        .run(|api| async move {
+            api.deploy(&AppDef::new("web", 3, 8080)).await.unwrap();
+            api.create_service(
+                &ServiceDef::cluster_ip("default", "web", "web").tcp("http", 80, 8080),
+            )
+            .await
+            .unwrap();
+            let slices: kube::Api<EndpointSlice> =
+                kube::Api::namespaced(api.client.clone(), "default");
+            let by_service = ListParams::default().labels(&format!("{SERVICE_NAME_LABEL}=web"));
+            let addresses =
+                |list: Vec<EndpointSlice>| -> BTreeSet<(String, String, Option<String>)> {
+                    list.into_iter()
+                        .flat_map(|s| {
+                            let family = s.address_type.clone();
+                            s.endpoints.into_iter().map(move |e| {
+                                (family.clone(), e.addresses[0].clone(), e.node_name.clone())
+                            })
+                        })
+                        .collect()
+                };
+
+            let three = addresses(slices.list(&by_service).await.unwrap().items);
+            assert_eq!(three.len(), 6, "3 pods x 2 families: {three:?}");
+            let expected: BTreeSet<(String, String, Option<String>)> =
+                api.cluster.with_app_pods("default", "web", |pods| {
+                    pods.iter()
+                        .flat_map(|p| {
+                            [
+                                (
+                                    "IPv4".to_owned(),
+                                    p.pod.ipv4.to_string(),
+                                    Some(p.node_name.clone()),
+                                ),
+                                (
+                                    "IPv6".to_owned(),
+                                    p.pod.ipv6.to_string(),
+                                    Some(p.node_name.clone()),
+                                ),
+                            ]
+                        })
+                        .collect()
+                });
+            assert_eq!(three, expected);
+            let nodes: BTreeSet<_> = three
+                .iter()
+                .filter_map(|(_, _, node)| node.clone())
+                .collect();
+            assert_eq!(nodes.len(), 2, "replicas spread over both nodes");
+
+            api.scale("default", "web", 1).await.unwrap();
+            let one = addresses(slices.list(&by_service).await.unwrap().items);
+            assert_eq!(one.len(), 2, "{one:?}");
+
+            api.set_terminating("default", "web", "web-0")
+                .await
+                .unwrap();
+            let slice = slices.get("web-ipv4").await.unwrap();
+            let conditions = slice.endpoints[0].conditions.clone().unwrap();
+            assert_eq!(
+                (conditions.ready, conditions.serving, conditions.terminating),
+                (Some(false), Some(true), Some(true))
+            );
+
+            api.delete_service("default", "web").await.unwrap();
+            assert!(slices.list(&by_service).await.unwrap().items.is_empty());
+        })
+        .unwrap();
+}
+
+#[test]
+fn failure_report_names_every_node_and_the_plans() {
+    let cluster = Cluster::start(ClusterSpec::network_only(1)).unwrap();
+    let report = cluster.report();
+    assert!(report.contains("===== ProxyPlans ====="), "{report}");
+    assert!(
+        report.contains("===== iptables-save node1 ====="),
+        "{report}"
+    );
+    assert!(report.contains("(controller not running)"), "{report}");
+}
+
+#[test]
+fn scale_up_adds_replicas_with_fresh_addresses_on_the_chosen_nodes() {
+    let cluster = Cluster::start(ClusterSpec::network_only(2)).unwrap();
+    cluster
+        .run(|api| async move {
+            api.deploy(&AppDef::new("pinned", 1, 9000).on_nodes(&[2]))
+                .await
+                .unwrap();
+            api.scale("default", "pinned", 3).await.unwrap();
+        })
+        .unwrap();
+    let placed = cluster.with_app_pods("default", "pinned", |pods| {
+        pods.iter()
+            .map(|p| (p.name.clone(), p.node_name.clone(), p.pod.ipv4))
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(placed.len(), 3);
+    assert!(
+        placed.iter().all(|(_, node, _)| node == "node2"),
+        "{placed:?}"
+    );
+    let ips: BTreeSet<_> = placed.iter().map(|(_, _, ip)| *ip).collect();
+    assert_eq!(ips.len(), 3);
+    assert_eq!(
+        cluster.ready_pod_names("default", "pinned"),
+        vec!["pinned-0", "pinned-1", "pinned-2"]
+    );
+}
