@@ -21,6 +21,8 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The e2e suite runs the controller and agent binaries as real processes.
+cargo build --workspace --bins --locked
 cargo test --workspace --locked
 if [ -f charts/tests/test_chart.py ]; then
     python3 -m pytest -q charts/tests
