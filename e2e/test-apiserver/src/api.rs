@@ -2,6 +2,7 @@
 //! delete (with garbage collection), list with resourceVersion and paging.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
@@ -589,55 +590,55 @@ impl Api {
             }
         }
         let table = &store.table(res).objects;
-        let ns_matches = |key: &ObjectKey| namespace.is_none_or(|ns| key.0 == ns);
-        let mut candidates: BTreeMap<&ObjectKey, &Arc<Value>> = BTreeMap::new();
-        let start = match (&after, namespace) {
-            (Some(after), _) => std::ops::Bound::Excluded(after.clone()),
-            (None, Some(ns)) => std::ops::Bound::Included((ns.to_string(), String::new())),
-            (None, None) => std::ops::Bound::Unbounded,
-        };
         let pinned = query.selectors.fields.pinned_name();
-        for (key, entry) in table.range((start.clone(), std::ops::Bound::Unbounded)) {
-            if !ns_matches(key) {
-                if namespace.is_some_and(|ns| key.0.as_str() > ns) {
-                    break;
+        let start = match (&after, namespace) {
+            (Some(after), _) => Bound::Excluded(after.clone()),
+            (None, Some(ns)) => Bound::Included((ns.to_string(), String::new())),
+            (None, None) => Bound::Unbounded,
+        };
+        let wanted = |key: &ObjectKey| {
+            namespace.is_none_or(|ns| key.0 == ns) && pinned.is_none_or(|n| n == key.1)
+        };
+        let in_table = table
+            .range((start.clone(), Bound::Unbounded))
+            // Keys are ordered by namespace first: past it, nothing more can match.
+            .take_while(|(key, _)| namespace.is_none_or(|ns| key.0.as_str() <= ns))
+            .filter(|(key, _)| wanted(key))
+            .map(|(key, entry)| (key, &entry.object));
+        let ordered: Box<dyn Iterator<Item = (&ObjectKey, &Arc<Value>)>> = if overlay.is_empty() {
+            Box::new(in_table)
+        } else {
+            let mut merged: BTreeMap<&ObjectKey, &Arc<Value>> = in_table
+                .filter(|(key, _)| !overlay.contains_key(*key))
+                .collect();
+            for (key, object) in &overlay {
+                let after_start = match &start {
+                    Bound::Excluded(after) => key > after,
+                    _ => true,
+                };
+                if let Some(object) = object
+                    && after_start
+                    && wanted(key)
+                {
+                    merged.insert(key, object);
                 }
-                continue;
             }
-            if pinned.is_some_and(|n| n != key.1) {
-                continue;
-            }
-            if !overlay.contains_key(key) {
-                candidates.insert(key, &entry.object);
-            }
-        }
-        for (key, object) in &overlay {
-            let in_range = match &start {
-                std::ops::Bound::Excluded(after) => key > after,
-                _ => true,
-            };
-            if let Some(object) = object
-                && in_range
-                && ns_matches(key)
-            {
-                candidates.insert(key, object);
-            }
-        }
-        let mut matching = candidates
-            .into_iter()
-            .filter(|(_, o)| query.selectors.matches(o));
+            Box::new(merged.into_iter())
+        };
+        let mut matching = ordered.filter(|(_, o)| query.selectors.matches(o));
         let limit = query.limit.filter(|&l| l > 0).unwrap_or(usize::MAX);
         let mut items = Vec::new();
         let mut last_key = None;
+        let mut remaining = 0u64;
         for (key, object) in matching.by_ref() {
             if items.len() == limit {
+                remaining = 1;
                 break;
             }
             items.push((*object).clone());
             last_key = Some(key.clone());
         }
-        let remaining =
-            matching.count() as u64 + u64::from(items.len() == limit && limit != usize::MAX);
+        remaining += matching.count() as u64;
         let (continue_token, remaining) = match last_key {
             Some((ns, name)) if remaining > 0 => (
                 Some(encode_continue(&ContinueToken {
@@ -935,4 +936,161 @@ fn delete_and_collect(
         }
     }
     Some(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api() -> (Api, ResourceId) {
+        let registry = Registry::new(&[]).unwrap();
+        let res = registry.find("", "v1", "configmaps").unwrap();
+        (Api::new(registry, 100, 1), res)
+    }
+
+    fn create(api: &Api, res: ResourceId, ns: &str, name: &str) -> Arc<Value> {
+        api.create(res, Some(ns), json!({"metadata": {"name": name}}), false)
+            .unwrap()
+    }
+
+    fn names(page: &ListPage) -> Vec<String> {
+        page.items.iter().map(|o| object_key(o).1).collect()
+    }
+
+    #[test]
+    fn a_list_that_fills_its_last_page_exactly_has_no_continue_token() {
+        let (api, res) = api();
+        for i in 0..4 {
+            create(&api, res, "default", &format!("c{i}"));
+        }
+        let query = ListQuery {
+            limit: Some(2),
+            ..Default::default()
+        };
+        let first = api.list(res, None, &query).unwrap();
+        assert_eq!(
+            (names(&first), first.remaining),
+            (vec!["c0".into(), "c1".into()], Some(2))
+        );
+        let second = api
+            .list(
+                res,
+                None,
+                &ListQuery {
+                    continue_token: first.continue_token,
+                    ..query
+                },
+            )
+            .unwrap();
+        assert_eq!(names(&second), vec!["c2", "c3"]);
+        assert_eq!(second.continue_token, None);
+    }
+
+    #[test]
+    fn namespaced_lists_see_only_their_namespace() {
+        let (api, res) = api();
+        create(&api, res, "a", "x");
+        create(&api, res, "b", "y");
+        create(&api, res, "c", "z");
+        let page = api.list(res, Some("b"), &ListQuery::default()).unwrap();
+        assert_eq!(names(&page), vec!["y"]);
+        assert_eq!(
+            api.list(res, None, &ListQuery::default())
+                .unwrap()
+                .items
+                .len(),
+            3
+        );
+    }
+
+    #[test]
+    fn an_exact_resource_version_lists_the_state_at_that_version() {
+        let (api, res) = api();
+        create(&api, res, "d", "kept");
+        let gone = create(&api, res, "d", "gone");
+        let at = lock(&api.store).current_rv();
+        let target = |name: &str| Target {
+            res,
+            namespace: Some("d".into()),
+            name: name.into(),
+            status: false,
+        };
+        api.delete(&target("gone"), &DeleteOptions::default(), false)
+            .unwrap();
+        create(&api, res, "d", "new");
+        api.patch(
+            &target("kept"),
+            PatchBody::Merge(json!({"data": {"k": "v"}})),
+            false,
+        )
+        .unwrap();
+        let page = api
+            .list(
+                res,
+                None,
+                &ListQuery {
+                    resource_version: Some(at.to_string()),
+                    resource_version_match: Some("Exact".into()),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(names(&page), vec!["gone", "kept"]);
+        assert_eq!(page.items[0], gone);
+        assert!(page.items[1].get("data").is_none());
+        let latest = api.list(res, None, &ListQuery::default()).unwrap();
+        assert_eq!(names(&latest), vec!["kept", "new"]);
+    }
+
+    #[test]
+    fn a_continue_token_older_than_the_window_is_expired() {
+        let registry = Registry::new(&[]).unwrap();
+        let res = registry.find("", "v1", "configmaps").unwrap();
+        let api = Api::new(registry, 2, 1);
+        for i in 0..3 {
+            create(&api, res, "d", &format!("c{i}"));
+        }
+        let first = api
+            .list(
+                res,
+                None,
+                &ListQuery {
+                    limit: Some(1),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        for i in 3..6 {
+            create(&api, res, "d", &format!("c{i}"));
+        }
+        let err = api
+            .list(
+                res,
+                None,
+                &ListQuery {
+                    continue_token: first.continue_token,
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+        assert_eq!((err.code, err.reason), (410, "Expired"));
+    }
+
+    #[test]
+    fn updates_that_change_nothing_keep_the_resource_version() {
+        let (api, res) = api();
+        let created = create(&api, res, "d", "a");
+        let target = Target {
+            res,
+            namespace: Some("d".into()),
+            name: "a".into(),
+            status: false,
+        };
+        let same = api.update(&target, (*created).clone(), false).unwrap();
+        assert_eq!(same, created);
+        let patched = api
+            .patch(&target, PatchBody::Merge(json!({"data": {}})), false)
+            .unwrap();
+        assert_ne!(patched.0, created, "an empty map is a change");
+    }
 }
