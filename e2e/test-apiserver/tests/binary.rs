@@ -21,14 +21,24 @@ impl Drop for ServerProcess {
 
 /// One plain HTTP/1.1 request to the admin endpoint; returns (status, body).
 async fn admin(addr: &str, method: &str, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("the admin endpoint must accept connections");
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
-    stream.write_all(request.as_bytes()).await.unwrap();
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("the request must be sent");
     let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response[9..12].parse().unwrap();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("the response must be read");
+    let status = response[9..12]
+        .parse()
+        .expect("the response must have a status code");
     let body = response
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
@@ -37,7 +47,7 @@ async fn admin(addr: &str, method: &str, path: &str) -> (u16, String) {
 }
 
 fn config_map(name: &str) -> ConfigMap {
-    serde_json::from_value(json!({"metadata": {"name": name}})).unwrap()
+    serde_json::from_value(json!({"metadata": {"name": name}})).expect("a config map must decode")
 }
 
 #[tokio::test]
