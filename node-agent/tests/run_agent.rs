@@ -1,0 +1,494 @@
+//! The agent runtime end to end on one node: the real `planproxy-agent run`
+//! against the test API server, programming the real kernel inside the node's
+//! own network namespace.
+
+mod run_support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use planproxy_test_apiserver::faults::OutageMode;
+use run_support::*;
+
+const CLUSTER_IP: &str = "10.96.0.10";
+
+fn cluster_ip_addr() -> SocketAddr {
+    SocketAddr::new(CLUSTER_IP.parse().expect("valid ip"), 80)
+}
+
+fn must(ok: bool, what: &str, cluster: &Cluster) {
+    assert!(ok, "{what}\n--- agent log ---\n{}", cluster.agent_log());
+}
+
+fn assert_no_duplicate_rules(dump: &[String]) {
+    let mut seen = std::collections::BTreeSet::new();
+    // iptables-save and ip6tables-save dumps follow each other: number the tables.
+    let mut table = String::new();
+    for (section, line) in dump.iter().enumerate() {
+        if let Some(name) = line.strip_prefix('*') {
+            table = format!("{name} (section at line {section})");
+        } else if line.starts_with("-A ") {
+            assert!(
+                seen.insert((table.clone(), line.clone())),
+                "duplicate rule in {table}: {line}\n{}",
+                dump.join("\n")
+            );
+        }
+    }
+}
+
+#[test]
+fn agent_programs_its_plan_reports_programmed_and_survives_sigkill_without_duplicates() {
+    let mut cluster = Cluster::start();
+    let spec = plan(
+        vec![service(
+            "web",
+            CLUSTER_IP,
+            vec![endpoint(cluster.pod_ip(), true)],
+        )],
+        "30s",
+    );
+    cluster.put_plan(&spec);
+    cluster.start_agent();
+
+    must(
+        wait_for(Duration::from_secs(20), || {
+            cluster.connect(cluster_ip_addr()).server() == Some("backend")
+        }),
+        "traffic to the cluster IP must reach the backend",
+        &cluster,
+    );
+    must(
+        wait_for(Duration::from_secs(10), || cluster.programmed_hash(&spec)),
+        "the shard must report Programmed with the applied hash",
+        &cluster,
+    );
+    let (degraded, reason, _) = cluster.condition("Degraded").expect("Degraded is reported");
+    assert_eq!((degraded.as_str(), reason.as_str()), ("False", "Healthy"));
+    assert_no_duplicate_rules(&rules_only(&cluster.iptables_save()));
+    let status = cluster.plan_object()["status"].clone();
+    assert!(
+        status["programmed"]["rules"].as_i64().unwrap_or_default() > 0,
+        "{status}"
+    );
+    assert_eq!(status["programmed"]["servicePorts"], 1, "{status}");
+    assert!(status["lastSyncTime"].is_string(), "{status}");
+
+    // A change, then SIGKILL while it may be mid-sync.
+    let changed = plan(
+        vec![
+            service("web", CLUSTER_IP, vec![endpoint(cluster.pod_ip(), true)]),
+            service("api", "10.96.0.11", vec![endpoint(cluster.pod_ip(), true)]),
+        ],
+        "30s",
+    );
+    cluster.put_plan(&changed);
+    cluster.agent = None; // dropping the guard SIGKILLs the agent
+    assert_eq!(
+        cluster.connect(cluster_ip_addr()).server(),
+        Some("backend"),
+        "a killed agent leaves the rules serving"
+    );
+
+    cluster.start_agent();
+    must(
+        wait_for(Duration::from_secs(20), || {
+            cluster.programmed_hash(&changed)
+        }),
+        "the restarted agent must converge on the new plan",
+        &cluster,
+    );
+    let after_restart = rules_only(&cluster.iptables_save());
+    // A second restart must adopt the rules as they are: identical dump, no duplicates.
+    cluster.agent = None;
+    cluster.start_agent();
+    must(
+        wait_for(Duration::from_secs(20), || {
+            cluster.agent_log().contains("rules programmed")
+        }),
+        "the agent must sync after the restart",
+        &cluster,
+    );
+    assert_eq!(rules_only(&cluster.iptables_save()), after_restart);
+    assert_no_duplicate_rules(&after_restart);
+    assert_eq!(
+        cluster
+            .connect(SocketAddr::new("10.96.0.11".parse().expect("ip"), 80))
+            .server(),
+        Some("backend")
+    );
+}
+
+#[test]
+fn api_server_outage_keeps_traffic_flowing_and_the_agent_converges_after() {
+    let mut cluster = Cluster::start();
+    let spec = plan(
+        vec![service(
+            "web",
+            CLUSTER_IP,
+            vec![endpoint(cluster.pod_ip(), true)],
+        )],
+        "30s",
+    );
+    cluster.put_plan(&spec);
+    cluster.start_agent();
+    must(
+        wait_for(Duration::from_secs(20), || cluster.programmed_hash(&spec)),
+        "the agent must program the plan",
+        &cluster,
+    );
+
+    cluster
+        .server
+        .faults()
+        .outage(Duration::from_secs(4), OutageMode::Refuse);
+    for _ in 0..6 {
+        assert_eq!(
+            cluster.connect(cluster_ip_addr()).server(),
+            Some("backend"),
+            "traffic during the outage"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Written while the agent cannot see it; it must pick it up after the outage.
+    let changed = plan(
+        vec![
+            service("web", CLUSTER_IP, vec![endpoint(cluster.pod_ip(), true)]),
+            service("api", "10.96.0.11", vec![endpoint(cluster.pod_ip(), true)]),
+        ],
+        "30s",
+    );
+    cluster.put_plan(&changed);
+    must(
+        wait_for(Duration::from_secs(40), || {
+            cluster.programmed_hash(&changed)
+        }),
+        "the agent must converge after the outage",
+        &cluster,
+    );
+    assert_eq!(
+        cluster
+            .connect(SocketAddr::new("10.96.0.11".parse().expect("ip"), 80))
+            .server(),
+        Some("backend")
+    );
+    assert_eq!(
+        cluster
+            .agent
+            .as_mut()
+            .and_then(|a| a.try_exit_status().ok().flatten()),
+        None,
+        "the agent kept running"
+    );
+}
+
+#[test]
+fn restore_the_kernel_refuses_is_reported_degraded_and_the_old_rules_keep_serving() {
+    let mut cluster = Cluster::start();
+    let old = plan(
+        vec![service(
+            "web",
+            CLUSTER_IP,
+            vec![endpoint(cluster.pod_ip(), true)],
+        )],
+        "30s",
+    );
+    cluster.put_plan(&old);
+    cluster.start_agent();
+    must(
+        wait_for(Duration::from_secs(20), || cluster.programmed_hash(&old)),
+        "first plan programmed",
+        &cluster,
+    );
+
+    // Someone else's rule references web's service chain, so the kernel refuses to
+    // delete that chain when web leaves the plan (EBUSY): the whole restore fails.
+    let svc_chain = format!(
+        "PPX-SVC-{}",
+        planproxy_render::hash::service_port_hash("default/web", "tcp")
+    );
+    cluster
+        .node_ns()
+        .exec_ok(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-d",
+            "198.51.100.1/32",
+            "-j",
+            &svc_chain,
+        ])
+        .expect("adding the foreign rule inside the node namespace");
+    let new = plan(
+        vec![service(
+            "api",
+            "10.96.0.11",
+            vec![endpoint(cluster.pod_ip(), true)],
+        )],
+        "30s",
+    );
+    cluster.put_plan(&new);
+
+    must(
+        wait_for(Duration::from_secs(20), || {
+            cluster
+                .condition("Degraded")
+                .is_some_and(|(status, _, _)| status == "True")
+        }),
+        "the failed restore must be reported as Degraded",
+        &cluster,
+    );
+    let (_, reason, message) = cluster.condition("Degraded").expect("Degraded");
+    assert_eq!(reason, "ApplyFailed");
+    assert!(
+        message.contains("nat"),
+        "the message names the table: {message}"
+    );
+    assert!(
+        message.contains("line"),
+        "the message names the line: {message}"
+    );
+    let (programmed, _, _) = cluster.condition("Programmed").expect("Programmed");
+    assert_eq!(programmed, "False");
+    assert_eq!(
+        cluster.connect(cluster_ip_addr()).server(),
+        Some("backend"),
+        "the old rules keep serving"
+    );
+
+    // The obstacle goes away: the retry succeeds and Degraded clears.
+    cluster
+        .node_ns()
+        .exec_ok(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-D",
+            "OUTPUT",
+            "-d",
+            "198.51.100.1/32",
+            "-j",
+            &svc_chain,
+        ])
+        .expect("removing the foreign rule");
+    must(
+        wait_for(Duration::from_secs(40), || {
+            cluster.programmed_hash(&new)
+                && cluster
+                    .condition("Degraded")
+                    .is_some_and(|(status, _, _)| status == "False")
+        }),
+        "the retry must program the new plan and clear Degraded",
+        &cluster,
+    );
+}
+
+#[test]
+fn flushed_nat_table_is_restored_within_the_sync_period() {
+    let mut cluster = Cluster::start();
+    let spec = plan(
+        vec![service(
+            "web",
+            CLUSTER_IP,
+            vec![endpoint(cluster.pod_ip(), true)],
+        )],
+        "2s",
+    );
+    cluster.put_plan(&spec);
+    cluster.start_agent();
+    must(
+        wait_for(Duration::from_secs(20), || cluster.programmed_hash(&spec)),
+        "programmed",
+        &cluster,
+    );
+
+    cluster
+        .node_ns()
+        .exec_ok(&["iptables", "-t", "nat", "-F"])
+        .expect("flushing nat inside the node namespace");
+    assert!(
+        !cluster.connect(cluster_ip_addr()).is_ok(),
+        "the flush broke the service"
+    );
+    must(
+        wait_for(Duration::from_secs(5), || {
+            cluster.connect(cluster_ip_addr()).server() == Some("backend")
+        }),
+        "the next full resync must restore the rules",
+        &cluster,
+    );
+}
+
+#[test]
+fn healthz_fails_while_the_node_terminates_and_livez_does_not() {
+    let mut cluster = Cluster::start();
+    let spec = plan(
+        vec![service(
+            "web",
+            CLUSTER_IP,
+            vec![endpoint(cluster.pod_ip(), true)],
+        )],
+        "30s",
+    );
+    cluster.put_plan(&spec);
+    cluster.start_agent();
+    let healthz: SocketAddr = HEALTHZ.parse().expect("address");
+    must(
+        wait_for(Duration::from_secs(20), || {
+            cluster.programmed_hash(&spec)
+                && cluster
+                    .http_get(healthz, "/healthz")
+                    .is_some_and(|(code, _)| code == 200)
+        }),
+        "healthz must answer 200 once programmed",
+        &cluster,
+    );
+    let (_, body) = cluster
+        .http_get(healthz, "/healthz")
+        .expect("healthz answers");
+    let body: serde_json::Value = serde_json::from_str(&body).expect("healthz answers JSON");
+    assert_eq!(body["nodeEligible"], true);
+    assert!(
+        body["lastUpdated"]
+            .as_str()
+            .is_some_and(|t| !t.starts_with("0001")),
+        "{body}"
+    );
+
+    let mut terminating = spec.clone();
+    terminating.settings.node_terminating = true;
+    cluster.put_plan(&terminating);
+    must(
+        wait_for(Duration::from_secs(10), || {
+            cluster
+                .http_get(healthz, "/healthz")
+                .is_some_and(|(code, _)| code == 503)
+        }),
+        "healthz must answer 503 while the node terminates",
+        &cluster,
+    );
+    let (_, body) = cluster
+        .http_get(healthz, "/healthz")
+        .expect("healthz answers");
+    assert!(body.contains("\"nodeEligible\":false"), "{body}");
+    assert_eq!(
+        cluster.http_get(healthz, "/livez").map(|(code, _)| code),
+        Some(200)
+    );
+    let (code, metrics) = cluster
+        .http_get(METRICS.parse().expect("address"), "/metrics")
+        .expect("metrics answer");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("kubeproxy_proxy_healthz_total{code=\"503\"}"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn health_check_node_port_answers_as_local_endpoints_come_and_go() {
+    let mut cluster = Cluster::start();
+    let mut web = service("web", CLUSTER_IP, vec![endpoint(cluster.pod_ip(), true)]);
+    web.node_port = Some(30080);
+    web.external_traffic_policy = planproxy_crds::v1alpha1::TrafficPolicy::Local;
+    web.health_check_node_port = Some(31999);
+    web.local_endpoints = web.cluster_endpoints.clone();
+    let spec = plan(vec![web.clone()], "30s");
+    cluster.put_plan(&spec);
+    cluster.start_agent();
+    let hc = SocketAddr::new(planproxy_netns::topology::node_ipv4(1).into(), 31999);
+    must(
+        wait_for(Duration::from_secs(20), || {
+            cluster
+                .http_get(hc, "/")
+                .is_some_and(|(code, _)| code == 200)
+        }),
+        "the health-check node port must answer 200 with a local endpoint",
+        &cluster,
+    );
+    let (_, body) = cluster.http_get(hc, "/").expect("hc answers");
+    let body: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(body["service"]["namespace"], "default");
+    assert_eq!(body["service"]["name"], "web");
+    assert_eq!(body["localEndpoints"], 1);
+
+    // The only local endpoint starts terminating: it no longer counts.
+    let mut draining = web.clone();
+    for set in [
+        &mut draining.cluster_endpoints,
+        &mut draining.local_endpoints,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        set.selection = planproxy_crds::v1alpha1::EndpointSelection::TerminatingFallback;
+        for endpoint in &mut set.endpoints {
+            endpoint.ready = false;
+            endpoint.terminating = true;
+        }
+    }
+    cluster.put_plan(&plan(vec![draining], "30s"));
+    must(
+        wait_for(Duration::from_secs(10), || {
+            cluster
+                .http_get(hc, "/")
+                .is_some_and(|(code, _)| code == 503)
+        }),
+        "the health-check node port must answer 503 when only terminating endpoints remain",
+        &cluster,
+    );
+
+    // The service leaves the plan: the port closes.
+    cluster.put_plan(&plan(vec![service("api", "10.96.0.11", vec![])], "30s"));
+    must(
+        wait_for(Duration::from_secs(10), || {
+            cluster.http_get(hc, "/").is_none()
+        }),
+        "the health-check node port must close",
+        &cluster,
+    );
+}
+
+#[test]
+fn sigterm_exits_zero_and_leaves_the_rules_serving() {
+    let mut cluster = Cluster::start();
+    let spec = plan(
+        vec![service(
+            "web",
+            CLUSTER_IP,
+            vec![endpoint(cluster.pod_ip(), true)],
+        )],
+        "30s",
+    );
+    cluster.put_plan(&spec);
+    cluster.start_agent();
+    must(
+        wait_for(Duration::from_secs(20), || cluster.programmed_hash(&spec)),
+        "programmed",
+        &cluster,
+    );
+    let before = rules_only(&cluster.iptables_save());
+    let status = cluster
+        .agent
+        .as_mut()
+        .expect("agent running")
+        .terminate(Duration::from_secs(10))
+        .expect("the agent stops");
+    assert!(
+        status.success(),
+        "exit status {status:?}\n{}",
+        cluster.agent_log()
+    );
+    assert_eq!(
+        rules_only(&cluster.iptables_save()),
+        before,
+        "stopping never flushes"
+    );
+    assert_eq!(cluster.connect(cluster_ip_addr()).server(), Some("backend"));
+}

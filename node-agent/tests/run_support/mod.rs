@@ -1,0 +1,279 @@
+//! A one-node cluster for the agent runtime tests: the test API server and the
+//! real `planproxy-agent run` binary, both inside the node's own network
+//! namespace (the server on the namespace's loopback), a pod with an echo
+//! server behind the node's bridge. Nothing touches the root namespace.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use planproxy_crds::ProxyPlanSpec;
+use planproxy_crds::v1alpha1::{
+    EndpointPlan, EndpointSelection, EndpointSet, LocalTrafficDetectorMode, NoEndpointsAction,
+    NodeSettings, Protocol, ResolvedLocalTrafficDetector, ServicePortPlan, ShardInfo,
+    TrafficPolicy,
+};
+use planproxy_netns::{
+    Attempt, ChildGuard, ConnectOpts, EchoConfig, EchoGuard, Topology, TopologySpec,
+};
+use planproxy_test_apiserver::api::Target;
+use planproxy_test_apiserver::{Config, TestApiServer};
+use serde_json::{Value, json};
+
+pub const ECHO_PORT: u16 = 8080;
+pub const HEALTHZ: &str = "127.0.0.1:10256";
+pub const METRICS: &str = "127.0.0.1:10249";
+pub const NODE: &str = "node1";
+
+pub struct Cluster {
+    pub server: TestApiServer,
+    pub kubeconfig: tempfile::NamedTempFile,
+    pub agent: Option<ChildGuard>,
+    pub echo: EchoGuard,
+    pub topology: Topology,
+}
+
+impl Cluster {
+    pub fn start() -> Self {
+        let topology = Topology::new(TopologySpec {
+            nodes: 1,
+            pods_per_node: 1,
+            clients: 0,
+        })
+        .expect("a one-node topology must build");
+        let echo = topology.node(1).pods[0]
+            .ns
+            .serve_echo("backend", EchoConfig::tcp(&[ECHO_PORT]))
+            .expect("the echo server must start");
+        let server = topology
+            .node(1)
+            .ns
+            .run_in(|| TestApiServer::start_on_thread(Config::default()))
+            .expect("the test API server must start");
+        let mut kubeconfig = tempfile::NamedTempFile::new().expect("a temp file");
+        kubeconfig
+            .write_all(server.kubeconfig_for("agent").as_bytes())
+            .expect("writing the kubeconfig");
+        Self {
+            server,
+            kubeconfig,
+            agent: None,
+            echo,
+            topology,
+        }
+    }
+
+    pub fn node_ns(&self) -> &planproxy_netns::Netns {
+        &self.topology.node(1).ns
+    }
+
+    pub fn pod_ip(&self) -> IpAddr {
+        self.topology.node(1).pods[0].ipv4.into()
+    }
+
+    pub fn start_agent(&mut self) {
+        let path = self.kubeconfig.path().to_string_lossy().into_owned();
+        let agent = self
+            .node_ns()
+            .spawn(
+                &[
+                    env!("CARGO_BIN_EXE_planproxy-agent"),
+                    "run",
+                    "--node-name",
+                    NODE,
+                    "--healthz-bind-address",
+                    HEALTHZ,
+                    "--metrics-bind-address",
+                    METRICS,
+                    "--status-min-interval",
+                    "100ms",
+                ],
+                &[("KUBECONFIG", path.as_str()), ("PLANPROXY_LOG", "debug")],
+            )
+            .expect("the agent must start");
+        self.agent = Some(agent);
+    }
+
+    pub fn agent_log(&self) -> String {
+        self.agent.as_ref().map(ChildGuard::log).unwrap_or_default()
+    }
+
+    /// Creates or replaces the node's single shard.
+    pub fn put_plan(&self, spec: &ProxyPlanSpec) {
+        let object = json!({
+            "apiVersion": "planproxy.dev/v1alpha1",
+            "kind": "ProxyPlan",
+            "metadata": {
+                "name": NODE,
+                "labels": { "planproxy.dev/node": NODE, "planproxy.dev/shard": "0" },
+            },
+            "spec": spec,
+        });
+        let api = &self.server.shared().api;
+        let res = api
+            .registry
+            .find_kind("planproxy.dev/v1alpha1", "ProxyPlan")
+            .expect("ProxyPlan must be served");
+        let target = Target {
+            res,
+            namespace: None,
+            name: NODE.into(),
+            status: false,
+        };
+        if api.get(&target).is_ok() {
+            api.update(&target, object, false)
+                .expect("updating the plan");
+        } else {
+            self.server.create(object).expect("creating the plan");
+        }
+    }
+
+    pub fn plan_object(&self) -> Value {
+        self.server
+            .get("planproxy.dev/v1alpha1", "ProxyPlan", None, NODE)
+            .expect("the plan exists")
+    }
+
+    /// The status condition `type_` of the node's shard: (status, reason, message).
+    pub fn condition(&self, type_: &str) -> Option<(String, String, String)> {
+        let plan = self.plan_object();
+        let conditions = plan.pointer("/status/conditions")?.as_array()?.clone();
+        conditions
+            .into_iter()
+            .find(|c| c["type"] == type_)
+            .map(|c| {
+                (
+                    c["status"].as_str().unwrap_or_default().to_owned(),
+                    c["reason"].as_str().unwrap_or_default().to_owned(),
+                    c["message"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+    }
+
+    pub fn programmed_hash(&self, spec: &ProxyPlanSpec) -> bool {
+        let plan = self.plan_object();
+        let hash = planproxy_crds::spec_hash(spec);
+        plan.pointer("/status/appliedHash").and_then(Value::as_str) == Some(hash.as_str())
+            && self
+                .condition("Programmed")
+                .is_some_and(|(status, _, _)| status == "True")
+    }
+
+    pub fn connect(&self, addr: SocketAddr) -> Attempt {
+        self.node_ns()
+            .connect_tcp(addr, &ConnectOpts::with_timeout(Duration::from_millis(500)))
+    }
+
+    pub fn iptables_save(&self) -> String {
+        self.node_ns().iptables_save()
+    }
+
+    /// GET `path` from `addr` inside the node namespace: (status code, body).
+    pub fn http_get(&self, addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+        let path = path.to_owned();
+        self.node_ns().run_in(move || {
+            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+            stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            write!(
+                stream,
+                "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+            )
+            .ok()?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response).ok()?;
+            let code = response.split_whitespace().nth(1)?.parse().ok()?;
+            let body = response
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_owned())
+                .unwrap_or_default();
+            Some((code, body))
+        })
+    }
+}
+
+/// Polls `check` every 50ms until it holds or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn endpoint(ip: IpAddr, local: bool) -> EndpointPlan {
+    EndpointPlan {
+        ip: ip.to_string(),
+        port: ECHO_PORT,
+        local,
+        ready: true,
+        serving: true,
+        terminating: false,
+    }
+}
+
+/// A TCP ClusterIP service `default/<name>` on `<cluster_ip>:80`.
+pub fn service(name: &str, cluster_ip: &str, endpoints: Vec<EndpointPlan>) -> ServicePortPlan {
+    ServicePortPlan {
+        namespace: "default".into(),
+        name: name.into(),
+        protocol: Protocol::Tcp,
+        cluster_ips: vec![cluster_ip.into()],
+        port: 80,
+        external_traffic_policy: TrafficPolicy::Cluster,
+        internal_traffic_policy: TrafficPolicy::Cluster,
+        no_endpoints_action: NoEndpointsAction::Reject,
+        has_endpoints: !endpoints.is_empty(),
+        cluster_endpoints: Some(EndpointSet {
+            selection: if endpoints.is_empty() {
+                EndpointSelection::None
+            } else {
+                EndpointSelection::Ready
+            },
+            endpoints,
+        }),
+        ..Default::default()
+    }
+}
+
+/// The node's single-shard plan.
+pub fn plan(service_ports: Vec<ServicePortPlan>, sync_period: &str) -> ProxyPlanSpec {
+    ProxyPlanSpec {
+        node_name: NODE.into(),
+        shard: ShardInfo {
+            index: 0,
+            count: 1,
+            generation: 1,
+        },
+        settings: NodeSettings {
+            masquerade_bit: 14,
+            local_traffic_detector: ResolvedLocalTrafficDetector {
+                mode: LocalTrafficDetectorMode::ClusterCidr,
+                cidrs: vec!["10.244.0.0/16".into()],
+            },
+            node_ips: vec![planproxy_netns::topology::node_ipv4(1).to_string()],
+            min_sync_period: "100ms".into(),
+            sync_period: sync_period.into(),
+            ..Default::default()
+        },
+        service_ports,
+    }
+}
+
+/// The lines of an iptables-save dump that describe rules and chains (no
+/// comments, no counters), for comparing two dumps.
+pub fn rules_only(dump: &str) -> Vec<String> {
+    dump.lines()
+        .filter(|line| !line.starts_with('#'))
+        .map(|line| match line.strip_prefix(':') {
+            Some(chain) => format!(":{}", chain.split_whitespace().next().unwrap_or_default()),
+            None => line.to_owned(),
+        })
+        .collect()
+}
