@@ -1,0 +1,736 @@
+//! The data plane on the real kernel: plans applied with `planproxy-agent apply`
+//! inside isolated network namespaces (never the root namespace), checked with
+//! real TCP and UDP traffic between pods, nodes and clients.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, UdpSocket};
+use std::time::Duration;
+
+use planproxy_crds::v1alpha1::{EndpointSelection, EndpointSet, NoEndpointsAction, TrafficPolicy};
+use planproxy_netns::{Attempt, ConnectOpts, Topology, TopologySpec};
+use planproxy_node_agent::dataplane::{DataPlane, DataPlaneConfig};
+use support::*;
+
+const CLUSTER_IP: [u8; 4] = [10, 96, 0, 10];
+
+fn topology(nodes: u8, pods_per_node: u8, clients: u8) -> Topology {
+    Topology::new(TopologySpec {
+        nodes,
+        pods_per_node,
+        clients,
+    })
+    .expect("the test topology must build")
+}
+
+fn quick() -> ConnectOpts {
+    ConnectOpts::with_timeout(Duration::from_secs(2))
+}
+
+#[test]
+fn cluster_ip_reaches_endpoints_from_pods_and_from_the_node() {
+    let t = topology(2, 1, 0);
+    let (n1, n2) = (t.node(1), t.node(2));
+    let (client, backend) = (&n1.pods[0], &n2.pods[0]);
+    let _echo = serve_all([(backend, "backend")]);
+    let web = service("web", &["10.96.0.10"], vec![endpoint(backend, 1, false)]);
+    apply(n1, &plan(n1, vec![web.clone(), udp(web)]));
+
+    let from_pod = client.ns.connect_tcp(sa(CLUSTER_IP, 80), &quick());
+    assert_eq!(from_pod.server(), Some("backend"), "{from_pod:?}");
+    // Pod traffic keeps its source: the backend sees the client pod.
+    assert_eq!(from_pod.peer().map(|p| p.ip()), Some(client.ipv4.into()));
+
+    let udp_from_pod = client.ns.connect_udp(sa(CLUSTER_IP, 80), &quick());
+    assert_eq!(udp_from_pod.server(), Some("backend"), "{udp_from_pod:?}");
+
+    // The node's own traffic is masqueraded to the node's address.
+    let from_node = n1.ns.connect_tcp(sa(CLUSTER_IP, 80), &quick());
+    assert_eq!(from_node.server(), Some("backend"), "{from_node:?}");
+    assert_eq!(from_node.peer().map(|p| p.ip()), Some(n1.ipv4.into()));
+
+    // Another port on the same cluster IP is not a frontend.
+    assert!(
+        !client
+            .ns
+            .connect_tcp(
+                sa(CLUSTER_IP, 81),
+                &ConnectOpts::with_timeout(Duration::from_millis(500))
+            )
+            .is_ok()
+    );
+}
+
+#[test]
+fn node_port_external_ip_and_load_balancer_ip_reach_endpoints_from_outside_masqueraded() {
+    let t = topology(2, 1, 1);
+    let (n1, n2) = (t.node(1), t.node(2));
+    let backend = &n2.pods[0];
+    let _echo = serve_all([(backend, "backend")]);
+    let mut web = service("web", &["10.96.0.10"], vec![endpoint(backend, 1, false)]);
+    web.node_port = Some(30080);
+    web.external_ips = vec!["192.0.2.10".into()];
+    web.load_balancer_ips = vec!["198.51.100.10".into()];
+    apply(n1, &plan(n1, vec![web]));
+    t.route_to_node("192.0.2.10".parse().expect("valid"), 1)
+        .expect("route");
+    t.route_to_node("198.51.100.10".parse().expect("valid"), 1)
+        .expect("route");
+
+    let client = &t.clients[0];
+    for target in [
+        sa(n1.ipv4, 30080),
+        sa([192, 0, 2, 10], 80),
+        sa([198, 51, 100, 10], 80),
+    ] {
+        let a = client.ns.connect_tcp(target, &quick());
+        assert_eq!(a.server(), Some("backend"), "{target}: {a:?}");
+        // externalTrafficPolicy Cluster: masqueraded, so replies return via node 1.
+        assert_eq!(a.peer().map(|p| p.ip()), Some(n1.ipv4.into()), "{target}");
+    }
+}
+
+#[test]
+fn load_balancer_source_ranges_admit_one_client_and_drop_another() {
+    let t = topology(2, 1, 2);
+    let (n1, n2) = (t.node(1), t.node(2));
+    let _echo = serve_all([(&n2.pods[0], "backend")]);
+    let mut lb = service("lb", &["10.96.0.10"], vec![endpoint(&n2.pods[0], 1, false)]);
+    lb.load_balancer_ips = vec!["198.51.100.20".into()];
+    lb.load_balancer_source_ranges = vec![format!("{}/32", t.clients[0].ipv4)];
+    apply(n1, &plan(n1, vec![lb]));
+    t.route_to_node("198.51.100.20".parse().expect("valid"), 1)
+        .expect("route");
+
+    let vip = sa([198, 51, 100, 20], 80);
+    let admitted = t.clients[0].ns.connect_tcp(vip, &quick());
+    assert_eq!(admitted.server(), Some("backend"), "{admitted:?}");
+    let refused = t.clients[1]
+        .ns
+        .connect_tcp(vip, &ConnectOpts::with_timeout(Duration::from_secs(1)));
+    assert_eq!(
+        refused,
+        Attempt::Timeout,
+        "a source outside the ranges must be dropped"
+    );
+}
+
+#[test]
+fn client_ip_affinity_pins_each_client_to_one_endpoint_and_spreads_clients() {
+    let t = topology(2, 3, 1);
+    let (n1, n2) = (t.node(1), t.node(2));
+    let _echo = serve_all([
+        (&n2.pods[0], "b1"),
+        (&n2.pods[1], "b2"),
+        (&n2.pods[2], "b3"),
+    ]);
+    let eps = n2.pods.iter().map(|p| endpoint(p, 1, false)).collect();
+    let mut svc = with_affinity(service("sticky", &["10.96.0.10"], eps));
+    svc.external_ips = vec!["192.0.2.30".into()];
+    apply(n1, &plan(n1, vec![svc]));
+    t.route_to_node("192.0.2.30".parse().expect("valid"), 1)
+        .expect("route");
+
+    let client = &t.clients[0];
+    let sources: Vec<Ipv4Addr> = (150..158).map(|h| Ipv4Addr::new(172, 31, 0, h)).collect();
+    for s in &sources {
+        client
+            .ns
+            .add_addr("eth0", (*s).into(), 24)
+            .expect("address");
+    }
+    let mut chosen = BTreeMap::new();
+    for s in &sources {
+        let opts = ConnectOpts {
+            source: Some((*s).into()),
+            ..quick()
+        };
+        let got = servers(&client.ns.connect_many(sa([192, 0, 2, 30], 80), 10, &opts));
+        assert!(
+            got.iter().all(|g| g == &got[0]),
+            "client {s} was not pinned: {got:?}"
+        );
+        chosen.insert(*s, got[0].clone());
+    }
+    let distinct: std::collections::BTreeSet<_> = chosen.values().collect();
+    assert!(
+        distinct.len() >= 2,
+        "8 clients all landed on one endpoint: {chosen:?}"
+    );
+}
+
+#[test]
+fn local_external_policy_reaches_only_local_pods_and_preserves_the_client_address() {
+    let t = topology(2, 1, 1);
+    let (n1, n2) = (t.node(1), t.node(2));
+    let _echo = serve_all([(&n1.pods[0], "local"), (&n2.pods[0], "remote")]);
+    hairpin(n1, &n1.pods[0]);
+    let mut svc = service(
+        "local",
+        &["10.96.0.10"],
+        vec![
+            endpoint(&n1.pods[0], 1, false),
+            endpoint(&n2.pods[0], 1, false),
+        ],
+    );
+    svc.node_port = Some(30081);
+    let svc = external_local(svc);
+    apply(n1, &plan(n1, vec![svc]));
+
+    let client = &t.clients[0];
+    let got = client.ns.connect_many(sa(n1.ipv4, 30081), 20, &quick());
+    for a in &got {
+        assert_eq!(a.server(), Some("local"), "{a:?}");
+        assert_eq!(
+            a.peer().map(|p| p.ip()),
+            Some(client.ipv4.into()),
+            "the client address must be preserved"
+        );
+    }
+    // Pods are short-circuited to every endpoint, as for the cluster IP.
+    let from_pod = servers(&n1.pods[0].ns.connect_many(sa(n1.ipv4, 30081), 30, &quick()));
+    assert!(
+        from_pod.iter().any(|s| s == "remote"),
+        "pods must reach all endpoints: {from_pod:?}"
+    );
+}
+
+#[test]
+fn services_without_endpoints_reject_or_drop_as_the_plan_says() {
+    let t = topology(1, 1, 0);
+    let n1 = t.node(1);
+    let rejecting = service("rejecting", &["10.96.0.20"], vec![]);
+    let mut dropping = service("dropping", &["10.96.0.21"], vec![]);
+    dropping.no_endpoints_action = NoEndpointsAction::Drop;
+    apply(n1, &plan(n1, vec![rejecting, dropping]));
+
+    let pod = &n1.pods[0];
+    let started = std::time::Instant::now();
+    assert_eq!(
+        pod.ns.connect_tcp(sa([10, 96, 0, 20], 80), &quick()),
+        Attempt::Refused
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "a REJECT must fail at once"
+    );
+    assert_eq!(
+        n1.ns.connect_tcp(sa([10, 96, 0, 20], 80), &quick()),
+        Attempt::Refused,
+        "from the node"
+    );
+    assert_eq!(
+        pod.ns.connect_tcp(
+            sa([10, 96, 0, 21], 80),
+            &ConnectOpts::with_timeout(Duration::from_millis(800))
+        ),
+        Attempt::Timeout
+    );
+}
+
+#[test]
+fn a_pod_reaching_itself_through_its_service_is_masqueraded() {
+    let t = topology(1, 1, 0);
+    let n1 = t.node(1);
+    let pod = &n1.pods[0];
+    hairpin(n1, pod);
+    let _echo = serve_all([(pod, "self")]);
+    apply(
+        n1,
+        &plan(
+            n1,
+            vec![service(
+                "hairpin",
+                &["10.96.0.10"],
+                vec![endpoint(pod, 1, false)],
+            )],
+        ),
+    );
+    let a = pod.ns.connect_tcp(sa(CLUSTER_IP, 80), &quick());
+    assert_eq!(a.server(), Some("self"), "{a:?}");
+    assert_eq!(
+        a.peer().map(|p| p.ip()),
+        Some(n1.gateway_v4().into()),
+        "hairpin traffic must be masqueraded"
+    );
+}
+
+/// Sends one datagram from a fixed source port and returns who answered.
+fn udp_exchange(socket: &UdpSocket, to: std::net::SocketAddr) -> Option<String> {
+    socket.send_to(b"hello", to).ok()?;
+    let mut buf = [0u8; 256];
+    let (n, _) = socket.recv_from(&mut buf).ok()?;
+    Some(
+        String::from_utf8_lossy(&buf[..n])
+            .split_whitespace()
+            .next()?
+            .to_owned(),
+    )
+}
+
+#[test]
+fn stale_udp_flows_are_removed_when_endpoints_go_and_when_the_first_arrives() {
+    let t = topology(2, 2, 0);
+    let (n1, n2) = (t.node(1), t.node(2));
+    let _echo = serve_all([(&n2.pods[0], "a"), (&n2.pods[1], "b")]);
+    let client = &n1.pods[0];
+    let socket: UdpSocket = client
+        .ns
+        .run_in(|| UdpSocket::bind("0.0.0.0:40000"))
+        .expect("bind");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(700)))
+        .expect("timeout");
+
+    let both = vec![
+        endpoint(&n2.pods[0], 1, false),
+        endpoint(&n2.pods[1], 1, false),
+    ];
+    apply(
+        n1,
+        &plan(n1, vec![udp(service("dns", &["10.96.0.53"], both.clone()))]),
+    );
+    let dns = sa([10, 96, 0, 53], 80);
+    let first = udp_exchange(&socket, dns).expect("the service must answer");
+    // The same source port keeps its flow, and with it its endpoint.
+    assert_eq!(udp_exchange(&socket, dns).as_deref(), Some(first.as_str()));
+
+    let remaining: Vec<_> = both
+        .iter()
+        .filter(|e| {
+            e.ip != if first == "a" {
+                n2.pods[0].ipv4.to_string()
+            } else {
+                n2.pods[1].ipv4.to_string()
+            }
+        })
+        .cloned()
+        .collect();
+    let other = if first == "a" { "b" } else { "a" };
+    apply(
+        n1,
+        &plan(n1, vec![udp(service("dns", &["10.96.0.53"], remaining))]),
+    );
+    // The flow to the removed endpoint is gone, so the same client moves on
+    // (its old endpoint still answers, so without cleanup it would stay).
+    assert_eq!(udp_exchange(&socket, dns).as_deref(), Some(other));
+
+    // A service that has no endpoints yet: its flow is never DNATed...
+    let late = sa([10, 96, 0, 54], 80);
+    assert_eq!(udp_exchange(&socket, late), None);
+    // ...and is removed once the first endpoint arrives.
+    apply(
+        n1,
+        &plan(
+            n1,
+            vec![
+                udp(service(
+                    "dns",
+                    &["10.96.0.53"],
+                    vec![endpoint(&n2.pods[0], 1, false)],
+                )),
+                udp(service(
+                    "late",
+                    &["10.96.0.54"],
+                    vec![endpoint(&n2.pods[1], 1, false)],
+                )),
+            ],
+        ),
+    );
+    assert_eq!(udp_exchange(&socket, late).as_deref(), Some("b"));
+}
+
+#[test]
+fn incremental_updates_while_traffic_flows_fail_no_connection() {
+    let t = topology(2, 3, 0);
+    let (n1, n2) = (t.node(1), t.node(2));
+    let _echo = serve_all([
+        (&n2.pods[0], "b1"),
+        (&n2.pods[1], "b2"),
+        (&n2.pods[2], "b3"),
+    ]);
+    let stable = vec![
+        endpoint(&n2.pods[0], 1, false),
+        endpoint(&n2.pods[1], 1, false),
+    ];
+    let mut grown = stable.clone();
+    grown.push(endpoint(&n2.pods[2], 1, false));
+    let plans = [
+        plan(n1, vec![service("web", &["10.96.0.10"], stable.clone())]),
+        plan(
+            n1,
+            vec![
+                service("web", &["10.96.0.10"], grown),
+                service("other", &["10.96.0.11"], stable.clone()),
+            ],
+        ),
+    ];
+    let mut dataplane = n1
+        .ns
+        .run_in(|| DataPlane::new(DataPlaneConfig::default()))
+        .expect("data plane");
+    let first = n1
+        .ns
+        .run_in(|| dataplane.sync(std::slice::from_ref(&plans[0]), false))
+        .expect("first sync");
+    assert!(first.full, "the first sync after start is full");
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let traffic = scope.spawn(|| {
+            let mut failures = Vec::new();
+            let mut total = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for a in n1.pods[0].ns.connect_many(sa(CLUSTER_IP, 80), 20, &quick()) {
+                    total += 1;
+                    if !a.is_ok() {
+                        failures.push(a);
+                    }
+                }
+            }
+            (total, failures)
+        });
+        for i in 1..=10 {
+            let report = n1
+                .ns
+                .run_in(|| dataplane.sync(std::slice::from_ref(&plans[i % 2]), false))
+                .expect("incremental sync");
+            assert!(!report.full);
+            // Only the changed service's chain and the dispatch are rewritten.
+            assert!(
+                report.chains_written <= 4,
+                "sync {i} rewrote {} chains",
+                report.chains_written
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (total, failures) = traffic.join().expect("traffic thread");
+        assert!(total > 50, "only {total} connections were made");
+        assert!(
+            failures.is_empty(),
+            "{} of {total} connections failed: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(5)]
+        );
+    });
+}
+
+#[test]
+fn three_equal_endpoints_share_3000_connections_evenly() {
+    let t = topology(2, 3, 0);
+    let (n1, n2) = (t.node(1), t.node(2));
+    let _echo = serve_all([
+        (&n2.pods[0], "b1"),
+        (&n2.pods[1], "b2"),
+        (&n2.pods[2], "b3"),
+    ]);
+    let eps: Vec<_> = n2.pods.iter().map(|p| endpoint(p, 1, false)).collect();
+    // Enough other services that the dispatch tree has several levels.
+    let mut services: Vec<_> = (0..400u32)
+        .map(|i| {
+            service(
+                &format!("filler-{i}"),
+                &[&format!("10.97.{}.{}", i / 200, i % 200 + 1)],
+                eps[..1].to_vec(),
+            )
+        })
+        .collect();
+    services.push(service("web", &["10.96.0.10"], eps));
+    apply(n1, &plan(n1, services));
+
+    let got = servers(
+        &n1.pods[0]
+            .ns
+            .connect_many(sa(CLUSTER_IP, 80), 3000, &quick()),
+    );
+    let mut counts: BTreeMap<String, f64> = BTreeMap::new();
+    for s in got {
+        *counts.entry(s).or_default() += 1.0;
+    }
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    // Chi-square with 2 degrees of freedom; 30 is exceeded by a fair split with
+    // probability about 3e-7.
+    let chi2: f64 = counts.values().map(|o| (o - 1000.0).powi(2) / 1000.0).sum();
+    assert!(
+        chi2 < 30.0,
+        "uneven split {counts:?} (chi-square {chi2:.1})"
+    );
+}
+
+#[test]
+fn cleanup_removes_every_planproxy_chain_and_nothing_else() {
+    let t = topology(1, 1, 0);
+    let n1 = t.node(1);
+    let ns = &n1.ns;
+    // Someone else's rules, before and after ours.
+    ns.exec_ok(&["iptables", "-t", "nat", "-N", "OTHER-NAT"])
+        .expect("other chain");
+    ns.exec_ok(&["iptables", "-t", "nat", "-A", "OTHER-NAT", "-j", "RETURN"])
+        .expect("other rule");
+    ns.exec_ok(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-s",
+        "192.0.2.1/32",
+        "-j",
+        "OTHER-NAT",
+    ])
+    .expect("other jump");
+    ns.exec_ok(&[
+        "iptables",
+        "-A",
+        "INPUT",
+        "-s",
+        "192.0.2.2/32",
+        "-j",
+        "DROP",
+    ])
+    .expect("other filter rule");
+    let before = rules_only(&ns.iptables_save());
+
+    let mut svc = service(
+        "web",
+        &["10.96.0.10"],
+        vec![endpoint(&n1.pods[0], 1, false)],
+    );
+    svc.node_port = Some(30082);
+    apply(
+        n1,
+        &plan(n1, vec![svc, service("empty", &["10.96.0.11"], vec![])]),
+    );
+    ns.exec_ok(&[
+        "iptables",
+        "-A",
+        "INPUT",
+        "-s",
+        "192.0.2.3/32",
+        "-j",
+        "DROP",
+    ])
+    .expect("a rule added meanwhile");
+    assert!(ns.iptables_save().contains("PPX-SERVICES"));
+
+    let out = agent(ns, &["cleanup"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = ns.iptables_save();
+    assert!(
+        !after.contains("PPX-"),
+        "planproxy left rules behind:\n{after}"
+    );
+    let mut expected = before;
+    expected.push("-A INPUT -s 192.0.2.3/32 -j DROP".to_owned());
+    expected.sort();
+    let mut got = rules_only(&after);
+    got.sort();
+    assert_eq!(got, expected);
+}
+
+/// The rule and chain lines of an iptables-save dump, without comments and counters.
+fn rules_only(dump: &str) -> Vec<String> {
+    dump.lines()
+        .filter(|l| l.starts_with("-A") || (l.starts_with(':') && !l.contains("ACCEPT")))
+        .map(|l| l.split(" [").next().unwrap_or(l).to_owned())
+        .collect()
+}
+
+#[test]
+fn ipv6_cluster_ip_and_node_port_work() {
+    let t = topology(2, 1, 1);
+    let (n1, n2) = (t.node(1), t.node(2));
+    let _echo = serve_all([(&n2.pods[0], "backend6")]);
+    let mut svc = service(
+        "dual",
+        &["10.96.0.10", "fd00:96::10"],
+        vec![
+            endpoint(&n2.pods[0], 1, false),
+            endpoint(&n2.pods[0], 1, true),
+        ],
+    );
+    svc.node_port = Some(30083);
+    apply(n1, &plan(n1, vec![svc]));
+
+    let pod = &n1.pods[0];
+    let cluster_ip6 = sa(
+        "fd00:96::10".parse::<std::net::Ipv6Addr>().expect("valid"),
+        80,
+    );
+    let a = pod.ns.connect_tcp(cluster_ip6, &quick());
+    assert_eq!(a.server(), Some("backend6"), "{a:?}");
+    assert_eq!(a.peer().map(|p| p.ip()), Some(pod.ipv6.into()));
+    let client = &t.clients[0];
+    let np = client.ns.connect_tcp(sa(n1.ipv6, 30083), &quick());
+    assert_eq!(np.server(), Some("backend6"), "{np:?}");
+    assert_eq!(np.peer().map(|p| p.ip()), Some(n1.ipv6.into()));
+}
+
+#[test]
+fn a_failed_restore_keeps_the_old_rules_and_names_table_and_line() {
+    let t = topology(2, 1, 0);
+    let (n1, n2) = (t.node(1), t.node(2));
+    let _echo = serve_all([(&n2.pods[0], "backend")]);
+    let ep = vec![endpoint(&n2.pods[0], 1, false)];
+    apply(
+        n1,
+        &plan(n1, vec![service("old", &["10.96.0.10"], ep.clone())]),
+    );
+    // Someone else jumps into the old service's chain, so the kernel refuses to
+    // delete it, and with it the whole update.
+    let chain = format!(
+        "PPX-SVC-{}",
+        planproxy_render::hash::service_port_hash("default/old", "tcp")
+    );
+    n1.ns
+        .exec_ok(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-d",
+            "192.0.2.99/32",
+            "-j",
+            &chain,
+        ])
+        .expect("foreign jump");
+
+    let file = PlanFile::new(&plan(n1, vec![service("new", &["10.96.0.11"], ep)]));
+    let out = agent(&n1.ns, &["apply", "--plan", &file.path.to_string_lossy()]);
+    assert!(!out.status.success(), "the refused update must fail");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ipv4 nat"), "{stderr}");
+    assert!(stderr.contains("at line"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("-X {chain}")),
+        "the offending line must be quoted: {stderr}"
+    );
+
+    // The old rules still serve; the new service was not half-programmed.
+    let old = n1.pods[0].ns.connect_tcp(sa(CLUSTER_IP, 80), &quick());
+    assert_eq!(old.server(), Some("backend"), "{old:?}");
+    let save = n1.ns.iptables_save();
+    let new_chain = format!(
+        "PPX-SVC-{}",
+        planproxy_render::hash::service_port_hash("default/new", "tcp")
+    );
+    assert!(!save.contains(&new_chain), "{save}");
+}
+
+#[test]
+fn a_flush_of_our_chains_is_detected_and_repaired_by_a_full_sync() {
+    let t = topology(2, 1, 0);
+    let (n1, n2) = (t.node(1), t.node(2));
+    let _echo = serve_all([(&n2.pods[0], "backend")]);
+    let spec = plan(
+        n1,
+        vec![service(
+            "web",
+            &["10.96.0.10"],
+            vec![endpoint(&n2.pods[0], 1, false)],
+        )],
+    );
+    let mut dataplane = n1
+        .ns
+        .run_in(|| DataPlane::new(DataPlaneConfig::default()))
+        .expect("data plane");
+    n1.ns
+        .run_in(|| dataplane.sync(std::slice::from_ref(&spec), false))
+        .expect("sync");
+    assert!(!n1.ns.run_in(|| dataplane.drift_detected()).expect("check"));
+
+    // A firewall reload flushes the nat table.
+    n1.ns
+        .exec_ok(&["iptables", "-t", "nat", "-F"])
+        .expect("flush");
+    assert!(
+        !n1.pods[0]
+            .ns
+            .connect_tcp(
+                sa(CLUSTER_IP, 80),
+                &ConnectOpts::with_timeout(Duration::from_millis(500))
+            )
+            .is_ok()
+    );
+    assert!(n1.ns.run_in(|| dataplane.drift_detected()).expect("check"));
+
+    let report = n1
+        .ns
+        .run_in(|| dataplane.sync(std::slice::from_ref(&spec), true))
+        .expect("repair");
+    assert!(report.full);
+    assert!(!n1.ns.run_in(|| dataplane.drift_detected()).expect("check"));
+    n1.ns
+        .run_in(|| dataplane.verify())
+        .expect("the kernel holds the plan again");
+    let a = n1.pods[0].ns.connect_tcp(sa(CLUSTER_IP, 80), &quick());
+    assert_eq!(a.server(), Some("backend"), "{a:?}");
+}
+
+#[test]
+fn the_legacy_backend_and_the_flat_layout_program_the_same_behaviour() {
+    let t = topology(2, 1, 0);
+    let (n1, n2) = (t.node(1), t.node(2));
+    let _echo = serve_all([(&n2.pods[0], "backend")]);
+    let spec = plan(
+        n1,
+        vec![
+            service(
+                "web",
+                &["10.96.0.10"],
+                vec![endpoint(&n2.pods[0], 1, false)],
+            ),
+            service("empty", &["10.96.0.11"], vec![]),
+        ],
+    );
+    apply_with(n1, &spec, &["--backend", "legacy", "--layout", "flat"]);
+    let legacy = n1.ns.exec_ok(&["iptables-legacy-save"]).expect("save");
+    assert!(legacy.contains("PPX-SERVICES"), "{legacy}");
+    let a = n1.pods[0].ns.connect_tcp(sa(CLUSTER_IP, 80), &quick());
+    assert_eq!(a.server(), Some("backend"), "{a:?}");
+    assert_eq!(
+        n1.pods[0].ns.connect_tcp(sa([10, 96, 0, 11], 80), &quick()),
+        Attempt::Refused
+    );
+
+    let out = agent(&n1.ns, &["cleanup", "--backend", "legacy"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let legacy = n1.ns.exec_ok(&["iptables-legacy-save"]).expect("save");
+    assert!(!legacy.contains("PPX-"), "{legacy}");
+}
+
+#[test]
+fn internal_local_policy_without_local_endpoints_drops() {
+    let t = topology(2, 1, 0);
+    let (n1, n2) = (t.node(1), t.node(2));
+    let _echo = serve_all([(&n2.pods[0], "remote")]);
+    let mut svc = service(
+        "itp",
+        &["10.96.0.12"],
+        vec![endpoint(&n2.pods[0], 1, false)],
+    );
+    svc.internal_traffic_policy = TrafficPolicy::Local;
+    svc.local_endpoints = Some(EndpointSet {
+        selection: EndpointSelection::None,
+        endpoints: vec![],
+    });
+    apply(n1, &plan(n1, vec![svc]));
+    assert_eq!(
+        n1.pods[0].ns.connect_tcp(
+            sa([10, 96, 0, 12], 80),
+            &ConnectOpts::with_timeout(Duration::from_millis(800))
+        ),
+        Attempt::Timeout
+    );
+}
