@@ -18,13 +18,14 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::runtime::watcher::Event;
 use planproxy_crds::labels::{NODE_LABEL, SHARD_LABEL, SPEC_HASH_ANNOTATION};
 use planproxy_crds::{ProxyPlan, ProxyPolicy, ProxyPolicyStatus};
-use planproxy_resolve::{Index, PlanShard, PolicyReport, ShardLayout};
+use planproxy_resolve::{Changes, Index, PlanShard, PolicyReport, ShardLayout};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -173,6 +174,8 @@ pub struct Reconciler {
     policies_keys: Keys,
     plans_keys: Keys,
     node_uids: HashMap<String, String>,
+    /// Nodes listed before the first resolution, fed to the index in batches.
+    held_nodes: BTreeMap<String, Node>,
     policies: BTreeMap<String, ProxyPolicy>,
     reports: BTreeMap<String, PolicyReport>,
     touched_policies: BTreeSet<String>,
@@ -186,6 +189,9 @@ pub struct Reconciler {
     shared: Arc<Shared>,
     metrics: Metrics,
 }
+
+/// Nodes per index flush in the first resolution.
+const INITIAL_NODE_BATCH: usize = 32;
 
 /// Most events queued by one flush; the rest are dropped (and counted).
 const MAX_EVENTS_PER_FLUSH: usize = 20;
@@ -205,6 +211,7 @@ impl Reconciler {
             policies_keys: Keys::default(),
             plans_keys: Keys::default(),
             node_uids: HashMap::new(),
+            held_nodes: BTreeMap::new(),
             policies: BTreeMap::new(),
             reports: BTreeMap::new(),
             touched_policies: BTreeSet::new(),
@@ -315,26 +322,32 @@ impl Reconciler {
         true
     }
 
-    fn node_event(&mut self, event: Event<k8s_openapi::api::core::v1::Node>) -> bool {
+    fn node_event(&mut self, event: Event<Node>) -> bool {
         match event {
             Event::Apply(node) | Event::InitApply(node) => {
                 let name = node.name_any();
                 self.nodes_keys.seen(name.clone());
                 if let Some(uid) = node.metadata.uid.clone() {
-                    self.node_uids.insert(name, uid);
+                    self.node_uids.insert(name.clone(), uid);
                 }
-                self.index.apply_node(node);
+                if self.first_flush_done {
+                    self.index.apply_node(node);
+                } else {
+                    self.held_nodes.insert(name, node);
+                }
             }
             Event::Delete(node) => {
                 let name = node.name_any();
                 self.nodes_keys.deleted(&name);
                 self.node_uids.remove(&name);
+                self.held_nodes.remove(&name);
                 self.index.delete_node(&name);
             }
             Event::Init => self.nodes_keys.init(),
             Event::InitDone => {
                 for name in self.nodes_keys.init_done() {
                     self.node_uids.remove(&name);
+                    self.held_nodes.remove(&name);
                     self.index.delete_node(&name);
                 }
             }
@@ -558,8 +571,50 @@ impl Reconciler {
     pub fn flush(&mut self, now: Instant) {
         let since = self.pending_since.take().unwrap_or(now);
         if !self.first_flush_done {
-            self.seed_layouts();
+            self.initial_flush(since, now);
+            return;
         }
+        let changes = self.timed_flush();
+        self.process(changes, since, now);
+        if !self.repair.is_empty() {
+            self.run_repair(since);
+        }
+    }
+
+    /// The first resolution, fed node by node in batches: one flush over every
+    /// node returns every shard's full content at once, which on a large cluster
+    /// is gigabytes held only to find that nearly all of it is already written.
+    fn initial_flush(&mut self, since: Instant, now: Instant) {
+        let mut layouts = self.observed_layouts();
+        let changes = self.timed_flush();
+        self.process(changes, since, now);
+        let nodes: Vec<Node> = std::mem::take(&mut self.held_nodes).into_values().collect();
+        let mut nodes = nodes.into_iter().peekable();
+        while nodes.peek().is_some() {
+            for node in nodes.by_ref().take(INITIAL_NODE_BATCH) {
+                let name = node.name_any();
+                // Seeded right before its node, so the node keeps its shard layout
+                // (no needless re-sharding after a restart).
+                if let Some(layout) = layouts.remove(&name) {
+                    self.index.set_layout(&name, layout);
+                }
+                self.index.apply_node(node);
+            }
+            let changes = self.timed_flush();
+            self.process(changes, since, now);
+        }
+        // Layouts of nodes that are gone: their shards are deleted.
+        for (node, layout) in layouts {
+            self.index.set_layout(&node, layout);
+        }
+        let changes = self.timed_flush();
+        self.process(changes, since, now);
+        self.first_flush_done = true;
+        // Plans of nodes or shards that no longer exist.
+        self.reconcile_all(now);
+    }
+
+    fn timed_flush(&mut self) -> Changes {
         let started = std::time::Instant::now();
         let changes = self.index.flush();
         self.metrics
@@ -572,7 +627,10 @@ impl Reconciler {
             problems = changes.problems.len(),
             "resolved"
         );
+        changes
+    }
 
+    fn process(&mut self, changes: Changes, since: Instant, now: Instant) {
         for shard in changes.upserts {
             self.repair.remove(&shard.name);
             self.want(shard, since);
@@ -607,27 +665,20 @@ impl Reconciler {
             queued_events += 1;
             self.queue(WriteKey::Event(event.key()), Write::Event(event), since);
         }
-
-        if !self.first_flush_done {
-            self.first_flush_done = true;
-            // Plans of nodes or shards that no longer exist.
-            self.reconcile_all(now);
-        } else if !self.repair.is_empty() {
-            self.run_repair(since);
-        }
     }
 
-    fn seed_layouts(&mut self) {
-        let mut layouts: HashMap<&str, ShardLayout> = HashMap::new();
+    /// The newest shard layout of each node's existing plans.
+    fn observed_layouts(&self) -> HashMap<String, ShardLayout> {
+        let mut layouts: HashMap<String, ShardLayout> = HashMap::new();
         for observed in self.observed.values() {
-            let entry = layouts.entry(&observed.node).or_insert(observed.layout);
+            let entry = layouts
+                .entry(observed.node.clone())
+                .or_insert(observed.layout);
             if observed.layout.generation > entry.generation {
                 *entry = observed.layout;
             }
         }
-        for (node, layout) in layouts {
-            self.index.set_layout(node, layout);
-        }
+        layouts
     }
 
     fn report_policies(&mut self, since: Instant) {
