@@ -71,6 +71,10 @@ enum ProblemSource {
 struct ServiceEntry {
     service: Arc<ResolvedService>,
     policies: Vec<usize>,
+    /// The JSON size of the service's ports on a node that holds none of its
+    /// endpoints: a node-independent estimate used to pick a first shard count for
+    /// nodes without a previous layout.
+    estimated_bytes: usize,
 }
 
 /// A node's plan as of the last flush.
@@ -376,11 +380,13 @@ impl Index {
                 for i in &policies {
                     self.matched_services[*i] += 1;
                 }
+                let estimated_bytes = estimate_bytes(&service);
                 self.resolved.insert(
                     key.clone(),
                     ServiceEntry {
                         service: Arc::new(service),
                         policies,
+                        estimated_bytes,
                     },
                 );
                 self.by_hash.insert((hash, key.clone()));
@@ -466,7 +472,22 @@ impl Index {
     /// previous count, rebuilding at a new count until the count decision is
     /// stable.
     fn build_plan(&self, plan: &mut NodePlan, previous: Option<ShardLayout>) -> Vec<PlanShard> {
-        let mut count = previous.map_or(1, |l| l.count.clamp(1, shard::MAX_SHARDS));
+        // Without a previous layout, start from the count the estimated size needs,
+        // so a large plan is not first built as one giant shard.
+        let mut count = previous.map_or_else(
+            || {
+                let estimate: usize = self.resolved.values().map(|e| e.estimated_bytes).sum();
+                shard::next_count(
+                    1,
+                    &[ShardSize {
+                        bytes: estimate,
+                        services: self.resolved.len(),
+                    }],
+                    &self.options,
+                )
+            },
+            |l| l.count.clamp(1, shard::MAX_SHARDS),
+        );
         if !count.is_power_of_two() {
             count = count.next_power_of_two().min(shard::MAX_SHARDS);
         }
@@ -689,6 +710,24 @@ fn matching_policies(precedence: &[PolicyInForce], service: &ResolvedService) ->
         .filter(|(_, p)| policy::matches_service(p, &service.labels))
         .map(|(i, _)| i)
         .collect()
+}
+
+fn estimate_bytes(service: &ResolvedService) -> usize {
+    let mut ports = Vec::new();
+    let nowhere = NodeView {
+        name: "",
+        zone: None,
+    };
+    select::service_port_plans(
+        service,
+        nowhere,
+        &policy::ServiceSettings::default(),
+        &mut ports,
+    );
+    ports
+        .iter()
+        .map(|p| serde_json::to_vec(p).map_or(0, |v| v.len() + 1))
+        .sum()
 }
 
 fn generation_for(previous: Option<ShardLayout>, count: u32) -> i64 {
