@@ -266,7 +266,8 @@ impl Cluster {
         let path = self
             .kubeconfig_dir
             .path()
-            .join(format!("{user}.kubeconfig"));
+            // KUBECONFIG is a colon-separated list: no colons in file names.
+            .join(format!("{}.kubeconfig", user.replace(':', "-")));
         std::fs::write(&path, self.apiserver.kubeconfig_for(user))
             .map_err(|e| E2eError::io(format!("writing {}", path.display()), e))?;
         Ok(path)
@@ -291,6 +292,7 @@ impl Cluster {
             &[
                 ("KUBECONFIG", kubeconfig.as_str()),
                 ("PLANPROXY_LOG", "info,planproxy_controller=debug"),
+                ("NO_COLOR", "1"),
             ],
         )?;
         *lock(&self.controller) = Some(process);
@@ -316,6 +318,7 @@ impl Cluster {
             &[
                 ("KUBECONFIG", kubeconfig.as_str()),
                 ("PLANPROXY_LOG", "info,planproxy_node_agent=debug"),
+                ("NO_COLOR", "1"),
             ],
         )?;
         lock(&self.agents).push((name, process));
@@ -858,6 +861,43 @@ impl ClusterApi<'_> {
     pub async fn plans(&self) -> Result<Vec<planproxy_crds::ProxyPlan>> {
         let api: kube::Api<planproxy_crds::ProxyPlan> = kube::Api::all(self.client.clone());
         Ok(api.list(&kube::api::ListParams::default()).await?.items)
+    }
+
+    /// A ProxyPolicy as the API server holds it (status included).
+    pub async fn policy(&self, name: &str) -> Result<planproxy_crds::ProxyPolicy> {
+        let api: kube::Api<planproxy_crds::ProxyPolicy> = kube::Api::all(self.client.clone());
+        Ok(api.get(name).await?)
+    }
+
+    /// Deletes a ProxyPolicy.
+    pub async fn delete_policy(&self, name: &str) -> Result<()> {
+        let api: kube::Api<planproxy_crds::ProxyPolicy> = kube::Api::all(self.client.clone());
+        api.delete(name, &kube::api::DeleteParams::default())
+            .await?;
+        Ok(())
+    }
+
+    /// Waits until every node has a plan and every plan reports
+    /// `Programmed=True` for its current generation with
+    /// `status.appliedHash` equal to its `planproxy.dev/spec-hash`
+    /// annotation; returns the plans. With `service`, also waits until that
+    /// service (`namespace/name`) is in (`present`) or out of every node's
+    /// plans.
+    pub async fn wait_programmed(
+        &self,
+        service: Option<(&str, bool)>,
+        timeout: Duration,
+    ) -> Result<Vec<planproxy_crds::ProxyPlan>> {
+        let nodes = self.cluster.node_names();
+        crate::wait::eventually("every node's plans programmed", timeout, || async {
+            let plans = self.plans().await.map_err(|e| e.to_string())?;
+            crate::plans::all_programmed(&plans, &nodes)?;
+            if let Some((service, present)) = service {
+                crate::plans::service_presence(&plans, &nodes, service, present)?;
+            }
+            Ok(plans)
+        })
+        .await
     }
 }
 

@@ -64,7 +64,9 @@ pub mod binaries;
 pub mod cluster;
 mod error;
 pub mod objects;
+pub mod plans;
 pub mod target;
+pub mod traffic;
 pub mod wait;
 
 pub use cluster::{AppDef, AppPod, Cluster, ClusterApi, ClusterSpec, node_name};
