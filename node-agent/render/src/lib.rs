@@ -19,7 +19,7 @@ mod tree;
 
 pub use model::{InvalidServicePort, NodeModel, PlanError};
 pub use render::{Rendered, probability, render, render_model};
-pub use restore::{RestoreInput, restore_full, restore_incremental};
+pub use restore::{RestoreInput, full_text, restore_full, restore_incremental};
 pub use ruleset::{Chain, Family, FamilyRules, Jump, RuleSet, Table, TableRules, chains};
 pub use tree::LEAF_MAX;
 

@@ -205,8 +205,13 @@ impl<'a> FamilyBuilder<'a> {
                 .copied()
                 .collect()
         };
-        let cluster_eps = of_family(&sp.cluster_endpoints);
-        let local_eps = of_family(&sp.local_endpoints);
+        // `hasEndpoints` is authoritative: without it every frontend rejects,
+        // whatever the endpoint sets hold.
+        let (cluster_eps, local_eps) = if sp.has_endpoints {
+            (of_family(&sp.cluster_endpoints), of_family(&sp.local_endpoints))
+        } else {
+            (Vec::new(), Vec::new())
+        };
         let in_family = |ips: &[IpAddr]| -> Vec<IpAddr> {
             ips.iter()
                 .copied()

@@ -161,3 +161,17 @@ pub fn apply(state: &mut ChainContents, text: &str) -> Result<(), (usize, String
     *state = next;
     Ok(())
 }
+
+/// The full restore input of every family and table of `rule_set`, each family
+/// headed by a `# ipv4` / `# ipv6` comment line: what `planproxy-agent render`
+/// prints and what the golden files hold.
+pub fn full_text(rule_set: &crate::RuleSet) -> String {
+    let mut out = String::new();
+    for (family, rules) in &rule_set.families {
+        let _ = writeln!(out, "# {family}");
+        for table in Table::ALL {
+            out.push_str(&restore_full(table, rules.table(table), &[]).text);
+        }
+    }
+    out
+}

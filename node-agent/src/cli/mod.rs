@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
 use planproxy_crds::ProxyPlanSpec;
-use planproxy_render::{Family, Layout, RenderOptions, Table, restore_full};
+use planproxy_render::{Family, Layout, RenderOptions};
 
 use crate::dataplane::{Backend, DataPlane, DataPlaneConfig};
 
@@ -97,13 +97,7 @@ pub fn render(args: RenderArgs) -> ExitCode {
         for skipped in &rendered.skipped {
             eprintln!("skipped: {skipped}");
         }
-        let mut out = String::new();
-        for (family, rules) in &rendered.rule_set.families {
-            out.push_str(&format!("# {family}\n"));
-            for table in Table::ALL {
-                out.push_str(&restore_full(table, rules.table(table), &[]).text);
-            }
-        }
+        let out = planproxy_render::full_text(&rendered.rule_set);
         print!("{out}");
         Ok(())
     })())

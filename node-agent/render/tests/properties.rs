@@ -1,0 +1,354 @@
+//! Properties of rendering over arbitrary plans, including hostile ones.
+
+use std::collections::BTreeSet;
+
+use planproxy_crds::ProxyPlanSpec;
+use planproxy_crds::v1alpha1::{
+    ClientIpAffinity, EndpointPlan, EndpointSelection, EndpointSet, LocalTrafficDetectorMode,
+    NoEndpointsAction, NodeSettings, Protocol, ResolvedLocalTrafficDetector, ServicePortPlan,
+    ShardInfo, TrafficPolicy,
+};
+use planproxy_render::restore::{apply, contents};
+use planproxy_render::{
+    Layout, RenderOptions, RuleSet, Table, render, restore_full, restore_incremental,
+};
+use proptest::prelude::*;
+
+/// Text that must never reach a rule: every hostile string carries it.
+const MARKER: &str = "EVIL";
+
+fn name() -> impl Strategy<Value = String> {
+    prop_oneof![
+        8 => prop::sample::select(vec!["web", "db", "dns", "api-gw", "a1", "cache"]).prop_map(str::to_owned),
+        1 => prop::sample::select(vec![
+            "EVIL\" -j ACCEPT",
+            "EVIL\n-A INPUT -j ACCEPT",
+            "EVIL name",
+            "-EVIL",
+            "EVIL",
+        ])
+        .prop_map(str::to_owned),
+    ]
+}
+
+fn ip(v6: bool) -> impl Strategy<Value = String> {
+    prop_oneof![
+        8 => (0u8..4, 1u8..6).prop_map(move |(a, b)| if v6 { format!("fd00:96::{a}:{b}") } else { format!("10.96.{a}.{b}") }),
+        1 => Just("EVIL-1.2.3.4 -j ACCEPT".to_owned()),
+    ]
+}
+
+fn endpoint() -> impl Strategy<Value = EndpointPlan> {
+    (
+        any::<bool>(),
+        1u8..5,
+        prop_oneof![Just(8080u16), Just(9090u16), Just(0u16)],
+        any::<bool>(),
+    )
+        .prop_map(|(v6, host, port, local)| EndpointPlan {
+            ip: if v6 {
+                format!("fd00:244::{host}")
+            } else {
+                format!("10.244.0.{host}")
+            },
+            port,
+            local,
+            ready: true,
+            serving: true,
+            terminating: false,
+        })
+}
+
+fn endpoint_set() -> impl Strategy<Value = Option<EndpointSet>> {
+    prop::option::of(
+        prop::collection::vec(endpoint(), 0..4).prop_map(|endpoints| EndpointSet {
+            selection: EndpointSelection::Ready,
+            endpoints,
+        }),
+    )
+}
+
+fn policy() -> impl Strategy<Value = TrafficPolicy> {
+    prop_oneof![Just(TrafficPolicy::Cluster), Just(TrafficPolicy::Local)]
+}
+
+fn service_port() -> impl Strategy<Value = ServicePortPlan> {
+    (
+        (
+            name(),
+            name(),
+            prop::option::of(name()),
+            prop_oneof![
+                Just(Protocol::Tcp),
+                Just(Protocol::Udp),
+                Just(Protocol::Sctp)
+            ],
+        ),
+        (
+            prop::collection::vec(any::<bool>().prop_flat_map(ip), 1..3),
+            prop_oneof![Just(80u16), Just(53u16), Just(0u16)],
+        ),
+        (
+            prop::option::of(30000u16..30003),
+            prop::collection::vec(any::<bool>().prop_flat_map(ip), 0..2),
+            prop::collection::vec(any::<bool>().prop_flat_map(ip), 0..2),
+        ),
+        prop::collection::vec(
+            prop_oneof![
+                Just("203.0.113.0/24".to_owned()),
+                Just("fd00:1::/64".to_owned()),
+                Just("EVIL/8".to_owned())
+            ],
+            0..2,
+        ),
+        (
+            prop::option::of(prop_oneof![Just(10800u32), Just(0u32)]),
+            policy(),
+            policy(),
+            prop::option::of(Just(31000u16)),
+        ),
+        (
+            any::<bool>(),
+            prop_oneof![
+                Just(NoEndpointsAction::Reject),
+                Just(NoEndpointsAction::Drop)
+            ],
+            any::<bool>(),
+            endpoint_set(),
+            endpoint_set(),
+        ),
+    )
+        .prop_map(
+            |(
+                (namespace, name, port_name, protocol),
+                (cluster_ips, port),
+                (node_port, external_ips, load_balancer_ips),
+                load_balancer_source_ranges,
+                (
+                    affinity,
+                    external_traffic_policy,
+                    internal_traffic_policy,
+                    health_check_node_port,
+                ),
+                (
+                    masquerade_all,
+                    no_endpoints_action,
+                    has_endpoints,
+                    cluster_endpoints,
+                    local_endpoints,
+                ),
+            )| ServicePortPlan {
+                namespace,
+                name,
+                port_name: port_name.unwrap_or_default(),
+                protocol,
+                cluster_ips,
+                port,
+                node_port,
+                external_ips,
+                load_balancer_ips,
+                load_balancer_source_ranges,
+                session_affinity: affinity
+                    .map(|timeout_seconds| ClientIpAffinity { timeout_seconds }),
+                external_traffic_policy,
+                internal_traffic_policy,
+                health_check_node_port,
+                masquerade_all,
+                no_endpoints_action,
+                has_endpoints,
+                cluster_endpoints,
+                local_endpoints,
+                last_change_trigger_time: None,
+            },
+        )
+}
+
+fn plan() -> impl Strategy<Value = ProxyPlanSpec> {
+    (prop::collection::vec(service_port(), 0..8), any::<bool>()).prop_map(
+        |(service_ports, detector)| ProxyPlanSpec {
+            node_name: "node-a".into(),
+            shard: ShardInfo {
+                index: 0,
+                count: 1,
+                generation: 1,
+            },
+            settings: NodeSettings {
+                masquerade_bit: 14,
+                local_traffic_detector: ResolvedLocalTrafficDetector {
+                    mode: if detector {
+                        LocalTrafficDetectorMode::ClusterCidr
+                    } else {
+                        LocalTrafficDetectorMode::None
+                    },
+                    cidrs: if detector {
+                        vec!["10.244.0.0/16".into(), "fd00:244::/48".into()]
+                    } else {
+                        vec![]
+                    },
+                },
+                node_ips: vec!["203.0.113.5".into()],
+                min_sync_period: "1s".into(),
+                sync_period: "30s".into(),
+                ..Default::default()
+            },
+            service_ports,
+        },
+    )
+}
+
+fn layout() -> impl Strategy<Value = Layout> {
+    prop_oneof![Just(Layout::Tree), Just(Layout::Flat)]
+}
+
+fn rules_of(spec: &ProxyPlanSpec, layout: Layout) -> RuleSet {
+    render(
+        std::slice::from_ref(spec),
+        &RenderOptions {
+            layout,
+            families: vec![],
+        },
+    )
+    .expect("a single complete shard must render")
+    .rule_set
+}
+
+const WORDS: &[&str] = &[
+    "tcp",
+    "udp",
+    "sctp",
+    "random",
+    "LOCAL",
+    "NEW",
+    "INVALID",
+    "RELATED,ESTABLISHED",
+    "DNAT",
+    "MARK",
+    "MASQUERADE",
+    "RETURN",
+    "REJECT",
+    "DROP",
+    "ACCEPT",
+    "comment",
+    "statistic",
+    "recent",
+    "addrtype",
+    "conntrack",
+    "mark",
+    "!",
+];
+
+/// A token outside a quoted comment is an option, a fixed word, a chain name, a
+/// number, or something that parses as an address, CIDR or socket address.
+fn token_ok(token: &str) -> bool {
+    token.starts_with("--")
+        && token[2..]
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b == b'-')
+        || (token.len() == 2 && token.starts_with('-'))
+        || WORDS.contains(&token)
+        || (token.starts_with("PPX-")
+            && token.len() <= 28
+            && token[4..]
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'-'))
+        || token.parse::<f64>().is_ok()
+        || token.split('/').all(|m| {
+            m.strip_prefix("0x")
+                .is_some_and(|h| u32::from_str_radix(h, 16).is_ok())
+        })
+        || token
+            .split('/')
+            .next()
+            .is_some_and(|a| a.parse::<std::net::IpAddr>().is_ok())
+            && token.parse::<ipnet::IpNet>().is_ok()
+        || token.parse::<std::net::SocketAddr>().is_ok()
+}
+
+fn comment_ok(comment: &str) -> bool {
+    comment
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b" /:.->[];,".contains(&b))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn rule_lines_carry_only_validated_plan_text(spec in plan(), layout in layout()) {
+        let rules = rules_of(&spec, layout);
+        for family in rules.families.values() {
+            for table in Table::ALL {
+                let t = family.table(table);
+                let jumps = t.jumps.iter().map(|j| &j.spec);
+                for rule in t.chains.values().flat_map(|c| c.rules.iter()).chain(jumps) {
+                    prop_assert!(!rule.contains(MARKER), "plan text reached a rule: {rule}");
+                    prop_assert!(!rule.contains('\n'));
+                    let parts: Vec<&str> = rule.split('"').collect();
+                    prop_assert!(parts.len() == 1 || parts.len() == 3, "unbalanced quotes: {rule}");
+                    if parts.len() == 3 {
+                        prop_assert!(parts[0].ends_with("--comment "), "{rule}");
+                        prop_assert!(comment_ok(parts[1]), "comment {:?}", parts[1]);
+                    }
+                    for (i, part) in parts.iter().enumerate().filter(|(i, _)| i % 2 == 0) {
+                        let _ = i;
+                        for token in part.split_whitespace() {
+                            prop_assert!(token_ok(token), "token {token:?} in {rule}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chain_names_are_ours_and_fit_iptables(spec in plan(), layout in layout()) {
+        let rules = rules_of(&spec, layout);
+        for family in rules.families.values() {
+            for table in Table::ALL {
+                for name in family.table(table).chains.keys() {
+                    prop_assert!(name.starts_with("PPX-") && name.len() <= 28, "{name}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn incremental_restore_reaches_the_same_chains_as_a_full_restore(a in plan(), b in plan(), layout in layout()) {
+        let (ra, rb) = (rules_of(&a, layout), rules_of(&b, layout));
+        for (family, next) in &rb.families {
+            let Some(prev) = ra.families.get(family) else { continue };
+            for table in Table::ALL {
+                let mut kernel = Default::default();
+                apply(&mut kernel, &restore_full(table, prev.table(table), &[]).text)
+                    .map_err(|e| TestCaseError::fail(format!("full A: {e:?}")))?;
+                let mut via_full = kernel.clone();
+                let stale: Vec<String> = kernel.keys().cloned().collect();
+
+                apply(&mut kernel, &restore_incremental(table, prev.table(table), next.table(table)).text)
+                    .map_err(|e| TestCaseError::fail(format!("incremental A→B: {e:?}")))?;
+                prop_assert_eq!(&kernel, &contents(next.table(table)));
+
+                apply(&mut via_full, &restore_full(table, next.table(table), &stale).text)
+                    .map_err(|e| TestCaseError::fail(format!("full B over A: {e:?}")))?;
+                prop_assert_eq!(&via_full, &kernel);
+            }
+        }
+    }
+
+    #[test]
+    fn rendering_is_deterministic_and_layout_keeps_the_service_chains(spec in plan()) {
+        let tree = rules_of(&spec, Layout::Tree);
+        prop_assert_eq!(&tree, &rules_of(&spec, Layout::Tree));
+        let flat = rules_of(&spec, Layout::Flat);
+        for (family, t) in &tree.families {
+            let f = &flat.families[family];
+            for table in Table::ALL {
+                let service_chains = |r: &planproxy_render::TableRules| -> BTreeSet<(String, Vec<String>)> {
+                    r.chains.iter().filter(|(n, _)| !n.starts_with("PPX-DST-") && n.as_str() != "PPX-SERVICES" && n.as_str() != "PPX-EXTERNAL-SERVICES")
+                        .map(|(n, c)| (n.clone(), c.rules.clone())).collect()
+                };
+                prop_assert_eq!(service_chains(t.table(table)), service_chains(f.table(table)));
+            }
+        }
+    }
+}
