@@ -208,7 +208,10 @@ impl<'a> FamilyBuilder<'a> {
         // `hasEndpoints` is authoritative: without it every frontend rejects,
         // whatever the endpoint sets hold.
         let (cluster_eps, local_eps) = if sp.has_endpoints {
-            (of_family(&sp.cluster_endpoints), of_family(&sp.local_endpoints))
+            (
+                of_family(&sp.cluster_endpoints),
+                of_family(&sp.local_endpoints),
+            )
         } else {
             (Vec::new(), Vec::new())
         };
