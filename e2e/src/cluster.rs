@@ -877,6 +877,55 @@ impl ClusterApi<'_> {
         Ok(())
     }
 
+    /// Waits until the ProxyPlans pass `check` (given every plan), e.g. a
+    /// service being in one node's plans and not in another's.
+    pub async fn wait_plans(
+        &self,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&[planproxy_crds::ProxyPlan]) -> Result<(), String>,
+    ) -> Result<Vec<planproxy_crds::ProxyPlan>> {
+        let nodes = self.cluster.node_names();
+        crate::wait::eventually(what, timeout, || async {
+            let plans = self.plans().await.map_err(|e| e.to_string())?;
+            crate::plans::all_programmed(&plans, &nodes)?;
+            check(&plans)?;
+            Ok(plans)
+        })
+        .await
+    }
+
+    /// Waits until the controller has judged the current generation of a
+    /// ProxyPolicy and returns it with its `Accepted` condition.
+    pub async fn wait_policy_judged(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<(
+        planproxy_crds::ProxyPolicy,
+        planproxy_crds::condition::Condition,
+    )> {
+        crate::wait::eventually(&format!("ProxyPolicy {name} judged"), timeout, || async {
+            let policy = self.policy(name).await.map_err(|e| e.to_string())?;
+            let status = policy.status.clone().unwrap_or_default();
+            let accepted = planproxy_crds::condition::find(
+                &status.conditions,
+                planproxy_crds::condition::ACCEPTED,
+            )
+            .cloned()
+            .ok_or_else(|| format!("{name} has no Accepted condition"))?;
+            let current = policy.metadata.generation;
+            if status.observed_generation != current {
+                return Err(format!(
+                    "{name} observed generation {:?}, current {current:?}",
+                    status.observed_generation
+                ));
+            }
+            Ok((policy, accepted))
+        })
+        .await
+    }
+
     /// Waits until every node has a plan and every plan reports
     /// `Programmed=True` for its current generation with
     /// `status.appliedHash` equal to its `planproxy.dev/spec-hash`

@@ -1,10 +1,15 @@
 //! User stories, end to end: the real controller and agents in a namespace
 //! cluster (see `planproxy_e2e`), checked through the API and with traffic.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use planproxy_e2e::traffic::wait_servers;
+use planproxy_crds::condition::{FALSE, TRUE};
+use planproxy_crds::labels::SPEC_HASH_ANNOTATION;
+use planproxy_e2e::plans::services_of;
+use planproxy_e2e::traffic::{wait_peer_ip, wait_servers, wait_unanswered};
 use planproxy_e2e::{AppDef, Cluster, ClusterSpec, Protocol, ServiceDef};
+use serde_json::json;
 
 /// How long the control loop (controller coalescing, agent sync) may take.
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -15,9 +20,13 @@ fn web_service() -> ServiceDef {
         .udp("dns", 53, 8080)
 }
 
+fn start() -> Cluster {
+    Cluster::start(ClusterSpec::default()).expect("the namespace cluster must start (as root)")
+}
+
 #[test]
 fn cluster_ip_service_reaches_its_pods_from_every_node() {
-    let cluster = Cluster::start(ClusterSpec::default()).unwrap();
+    let cluster = start();
     cluster
         .run(|api| async move {
             api.deploy(&AppDef::new("web", 2, 8080)).await.unwrap();
@@ -37,4 +46,373 @@ fn cluster_ip_service_reaches_its_pods_from_every_node() {
             wait_servers(probe, dns, Protocol::Udp, &pods, CONVERGE).unwrap();
         }
     }
+}
+
+#[test]
+fn node_port_is_reachable_from_a_client_outside_the_cluster_on_every_node() {
+    let cluster = start();
+    cluster
+        .run(|api| async move {
+            api.deploy(&AppDef::new("shop", 2, 8080)).await.unwrap();
+            let service = ServiceDef::cluster_ip("default", "shop", "shop")
+                .tcp("http", 80, 8080)
+                .node_port();
+            api.create_service(&service).await.unwrap();
+            api.wait_programmed(Some(("default/shop", true)), CONVERGE)
+                .await
+                .unwrap();
+        })
+        .unwrap();
+    let pods = cluster.ready_pod_names("default", "shop");
+    let node_port = cluster.node_port("default", "shop", 80).unwrap();
+    let client = cluster.client(1);
+    for node in 1..=2 {
+        let n = cluster.node(node);
+        for ip in [IpAddr::from(n.ipv4), IpAddr::from(n.ipv6)] {
+            let target = SocketAddr::new(ip, node_port);
+            wait_servers(&client.ns, target, Protocol::Tcp, &pods, CONVERGE).unwrap();
+        }
+        // externalTrafficPolicy Cluster: the node may forward to another
+        // node, so it masquerades and the pod never sees the client.
+        let seen = wait_peer_ip(
+            &client.ns,
+            SocketAddr::new(n.ipv4.into(), node_port),
+            CONVERGE,
+        )
+        .unwrap();
+        assert_ne!(seen, IpAddr::from(client.ipv4));
+    }
+}
+
+#[test]
+fn scaling_endpoints_up_and_down_moves_traffic_with_them() {
+    let cluster = start();
+    cluster
+        .run(|api| async move {
+            api.deploy(&AppDef::new("web", 1, 8080)).await.unwrap();
+            api.create_service(&web_service()).await.unwrap();
+        })
+        .unwrap();
+    let probe = &cluster.probe_pod(1).ns;
+    let vip = cluster.service_addr("default", "web", 80, false).unwrap();
+    wait_servers(probe, vip, Protocol::Tcp, &["web-0".into()], CONVERGE).unwrap();
+
+    cluster
+        .run(|api| async move { api.scale("default", "web", 3).await.unwrap() })
+        .unwrap();
+    let three = cluster.ready_pod_names("default", "web");
+    assert_eq!(three.len(), 3);
+    wait_servers(probe, vip, Protocol::Tcp, &three, CONVERGE).unwrap();
+
+    cluster
+        .run(|api| async move { api.scale("default", "web", 1).await.unwrap() })
+        .unwrap();
+    wait_servers(probe, vip, Protocol::Tcp, &["web-0".into()], CONVERGE).unwrap();
+}
+
+#[test]
+fn deleting_a_service_removes_its_rules_from_every_node() {
+    let cluster = start();
+    cluster
+        .run(|api| async move {
+            api.deploy(&AppDef::new("web", 2, 8080)).await.unwrap();
+            api.create_service(&web_service()).await.unwrap();
+            api.create_service(
+                &ServiceDef::cluster_ip("default", "keep", "web").tcp("http", 81, 8080),
+            )
+            .await
+            .unwrap();
+        })
+        .unwrap();
+    let vip = cluster.service_addr("default", "web", 80, false).unwrap();
+    let pods = cluster.ready_pod_names("default", "web");
+    wait_servers(
+        &cluster.probe_pod(1).ns,
+        vip,
+        Protocol::Tcp,
+        &pods,
+        CONVERGE,
+    )
+    .unwrap();
+    for node in 1..=2 {
+        let rules = cluster.node(node).ns.iptables_save();
+        assert!(
+            rules.contains("default/web"),
+            "node{node} has no rules for default/web:\n{rules}"
+        );
+    }
+
+    cluster
+        .run(|api| async move {
+            api.delete_service("default", "web").await.unwrap();
+            api.wait_programmed(Some(("default/web", false)), CONVERGE)
+                .await
+                .unwrap();
+        })
+        .unwrap();
+    for node in 1..=2 {
+        wait_unanswered(&cluster.probe_pod(node).ns, vip, CONVERGE).unwrap();
+        let rules = cluster.node(node).ns.iptables_save();
+        assert!(
+            !rules.contains("default/web"),
+            "node{node} kept rules for default/web:\n{rules}"
+        );
+        assert!(
+            rules.contains("default/keep"),
+            "node{node} lost default/keep:\n{rules}"
+        );
+    }
+}
+
+fn masquerade_all_on_node1(name: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "planproxy.dev/v1alpha1",
+        "kind": "ProxyPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "nodeSelector": {"matchLabels": {"kubernetes.io/hostname": "node1"}},
+            "masquerade": {"masqueradeAll": true},
+        },
+    })
+}
+
+/// web on node2 only, so that from either node's probe pod the backend's
+/// view of the source is the probe pod (not masqueraded) or a node address.
+fn start_with_remote_web() -> Cluster {
+    let cluster = start();
+    cluster
+        .run(|api| async move {
+            api.deploy(&AppDef::new("web", 1, 8080).on_nodes(&[2]))
+                .await
+                .expect("deploying web on node2");
+            api.create_service(&web_service())
+                .await
+                .expect("creating default/web");
+        })
+        .expect("running in the control plane namespace");
+    cluster
+}
+
+#[test]
+fn masquerade_all_policy_changes_the_source_on_the_selected_node_only() {
+    let cluster = start_with_remote_web();
+    let vip = cluster.service_addr("default", "web", 80, false).unwrap();
+    let (probe1, probe2) = (cluster.probe_pod(1), cluster.probe_pod(2));
+    assert_eq!(
+        wait_peer_ip(&probe1.ns, vip, CONVERGE).unwrap(),
+        IpAddr::from(probe1.ipv4)
+    );
+
+    cluster
+        .run(|api| async move {
+            api.apply_policy(masquerade_all_on_node1("masquerade-node1"))
+                .await
+                .unwrap();
+            let (_, accepted) = api
+                .wait_policy_judged("masquerade-node1", CONVERGE)
+                .await
+                .unwrap();
+            assert_eq!(accepted.status, TRUE, "{accepted:?}");
+        })
+        .unwrap();
+    let node1 = IpAddr::from(cluster.node(1).ipv4);
+    planproxy_e2e::wait::eventually_sync("node1 masquerades", CONVERGE, || {
+        let seen = wait_peer_ip(&probe1.ns, vip, CONVERGE).map_err(|e| e.to_string())?;
+        if seen == node1 {
+            Ok(())
+        } else {
+            Err(format!("backend saw {seen}"))
+        }
+    })
+    .unwrap();
+    assert_eq!(
+        wait_peer_ip(&probe2.ns, vip, CONVERGE).unwrap(),
+        IpAddr::from(probe2.ipv4)
+    );
+}
+
+#[test]
+fn invalid_policy_edit_is_rejected_naming_the_field_and_the_previous_behaviour_stays() {
+    let cluster = start_with_remote_web();
+    let vip = cluster.service_addr("default", "web", 80, false).unwrap();
+    let node1 = IpAddr::from(cluster.node(1).ipv4);
+    let probe1 = cluster.probe_pod(1);
+    cluster
+        .run(|api| async move {
+            api.apply_policy(masquerade_all_on_node1("masquerade"))
+                .await
+                .unwrap();
+            let (_, accepted) = api
+                .wait_policy_judged("masquerade", CONVERGE)
+                .await
+                .unwrap();
+            assert_eq!(accepted.status, TRUE, "{accepted:?}");
+        })
+        .unwrap();
+    planproxy_e2e::wait::eventually_sync("node1 masquerades", CONVERGE, || {
+        let seen = wait_peer_ip(&probe1.ns, vip, CONVERGE).map_err(|e| e.to_string())?;
+        if seen == node1 {
+            Ok(())
+        } else {
+            Err(format!("backend saw {seen}"))
+        }
+    })
+    .unwrap();
+
+    cluster
+        .run(|api| async move {
+            let mut invalid = masquerade_all_on_node1("masquerade");
+            invalid["spec"]["nodeSelector"] = json!({"matchExpressions": [
+                {"key": "kubernetes.io/hostname", "operator": "Bogus", "values": ["node1"]},
+            ]});
+            api.apply_policy(invalid).await.unwrap();
+            let (policy, accepted) = api
+                .wait_policy_judged("masquerade", CONVERGE)
+                .await
+                .unwrap();
+            assert_eq!(accepted.status, FALSE, "{accepted:?}");
+            assert_eq!(accepted.reason, "Invalid", "{accepted:?}");
+            assert!(accepted.message.contains("nodeSelector"), "{accepted:?}");
+            let kept = policy.status.unwrap_or_default().accepted_spec;
+            assert!(
+                kept.is_some_and(|spec| spec.masquerade.is_some()),
+                "the accepted spec is kept in status"
+            );
+            // Every node stays programmed: nothing crashed or went stale.
+            api.wait_programmed(None, CONVERGE).await.unwrap();
+        })
+        .unwrap();
+    assert_eq!(wait_peer_ip(&probe1.ns, vip, CONVERGE).unwrap(), node1);
+    let probe2 = cluster.probe_pod(2);
+    assert_eq!(
+        wait_peer_ip(&probe2.ns, vip, CONVERGE).unwrap(),
+        IpAddr::from(probe2.ipv4)
+    );
+}
+
+#[test]
+fn proxy_services_false_leaves_labelled_services_alone_on_the_selected_node() {
+    let cluster = start();
+    cluster
+        .run(|api| async move {
+            api.deploy(&AppDef::new("web", 2, 8080)).await.unwrap();
+            api.create_service(&web_service()).await.unwrap();
+            let legacy = ServiceDef::cluster_ip("default", "legacy", "web")
+                .tcp("http", 80, 8080)
+                .label("proxy", "other");
+            api.create_service(&legacy).await.unwrap();
+            api.apply_policy(json!({
+                "apiVersion": "planproxy.dev/v1alpha1",
+                "kind": "ProxyPolicy",
+                "metadata": {"name": "leave-legacy"},
+                "spec": {
+                    "nodeSelector": {"matchLabels": {"kubernetes.io/hostname": "node1"}},
+                    "serviceSelector": {"matchLabels": {"proxy": "other"}},
+                    "proxyServices": false,
+                },
+            }))
+            .await
+            .unwrap();
+            api.wait_plans("default/legacy only on node2", CONVERGE, |plans| {
+                let (on1, on2) = (services_of(plans, "node1"), services_of(plans, "node2"));
+                match (
+                    on1.contains(&"default/legacy".to_owned()),
+                    on2.contains(&"default/legacy".to_owned()),
+                ) {
+                    (false, true) if on1.contains(&"default/web".to_owned()) => Ok(()),
+                    _ => Err(format!("node1: {on1:?}, node2: {on2:?}")),
+                }
+            })
+            .await
+            .unwrap();
+        })
+        .unwrap();
+    let pods = cluster.ready_pod_names("default", "web");
+    let legacy = cluster
+        .service_addr("default", "legacy", 80, false)
+        .unwrap();
+    let web = cluster.service_addr("default", "web", 80, false).unwrap();
+    wait_unanswered(&cluster.probe_pod(1).ns, legacy, CONVERGE).unwrap();
+    wait_servers(
+        &cluster.probe_pod(1).ns,
+        web,
+        Protocol::Tcp,
+        &pods,
+        CONVERGE,
+    )
+    .unwrap();
+    wait_servers(
+        &cluster.probe_pod(2).ns,
+        legacy,
+        Protocol::Tcp,
+        &pods,
+        CONVERGE,
+    )
+    .unwrap();
+}
+
+#[test]
+fn every_node_reports_programmed_with_the_current_spec_hash() {
+    let cluster = start();
+    let plans = cluster
+        .run(|api| async move {
+            api.deploy(&AppDef::new("web", 2, 8080)).await.unwrap();
+            api.create_service(&web_service()).await.unwrap();
+            api.wait_programmed(Some(("default/web", true)), CONVERGE)
+                .await
+                .unwrap()
+        })
+        .unwrap();
+    for node in cluster.node_names() {
+        let shards: Vec<_> = plans.iter().filter(|p| p.spec.node_name == node).collect();
+        assert!(!shards.is_empty(), "{node} has no plan");
+        for plan in shards {
+            let status = plan.status.clone().unwrap();
+            let hash = &plan.metadata.annotations.as_ref().unwrap()[SPEC_HASH_ANNOTATION];
+            assert_eq!(status.applied_hash.as_ref(), Some(hash));
+            assert_eq!(
+                hash,
+                &planproxy_crds::spec_hash(&plan.spec),
+                "the annotation is the spec's hash"
+            );
+            let programmed = status.programmed.unwrap();
+            assert_eq!(programmed.service_ports, 2, "http and dns of default/web");
+            assert!(programmed.rules > 0);
+        }
+    }
+}
+
+#[test]
+fn local_external_traffic_policy_keeps_the_client_source_address() {
+    let cluster = start();
+    cluster
+        .run(|api| async move {
+            api.deploy(&AppDef::new("edge", 1, 8080).on_nodes(&[2]))
+                .await
+                .unwrap();
+            let service = ServiceDef::cluster_ip("default", "edge", "edge")
+                .tcp("http", 80, 8080)
+                .node_port()
+                .external_traffic_policy_local();
+            api.create_service(&service).await.unwrap();
+            api.wait_programmed(Some(("default/edge", true)), CONVERGE)
+                .await
+                .unwrap();
+        })
+        .unwrap();
+    let node_port = cluster.node_port("default", "edge", 80).unwrap();
+    let client = cluster.client(1);
+    let with_endpoint = SocketAddr::new(cluster.node(2).ipv4.into(), node_port);
+    assert_eq!(
+        wait_peer_ip(&client.ns, with_endpoint, CONVERGE).unwrap(),
+        IpAddr::from(client.ipv4)
+    );
+    let with_endpoint_v6 = SocketAddr::new(cluster.node(2).ipv6.into(), node_port);
+    assert_eq!(
+        wait_peer_ip(&client.ns, with_endpoint_v6, CONVERGE).unwrap(),
+        IpAddr::from(client.ipv6)
+    );
+    // A node without a local endpoint does not forward external traffic.
+    let without = SocketAddr::new(cluster.node(1).ipv4.into(), node_port);
+    wait_unanswered(&client.ns, without, CONVERGE).unwrap();
 }
