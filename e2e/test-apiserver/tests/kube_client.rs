@@ -640,3 +640,93 @@ fn a_server_on_its_own_thread_serves_sync_callers() {
         assert_eq!(node.name_any(), "n1");
     });
 }
+
+#[tokio::test]
+async fn watches_that_allow_bookmarks_get_the_latest_resource_version() {
+    let (server, client) = server_with(Config {
+        bookmark_interval: Duration::from_millis(100),
+        ..Config::default()
+    })
+    .await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let services: Api<Service> = Api::namespaced(client, "default");
+    let start = cms
+        .create(&PostParams::default(), &config_map("a", &[]))
+        .await
+        .unwrap();
+    // Writes to another type move the global version; the bookmark follows it.
+    services
+        .create(&PostParams::default(), &service("s"))
+        .await
+        .unwrap();
+    let latest = server.resource_version().to_string();
+    let mut stream = cms
+        .watch(
+            &WatchParams::default().timeout(5),
+            &start.resource_version().unwrap(),
+        )
+        .await
+        .unwrap()
+        .boxed();
+    let event = tokio::time::timeout(Duration::from_secs(3), stream.next())
+        .await
+        .unwrap();
+    match event {
+        Some(Ok(WatchEvent::Bookmark(bookmark))) => {
+            assert_eq!(bookmark.metadata.resource_version, latest)
+        }
+        other => panic!("expected a bookmark, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn send_initial_events_ends_the_initial_state_with_an_annotated_bookmark() {
+    let (_server, client) = server().await;
+    let cms: Api<ConfigMap> = Api::namespaced(client, "default");
+    cms.create(&PostParams::default(), &config_map("a", &[]))
+        .await
+        .unwrap();
+    cms.create(&PostParams::default(), &config_map("b", &[]))
+        .await
+        .unwrap();
+    let stream = cms
+        .watch(&WatchParams::streaming_lists().timeout(5), "")
+        .await
+        .unwrap();
+    let events: Vec<_> = stream.take(3).try_collect().await.unwrap();
+    assert!(matches!(&events[0], WatchEvent::Added(cm) if cm.name_any() == "a"));
+    assert!(matches!(&events[1], WatchEvent::Added(cm) if cm.name_any() == "b"));
+    match &events[2] {
+        WatchEvent::Bookmark(b) => {
+            assert_eq!(
+                b.metadata
+                    .annotations
+                    .get("k8s.io/initial-events-end")
+                    .map(String::as_str),
+                Some("true")
+            );
+        }
+        other => panic!("expected the initial-events-end bookmark, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_streaming_list_watcher_syncs_a_reflector() {
+    let (_server, client) = server().await;
+    let services: Api<Service> = Api::namespaced(client, "default");
+    services
+        .create(&PostParams::default(), &service("one"))
+        .await
+        .unwrap();
+    let (store, writer) = reflector::store();
+    let config = watcher::Config::default().streaming_lists();
+    let stream = reflector(writer, watcher(services.clone(), config)).applied_objects();
+    let task = tokio::spawn(stream.for_each(|_| async {}));
+    eventually_holds(&store, &["one"]).await;
+    services
+        .create(&PostParams::default(), &service("two"))
+        .await
+        .unwrap();
+    eventually_holds(&store, &["one", "two"]).await;
+    task.abort();
+}
