@@ -853,6 +853,7 @@ impl Api {
             }
             Check::Crd(schema) => {
                 schema.prune(object);
+                schema.apply_defaults(object);
                 causes.extend(schema.validate(object));
             }
         }

@@ -59,21 +59,141 @@ impl CrdSchema {
         }
     }
 
-    /// Validates a (pruned) object; one cause per violation, with its field path.
+    /// Fills in schema `default`s for absent fields, after dropping `null`s of
+    /// non-nullable fields, like kube-apiserver's structural defaulting.
+    pub fn apply_defaults(&self, object: &mut Value) {
+        apply_defaults(&self.openapi, object);
+    }
+
+    /// Validates a (pruned, defaulted) object; one cause per violation, with its
+    /// field path. Also enforces `x-kubernetes-list-type: map` (unique keys) and
+    /// `set` (unique items).
     pub fn validate(&self, object: &Value) -> Vec<Cause> {
-        self.validator
+        let mut causes: Vec<Cause> = self
+            .validator
             .iter_errors(object)
             .map(|e| Cause {
                 field: field_path(e.instance_path().as_str()),
                 message: e.to_string(),
             })
-            .collect()
+            .collect();
+        check_list_types(&self.openapi, object, "", &mut causes);
+        causes
     }
 }
 
 impl SchemaError {
     pub(crate) fn from_message(message: String) -> Self {
         SchemaError(message)
+    }
+}
+
+fn apply_defaults(schema: &Value, value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+                for (key, prop) in props {
+                    let nullable = prop.get("nullable").and_then(Value::as_bool) == Some(true);
+                    if map.get(key).is_some_and(Value::is_null) && !nullable {
+                        map.remove(key);
+                    }
+                    if !map.contains_key(key)
+                        && let Some(default) = prop.get("default")
+                    {
+                        map.insert(key.clone(), default.clone());
+                    }
+                    if let Some(child) = map.get_mut(key) {
+                        apply_defaults(prop, child);
+                    }
+                }
+            } else if let Some(additional) =
+                schema.get("additionalProperties").filter(|a| a.is_object())
+            {
+                for child in map.values_mut() {
+                    apply_defaults(additional, child);
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(item_schema) = schema.get("items") {
+                for item in items {
+                    apply_defaults(item_schema, item);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn check_list_types(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cause>) {
+    let child_path = |key: &str| {
+        if path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    match value {
+        Value::Object(map) => {
+            if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+                for (key, child) in map {
+                    if let Some(prop) = props.get(key) {
+                        check_list_types(prop, child, &child_path(key), causes);
+                    }
+                }
+            } else if let Some(additional) =
+                schema.get("additionalProperties").filter(|a| a.is_object())
+            {
+                for (key, child) in map {
+                    check_list_types(additional, child, &child_path(key), causes);
+                }
+            }
+        }
+        Value::Array(items) => {
+            let keys: Vec<&str> = schema
+                .get("x-kubernetes-list-map-keys")
+                .and_then(Value::as_array)
+                .map(|k| k.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            match schema.get("x-kubernetes-list-type").and_then(Value::as_str) {
+                Some("map") => {
+                    let mut seen = Vec::new();
+                    for (i, item) in items.iter().enumerate() {
+                        let key: Vec<&Value> = keys
+                            .iter()
+                            .map(|k| item.get(*k).unwrap_or(&Value::Null))
+                            .collect();
+                        if seen.contains(&key) {
+                            causes.push(Cause {
+                                field: format!("{path}[{i}]"),
+                                message: format!(
+                                    "Duplicate value: {}",
+                                    serde_json::to_string(&key).unwrap_or_default()
+                                ),
+                            });
+                        }
+                        seen.push(key);
+                    }
+                }
+                Some("set") => {
+                    for (i, item) in items.iter().enumerate() {
+                        if items[..i].contains(item) {
+                            causes.push(Cause {
+                                field: format!("{path}[{i}]"),
+                                message: format!("Duplicate value: {item}"),
+                            });
+                        }
+                    }
+                }
+                _ => {}
+            }
+            if let Some(item_schema) = schema.get("items") {
+                for (i, item) in items.iter().enumerate() {
+                    check_list_types(item_schema, item, &format!("{path}[{i}]"), causes);
+                }
+            }
+        }
+        _ => {}
     }
 }
 
@@ -284,6 +404,44 @@ mod tests {
                 "spec": {"port": 1, "list": [{"a": "x"}], "free": {"anything": {"goes": 1}}, "labels": {"k": "v"}}
             })
         );
+    }
+
+    #[test]
+    fn defaults_fill_absent_fields_and_replace_nulls_of_non_nullable_ones() {
+        let s = CrdSchema::new(json!({
+            "type": "object",
+            "properties": {
+                "spec": {"type": "object", "properties": {
+                    "count": {"type": "integer", "default": 0},
+                    "items": {"type": "array", "items": {"type": "object", "properties": {"on": {"type": "boolean", "default": false}}}},
+                    "maybe": {"type": "string", "nullable": true, "default": "x"}
+                }}
+            }
+        }))
+        .unwrap();
+        let mut obj = json!({"spec": {"items": [{}, {"on": true}], "maybe": null, "count": null}});
+        s.apply_defaults(&mut obj);
+        assert_eq!(
+            obj,
+            json!({"spec": {"count": 0, "items": [{"on": false}, {"on": true}], "maybe": null}})
+        );
+    }
+
+    #[test]
+    fn map_lists_reject_duplicate_keys() {
+        let s = CrdSchema::new(json!({
+            "type": "object",
+            "properties": {"conditions": {"type": "array", "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"],
+                "items": {"type": "object", "properties": {"type": {"type": "string"}}}}}
+        }))
+        .unwrap();
+        assert!(
+            s.validate(&json!({"conditions": [{"type": "A"}, {"type": "B"}]}))
+                .is_empty()
+        );
+        let causes = s.validate(&json!({"conditions": [{"type": "A"}, {"type": "A"}]}));
+        assert_eq!(causes.len(), 1);
+        assert_eq!(causes[0].field, "conditions[1]");
     }
 
     #[test]
