@@ -139,14 +139,17 @@ fn now() -> String {
         .unwrap_or_default()
 }
 
-/// Parts of an object that count towards `metadata.generation`.
-fn spec_part(object: &Value) -> Value {
-    let mut copy = object.clone();
-    if let Some(map) = copy.as_object_mut() {
-        map.remove("metadata");
-        map.remove("status");
+/// Whether two objects agree outside `metadata` and `status` (what
+/// `metadata.generation` tracks), without copying them.
+fn same_spec(a: &Value, b: &Value) -> bool {
+    fn relevant(o: &Value) -> BTreeMap<&String, &Value> {
+        o.as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| !matches!(k.as_str(), "metadata" | "status"))
+            .collect()
     }
-    copy
+    relevant(a) == relevant(b)
 }
 
 fn object_key(object: &Value) -> ObjectKey {
@@ -768,7 +771,7 @@ impl Api {
         }
         self.validate(rt, &target.name, &mut new)?;
         if let Some(old) = old {
-            if matches!(rt.check, Check::Crd(_)) && spec_part(old) != spec_part(&new) {
+            if matches!(rt.check, Check::Crd(_)) && !same_spec(old, &new) {
                 let generation = old
                     .pointer("/metadata/generation")
                     .and_then(Value::as_i64)

@@ -203,12 +203,25 @@ pub async fn serve(
     state: Arc<HttpState>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    state.api.faults.delay_request().await;
-    tracing::debug!(method = %request.method(), uri = %request.uri(), "request");
-    Ok(match handle(&state, request).await {
-        Ok(response) => response,
-        Err(error) => error_response(&error),
-    })
+    use tracing::Instrument as _;
+    let span = tracing::debug_span!(
+        "api_request",
+        method = %request.method(),
+        path = %request.uri().path(),
+    );
+    async move {
+        state.api.faults.delay_request().await;
+        let response = match handle(&state, request).await {
+            Ok(response) => response,
+            Err(error) => {
+                tracing::debug!(code = error.code, reason = error.reason, message = %error.message, "request failed");
+                error_response(&error)
+            }
+        };
+        Ok(response)
+    }
+    .instrument(span)
+    .await
 }
 
 async fn handle(
