@@ -89,6 +89,9 @@ struct NodePlan {
     shards: Vec<ShardState>,
 }
 
+/// A node's plan with every shard it was built from.
+type BuiltPlan = (NodePlan, Vec<PlanShard>);
+
 #[derive(Debug, Clone)]
 struct ShardState {
     hash: String,
@@ -307,9 +310,7 @@ impl Index {
                 })
                 .collect();
         }
-        for name in &dirty_nodes {
-            self.rebuild_node(name, &mut changes);
-        }
+        self.rebuild_nodes(&dirty_nodes, &mut changes);
 
         // Other nodes: only the shards the changed services land in.
         if !changed_hashes.is_empty() {
@@ -399,18 +400,29 @@ impl Index {
         true
     }
 
-    /// Rebuilds a node's whole plan (or removes it when the Node is gone).
+    /// Rebuilds whole node plans: computed in parallel (each node's plan depends
+    /// only on the shared, read-only state), then installed in name order so the
+    /// changes come out the same whatever the thread timing.
+    fn rebuild_nodes(&mut self, names: &BTreeSet<String>, changes: &mut Changes) {
+        let names: Vec<&String> = names.iter().collect();
+        let computed = parallel_map(&names, |name| self.compute_node(name));
+        let installs: Vec<(String, Option<BuiltPlan>)> =
+            names.into_iter().cloned().zip(computed).collect();
+        for (name, computed) in installs {
+            self.install_node(&name, computed, changes);
+        }
+    }
+
+    /// Rebuilds one node's whole plan (or removes it when the Node is gone).
     fn rebuild_node(&mut self, name: &str, changes: &mut Changes) {
+        let computed = self.compute_node(name);
+        self.install_node(name, computed, changes);
+    }
+
+    /// A node's new plan and all its shards; `None` when the Node does not exist.
+    fn compute_node(&self, name: &str) -> Option<BuiltPlan> {
         let previous = self.layouts.get(name).copied();
-        let Some(node) = self.nodes.get(name).cloned() else {
-            if let Some(layout) = previous {
-                changes.deletes.extend(shard_names(name, layout.count));
-            }
-            self.layouts.remove(name);
-            self.plans.remove(name);
-            self.set_problems(ProblemSource::Plan(name.to_owned()), Vec::new());
-            return;
-        };
+        let node = self.nodes.get(name)?.clone();
         let policies: Vec<usize> = self
             .precedence
             .iter()
@@ -419,6 +431,32 @@ impl Index {
             .map(|(i, _)| i)
             .collect();
         let settings = policy::node_settings(&node, policies.iter().map(|i| &self.precedence[*i]));
+        let mut plan = NodePlan {
+            node,
+            settings,
+            policies,
+            layout: previous.unwrap_or(ShardLayout {
+                count: 1,
+                generation: 0,
+            }),
+            shards: Vec::new(),
+        };
+        let shards = self.build_plan(&mut plan, previous);
+        Some((plan, shards))
+    }
+
+    /// Replaces a node's plan, recording the shards to write and to delete.
+    fn install_node(&mut self, name: &str, computed: Option<BuiltPlan>, changes: &mut Changes) {
+        let previous = self.layouts.get(name).copied();
+        let Some((plan, shards)) = computed else {
+            if let Some(layout) = previous {
+                changes.deletes.extend(shard_names(name, layout.count));
+            }
+            self.layouts.remove(name);
+            self.plans.remove(name);
+            self.set_problems(ProblemSource::Plan(name.to_owned()), Vec::new());
+            return;
+        };
         let old_hashes: BTreeMap<String, String> = self
             .plans
             .get(name)
@@ -435,18 +473,6 @@ impl Index {
                     .collect()
             })
             .unwrap_or_default();
-        let mut plan = NodePlan {
-            node,
-            settings,
-            policies,
-            layout: previous.unwrap_or(ShardLayout {
-                count: 1,
-                generation: 0,
-            }),
-            shards: Vec::new(),
-        };
-        let shards = self.build_plan(&mut plan, previous);
-
         if let Some(previous) = previous
             && previous.count != plan.layout.count
         {
@@ -710,6 +736,30 @@ fn matching_policies(precedence: &[PolicyInForce], service: &ResolvedService) ->
         .filter(|(_, p)| policy::matches_service(p, &service.labels))
         .map(|(i, _)| i)
         .collect()
+}
+
+/// Maps `f` over `items` on up to one thread per core, keeping the order. The
+/// result does not depend on the number of threads.
+fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    if threads <= 1 || items.len() <= 1 {
+        return items.iter().map(&f).collect();
+    }
+    let chunk = items.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .map(|part| scope.spawn(|| part.iter().map(&f).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| match h.join() {
+                Ok(results) => results,
+                // A panic in a worker is a bug in the resolver: surface it as one.
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+            .collect()
+    })
 }
 
 fn estimate_bytes(service: &ResolvedService) -> usize {

@@ -241,3 +241,26 @@ fn last_change_trigger_time_is_the_newest_of_the_slices() {
         .unwrap();
     assert_eq!(time.0.to_string(), "2026-01-01T11:00:00Z");
 }
+
+#[test]
+fn sctp_ports_are_proxied_and_unknown_protocols_reported() {
+    let mut svc = mk_service("default", "sig", "10.96.0.9", &[("sctp", 3868), ("odd", 9)]);
+    let ports = spec(&mut svc).ports.as_mut().unwrap();
+    ports[0].protocol = Some("SCTP".into());
+    ports[1].protocol = Some("QUIC".into());
+    let mut slice = mk_slice(
+        "default",
+        "sig-1",
+        "sig",
+        &[("sctp", 3868)],
+        vec![ep("10.0.1.1", "n1")],
+    );
+    slice.ports.as_mut().unwrap()[0].protocol = Some("SCTP".into());
+    let res = resolve_two_nodes(vec![svc], vec![slice]);
+    let port = port_on(&res, "n1", "default", "sig", "sctp");
+    assert_eq!(port.protocol, planproxy_crds::v1alpha1::Protocol::Sctp);
+    assert_eq!(addrs(&port.cluster_endpoints), ["10.0.1.1:3868"]);
+    assert_eq!(ports_on(&res, "n1").len(), 1);
+    assert_eq!(res.problems.len(), 1);
+    assert_eq!(res.problems[0].field, "spec.ports[1].protocol");
+}
