@@ -16,6 +16,7 @@ use planproxy_test_apiserver::{Config as ApiServerConfig, TestApiServer};
 use serde_json::Value;
 
 use crate::binaries;
+use crate::control::Control;
 use crate::error::{E2eError, Result};
 use crate::objects::{self, EndpointDef, ServiceDef};
 
@@ -838,65 +839,45 @@ impl ClusterApi<'_> {
         Ok(())
     }
 
-    /// Creates or replaces a ProxyPolicy from its JSON form (server-side
-    /// apply, so a test can write invalid values the typed struct would not
-    /// allow).
+    /// The API-level operations (policies, plans), shared with real clusters.
+    pub fn control(&self) -> Control {
+        Control {
+            client: self.client.clone(),
+            nodes: self.cluster.node_names(),
+        }
+    }
+
+    /// See [`Control::apply_policy`].
     pub async fn apply_policy(&self, policy: Value) -> Result<()> {
-        let name = policy
-            .pointer("/metadata/name")
-            .and_then(Value::as_str)
-            .ok_or_else(|| E2eError::Invalid("a ProxyPolicy needs metadata.name".into()))?
-            .to_owned();
-        let api: kube::Api<planproxy_crds::ProxyPolicy> = kube::Api::all(self.client.clone());
-        api.patch(
-            &name,
-            &kube::api::PatchParams::apply("e2e-test").force(),
-            &kube::api::Patch::Apply(&policy),
-        )
-        .await?;
-        Ok(())
+        self.control().apply_policy(policy).await
     }
 
-    /// Every ProxyPlan, as `kubectl get proxyplans` shows them.
+    /// See [`Control::plans`].
     pub async fn plans(&self) -> Result<Vec<planproxy_crds::ProxyPlan>> {
-        let api: kube::Api<planproxy_crds::ProxyPlan> = kube::Api::all(self.client.clone());
-        Ok(api.list(&kube::api::ListParams::default()).await?.items)
+        self.control().plans().await
     }
 
-    /// A ProxyPolicy as the API server holds it (status included).
+    /// See [`Control::policy`].
     pub async fn policy(&self, name: &str) -> Result<planproxy_crds::ProxyPolicy> {
-        let api: kube::Api<planproxy_crds::ProxyPolicy> = kube::Api::all(self.client.clone());
-        Ok(api.get(name).await?)
+        self.control().policy(name).await
     }
 
-    /// Deletes a ProxyPolicy.
+    /// See [`Control::delete_policy`].
     pub async fn delete_policy(&self, name: &str) -> Result<()> {
-        let api: kube::Api<planproxy_crds::ProxyPolicy> = kube::Api::all(self.client.clone());
-        api.delete(name, &kube::api::DeleteParams::default())
-            .await?;
-        Ok(())
+        self.control().delete_policy(name).await
     }
 
-    /// Waits until the ProxyPlans pass `check` (given every plan), e.g. a
-    /// service being in one node's plans and not in another's.
+    /// See [`Control::wait_plans`].
     pub async fn wait_plans(
         &self,
         what: &str,
         timeout: Duration,
         check: impl Fn(&[planproxy_crds::ProxyPlan]) -> Result<(), String>,
     ) -> Result<Vec<planproxy_crds::ProxyPlan>> {
-        let nodes = self.cluster.node_names();
-        crate::wait::eventually(what, timeout, || async {
-            let plans = self.plans().await.map_err(|e| e.to_string())?;
-            crate::plans::all_programmed(&plans, &nodes)?;
-            check(&plans)?;
-            Ok(plans)
-        })
-        .await
+        self.control().wait_plans(what, timeout, check).await
     }
 
-    /// Waits until the controller has judged the current generation of a
-    /// ProxyPolicy and returns it with its `Accepted` condition.
+    /// See [`Control::wait_policy_judged`].
     pub async fn wait_policy_judged(
         &self,
         name: &str,
@@ -905,48 +886,38 @@ impl ClusterApi<'_> {
         planproxy_crds::ProxyPolicy,
         planproxy_crds::condition::Condition,
     )> {
-        crate::wait::eventually(&format!("ProxyPolicy {name} judged"), timeout, || async {
-            let policy = self.policy(name).await.map_err(|e| e.to_string())?;
-            let status = policy.status.clone().unwrap_or_default();
-            let accepted = planproxy_crds::condition::find(
-                &status.conditions,
-                planproxy_crds::condition::ACCEPTED,
-            )
-            .cloned()
-            .ok_or_else(|| format!("{name} has no Accepted condition"))?;
-            let current = policy.metadata.generation;
-            if status.observed_generation != current {
-                return Err(format!(
-                    "{name} observed generation {:?}, current {current:?}",
-                    status.observed_generation
-                ));
-            }
-            Ok((policy, accepted))
-        })
-        .await
+        self.control().wait_policy_judged(name, timeout).await
     }
 
-    /// Waits until every node has a plan and every plan reports
-    /// `Programmed=True` for its current generation with
-    /// `status.appliedHash` equal to its `planproxy.dev/spec-hash`
-    /// annotation; returns the plans. With `service`, also waits until that
-    /// service (`namespace/name`) is in (`present`) or out of every node's
-    /// plans.
+    /// See [`Control::wait_programmed`].
     pub async fn wait_programmed(
         &self,
         service: Option<(&str, bool)>,
         timeout: Duration,
     ) -> Result<Vec<planproxy_crds::ProxyPlan>> {
-        let nodes = self.cluster.node_names();
-        crate::wait::eventually("every node's plans programmed", timeout, || async {
-            let plans = self.plans().await.map_err(|e| e.to_string())?;
-            crate::plans::all_programmed(&plans, &nodes)?;
-            if let Some((service, present)) = service {
-                crate::plans::service_presence(&plans, &nodes, service, present)?;
-            }
-            Ok(plans)
-        })
-        .await
+        self.control().wait_programmed(service, timeout).await
+    }
+}
+
+impl crate::target::Workloads for ClusterApi<'_> {
+    fn control(&self) -> Control {
+        ClusterApi::control(self)
+    }
+
+    async fn deploy(&self, app: &AppDef) -> Result<()> {
+        ClusterApi::deploy(self, app).await
+    }
+
+    async fn scale(&self, namespace: &str, app: &str, replicas: usize) -> Result<()> {
+        ClusterApi::scale(self, namespace, app, replicas).await
+    }
+
+    async fn create_service(&self, service: &ServiceDef) -> Result<()> {
+        ClusterApi::create_service(self, service).await
+    }
+
+    async fn delete_service(&self, namespace: &str, name: &str) -> Result<()> {
+        ClusterApi::delete_service(self, namespace, name).await
     }
 }
 

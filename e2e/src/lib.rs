@@ -55,13 +55,15 @@
 //!
 //! # Real clusters
 //!
-//! API-level scenarios (plans, status, policies) can also run against a real
-//! cluster: set `PLANPROXY_E2E_TARGET=kubeconfig` (and `KUBECONFIG`); see
-//! [`target`]. Data-plane checks need the namespace cluster and are skipped
-//! there by the scenarios that make them.
+//! API-level scenarios (plans, status, policies) are written against the
+//! [`Workloads`] trait and also run against a real cluster with planproxy
+//! installed: set `PLANPROXY_E2E_TARGET=kubeconfig` (and `KUBECONFIG`); see
+//! [`target`]. Scenarios that check traffic need the namespace cluster and
+//! return early on a real one.
 
 pub mod binaries;
 pub mod cluster;
+pub mod control;
 mod error;
 pub mod objects;
 pub mod plans;
@@ -70,5 +72,7 @@ pub mod traffic;
 pub mod wait;
 
 pub use cluster::{AppDef, AppPod, Cluster, ClusterApi, ClusterSpec, node_name};
+pub use control::Control;
 pub use error::{E2eError, Result};
 pub use objects::{EndpointDef, PortDef, Protocol, ServiceDef, ServiceType};
+pub use target::{RealCluster, Target, Workloads};

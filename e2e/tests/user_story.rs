@@ -7,8 +7,11 @@ use std::time::Duration;
 use planproxy_crds::condition::{FALSE, TRUE};
 use planproxy_crds::labels::SPEC_HASH_ANNOTATION;
 use planproxy_e2e::plans::services_of;
+use planproxy_e2e::target::RUN_LABEL;
 use planproxy_e2e::traffic::{wait_peer_ip, wait_servers, wait_unanswered};
-use planproxy_e2e::{AppDef, Cluster, ClusterSpec, Protocol, ServiceDef};
+use planproxy_e2e::{
+    AppDef, Cluster, ClusterSpec, Protocol, RealCluster, ServiceDef, Target, Workloads,
+};
 use serde_json::json;
 
 /// How long the control loop (controller coalescing, agent sync) may take.
@@ -415,4 +418,131 @@ fn local_external_traffic_policy_keeps_the_client_source_address() {
     // A node without a local endpoint does not forward external traffic.
     let without = SocketAddr::new(cluster.node(1).ipv4.into(), node_port);
     wait_unanswered(&client.ns, without, CONVERGE).unwrap();
+}
+
+#[test]
+fn plans_are_programmed_with_the_current_hash_on_any_cluster() {
+    match Target::from_env() {
+        Target::Namespaces => {
+            start()
+                .run(|api| async move {
+                    plans_are_programmed_with_the_current_hash(&api, "default").await
+                })
+                .expect("running in the control plane namespace");
+        }
+        Target::Kubeconfig => {
+            RealCluster::run(|real| async move {
+                let namespace = real.namespace();
+                plans_are_programmed_with_the_current_hash(&real, &namespace).await;
+            })
+            .expect("running against the kubeconfig's cluster");
+        }
+    }
+}
+
+#[test]
+fn invalid_policy_edit_is_reported_on_any_cluster() {
+    match Target::from_env() {
+        Target::Namespaces => {
+            start()
+                .run(|api| async move {
+                    invalid_policy_edit_is_reported_and_the_accepted_spec_kept(&api, "local").await
+                })
+                .expect("running in the control plane namespace");
+        }
+        Target::Kubeconfig => {
+            RealCluster::run(|real| async move {
+                let run = real.run_id.clone();
+                invalid_policy_edit_is_reported_and_the_accepted_spec_kept(&real, &run).await;
+            })
+            .expect("running against the kubeconfig's cluster");
+        }
+    }
+}
+
+/// API-level: a service's plans reach every node and every node reports
+/// `Programmed` with the hash of the spec it holds.
+async fn plans_are_programmed_with_the_current_hash(w: &impl Workloads, namespace: &str) {
+    let app = AppDef {
+        namespace: namespace.to_owned(),
+        ..AppDef::new("hashed", 2, 8080)
+    };
+    w.deploy(&app).await.expect("deploying hashed");
+    let service = ServiceDef::cluster_ip(namespace, "hashed", "hashed").tcp("http", 80, 8080);
+    w.create_service(&service).await.expect("creating hashed");
+    let key = format!("{namespace}/hashed");
+    let control = w.control();
+    let plans = control
+        .wait_programmed(Some((&key, true)), Duration::from_secs(120))
+        .await
+        .expect("every node programmed with the service");
+    for node in &control.nodes {
+        let ports: usize = plans
+            .iter()
+            .filter(|p| &p.spec.node_name == node)
+            .flat_map(|p| &p.spec.service_ports)
+            .filter(|sp| format!("{}/{}", sp.namespace, sp.name) == key)
+            .count();
+        assert_eq!(ports, 1, "{node} programs {key}:http once");
+    }
+    for plan in &plans {
+        let annotation =
+            &plan.metadata.annotations.as_ref().expect("annotated")[SPEC_HASH_ANNOTATION];
+        assert_eq!(annotation, &planproxy_crds::spec_hash(&plan.spec));
+    }
+}
+
+/// API-level: an invalid edit of a policy is reported as `Accepted=False`
+/// naming the field, and the accepted spec stays in force (in status).
+/// The policy selects only this run's services, so it is safe on a real
+/// cluster.
+async fn invalid_policy_edit_is_reported_and_the_accepted_spec_kept(w: &impl Workloads, run: &str) {
+    let control = w.control();
+    let name = format!("e2e-{run}-masquerade");
+    let mut policy = json!({
+        "apiVersion": "planproxy.dev/v1alpha1",
+        "kind": "ProxyPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "serviceSelector": {"matchLabels": {RUN_LABEL: run}},
+            "masquerade": {"masqueradeAll": true},
+        },
+    });
+    control
+        .apply_policy(policy.clone())
+        .await
+        .expect("applying a valid policy");
+    let (_, accepted) = control
+        .wait_policy_judged(&name, Duration::from_secs(60))
+        .await
+        .expect("the valid policy judged");
+    assert_eq!(accepted.status, TRUE, "{accepted:?}");
+
+    policy["spec"]["serviceSelector"] = json!({"matchExpressions": [
+        {"key": RUN_LABEL, "operator": "Bogus", "values": [run]},
+    ]});
+    control
+        .apply_policy(policy)
+        .await
+        .expect("the API server stores the edit");
+    let (judged, accepted) = control
+        .wait_policy_judged(&name, Duration::from_secs(60))
+        .await
+        .expect("the invalid edit judged");
+    assert_eq!(
+        (accepted.status.as_str(), accepted.reason.as_str()),
+        (FALSE, "Invalid"),
+        "{accepted:?}"
+    );
+    assert!(accepted.message.contains("serviceSelector"), "{accepted:?}");
+    let status = judged.status.unwrap_or_default();
+    let kept = status
+        .accepted_spec
+        .expect("the accepted spec stays in status");
+    assert_eq!(kept.masquerade.and_then(|m| m.masquerade_all), Some(true));
+    assert_eq!(status.accepted_generation, Some(1));
+    control
+        .delete_policy(&name)
+        .await
+        .expect("deleting the policy");
 }
