@@ -60,7 +60,9 @@
 //!   services), label keys/values and annotation keys (422 Invalid); built-in
 //!   types must decode as their k8s-openapi type (400); custom resources are
 //!   pruned of undeclared fields and validated against the CRD's OpenAPI
-//!   schema (422 Invalid with the field path). CEL rules are skipped ([`schema`]).
+//!   schema (422 Invalid with the field path), including CEL rules in the
+//!   subset [`cel`] implements (others are skipped), structural defaults and
+//!   list-type uniqueness ([`schema`]).
 //! * Garbage collection: deleting an object deletes (recursively, at once) the
 //!   objects whose ownerReferences name its uid and that have no other live
 //!   owner; `propagationPolicy=Orphan` removes the ownerReference instead.
@@ -91,6 +93,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod cel;
 pub mod discovery;
 pub mod error;
 pub mod faults;

@@ -5,12 +5,17 @@
 //! crate: `nullable: true` becomes a `null` alternative of the declared type and
 //! `x-kubernetes-int-or-string` becomes `integer | string`.
 //!
-//! Not implemented: CEL rules (`x-kubernetes-validations`) are skipped, and
-//! `format` is an annotation only (as in JSON Schema 2020-12). The crate-level
+//! CEL rules (`x-kubernetes-validations`) are checked with the subset in
+//! [`crate::cel`]; rules outside it are skipped. `format` is an annotation only
+//! (as in JSON Schema 2020-12). The crate-level
 //! semantic validation of planproxy objects stays the controller's job, as it is
 //! on a real cluster.
 
+use std::collections::HashMap;
+
 use serde_json::{Map, Value};
+
+use crate::cel;
 
 use crate::error::Cause;
 
@@ -18,6 +23,8 @@ use crate::error::Cause;
 pub struct CrdSchema {
     openapi: Value,
     validator: jsonschema::Validator,
+    /// Every CEL rule in the schema, compiled (`None`: unsupported, skipped).
+    rules: HashMap<String, Option<cel::Expr>>,
 }
 
 impl std::fmt::Debug for CrdSchema {
@@ -37,7 +44,13 @@ impl CrdSchema {
         let json_schema = to_json_schema(&openapi);
         let validator =
             jsonschema::validator_for(&json_schema).map_err(|e| SchemaError(e.to_string()))?;
-        Ok(CrdSchema { openapi, validator })
+        let mut rules = HashMap::new();
+        collect_rules(&openapi, &mut rules);
+        Ok(CrdSchema {
+            openapi,
+            validator,
+            rules,
+        })
     }
 
     /// Drops every field the schema does not declare (root `apiVersion`, `kind`
@@ -77,7 +90,7 @@ impl CrdSchema {
                 message: e.to_string(),
             })
             .collect();
-        check_list_types(&self.openapi, object, "", &mut causes);
+        self.check_extensions(&self.openapi, object, "", &mut causes);
         causes
     }
 }
@@ -125,71 +138,138 @@ fn apply_defaults(schema: &Value, value: &mut Value) {
     }
 }
 
-fn check_list_types(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cause>) {
-    let child_path = |key: &str| {
-        if path.is_empty() {
-            key.to_string()
-        } else {
-            format!("{path}.{key}")
-        }
-    };
-    match value {
+fn collect_rules(schema: &Value, rules: &mut HashMap<String, Option<cel::Expr>>) {
+    match schema {
         Value::Object(map) => {
-            if let Some(props) = schema.get("properties").and_then(Value::as_object) {
-                for (key, child) in map {
-                    if let Some(prop) = props.get(key) {
-                        check_list_types(prop, child, &child_path(key), causes);
-                    }
-                }
-            } else if let Some(additional) =
-                schema.get("additionalProperties").filter(|a| a.is_object())
+            for rule in map
+                .get("x-kubernetes-validations")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r.get("rule").and_then(Value::as_str))
             {
-                for (key, child) in map {
-                    check_list_types(additional, child, &child_path(key), causes);
-                }
+                let compiled = cel::compile(rule)
+                    .map_err(|why| tracing::debug!(rule, %why, "CEL rule not supported; skipped"))
+                    .ok();
+                rules.insert(rule.to_string(), compiled);
+            }
+            map.values().for_each(|v| collect_rules(v, rules));
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_rules(v, rules)),
+        _ => {}
+    }
+}
+
+impl CrdSchema {
+    fn check_rules(&self, schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cause>) {
+        let Some(validations) = schema
+            .get("x-kubernetes-validations")
+            .and_then(Value::as_array)
+        else {
+            return;
+        };
+        for validation in validations {
+            let Some(rule) = validation.get("rule").and_then(Value::as_str) else {
+                continue;
+            };
+            let Some(Some(expr)) = self.rules.get(rule) else {
+                continue;
+            };
+            let field = if path.is_empty() {
+                "<root>".to_string()
+            } else {
+                path.to_string()
+            };
+            let message = validation
+                .get("message")
+                .and_then(Value::as_str)
+                .map_or_else(|| format!("failed rule: {rule}"), str::to_string);
+            match cel::eval(expr, &[("self", value)]) {
+                Ok(Value::Bool(true)) => {}
+                Ok(_) => causes.push(Cause {
+                    field,
+                    message: format!("Invalid value: {message}"),
+                }),
+                Err(why) => causes.push(Cause {
+                    field,
+                    message: format!("Invalid value: rule {rule:?} failed to evaluate: {why}"),
+                }),
             }
         }
-        Value::Array(items) => {
-            let keys: Vec<&str> = schema
-                .get("x-kubernetes-list-map-keys")
-                .and_then(Value::as_array)
-                .map(|k| k.iter().filter_map(Value::as_str).collect())
-                .unwrap_or_default();
-            match schema.get("x-kubernetes-list-type").and_then(Value::as_str) {
-                Some("map") => {
-                    let mut seen = Vec::new();
-                    for (i, item) in items.iter().enumerate() {
-                        let key: Vec<&Value> = keys
-                            .iter()
-                            .map(|k| item.get(*k).unwrap_or(&Value::Null))
-                            .collect();
-                        if seen.contains(&key) {
-                            causes.push(Cause {
-                                field: format!("{path}[{i}]"),
-                                message: format!(
-                                    "Duplicate value: {}",
-                                    serde_json::to_string(&key).unwrap_or_default()
-                                ),
-                            });
-                        }
-                        seen.push(key);
-                    }
-                }
-                Some("set") => {
-                    for (i, item) in items.iter().enumerate() {
-                        if items[..i].contains(item) {
-                            causes.push(Cause {
-                                field: format!("{path}[{i}]"),
-                                message: format!("Duplicate value: {item}"),
-                            });
-                        }
-                    }
-                }
-                _ => {}
+    }
+
+    fn check_extensions(&self, schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cause>) {
+        self.check_rules(schema, value, path, causes);
+        check_list_type(schema, value, path, causes);
+        let child_path = |key: &str| {
+            if path.is_empty() {
+                key.to_string()
+            } else {
+                format!("{path}.{key}")
             }
-            if let Some(item_schema) = schema.get("items") {
-                for (i, item) in items.iter().enumerate() {
-                    check_list_types(item_schema, item, &format!("{path}[{i}]"), causes);
+        };
+        match value {
+            Value::Object(map) => {
+                if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+                    for (key, child) in map {
+                        if let Some(prop) = props.get(key) {
+                            self.check_extensions(prop, child, &child_path(key), causes);
+                        }
+                    }
+                } else if let Some(additional) =
+                    schema.get("additionalProperties").filter(|a| a.is_object())
+                {
+                    for (key, child) in map {
+                        self.check_extensions(additional, child, &child_path(key), causes);
+                    }
+                }
+            }
+            Value::Array(items) => {
+                if let Some(item_schema) = schema.get("items") {
+                    for (i, item) in items.iter().enumerate() {
+                        self.check_extensions(item_schema, item, &format!("{path}[{i}]"), causes);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn check_list_type(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cause>) {
+    let Value::Array(items) = value else { return };
+    let keys: Vec<&str> = schema
+        .get("x-kubernetes-list-map-keys")
+        .and_then(Value::as_array)
+        .map(|k| k.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    match schema.get("x-kubernetes-list-type").and_then(Value::as_str) {
+        Some("map") => {
+            let mut seen = Vec::new();
+            for (i, item) in items.iter().enumerate() {
+                let key: Vec<&Value> = keys
+                    .iter()
+                    .map(|k| item.get(*k).unwrap_or(&Value::Null))
+                    .collect();
+                if seen.contains(&key) {
+                    causes.push(Cause {
+                        field: format!("{path}[{i}]"),
+                        message: format!(
+                            "Duplicate value: {}",
+                            serde_json::to_string(&key).unwrap_or_default()
+                        ),
+                    });
+                }
+                seen.push(key);
+            }
+        }
+        Some("set") => {
+            for (i, item) in items.iter().enumerate() {
+                if items[..i].contains(item) {
+                    causes.push(Cause {
+                        field: format!("{path}[{i}]"),
+                        message: format!("Duplicate value: {item}"),
+                    });
                 }
             }
         }
@@ -442,6 +522,51 @@ mod tests {
         let causes = s.validate(&json!({"conditions": [{"type": "A"}, {"type": "A"}]}));
         assert_eq!(causes.len(), 1);
         assert_eq!(causes[0].field, "conditions[1]");
+    }
+
+    #[test]
+    fn cel_rules_reject_with_their_message_at_their_path() {
+        let s = CrdSchema::new(json!({
+            "type": "object",
+            "properties": {"spec": {"type": "object", "properties": {
+                "cidrs": {"type": "array", "items": {"type": "string"},
+                    "x-kubernetes-validations": [{"rule": "self.all(c, isCIDR(c))", "message": "each entry must be a CIDR"}]},
+                "old": {"type": "string", "x-kubernetes-validations": [{"rule": "self == oldSelf"}]}
+            }}}
+        }))
+        .unwrap();
+        assert!(
+            s.validate(&json!({"spec": {"cidrs": ["10.0.0.0/8"], "old": "x"}}))
+                .is_empty()
+        );
+        let causes = s.validate(&json!({"spec": {"cidrs": ["nope"]}}));
+        assert_eq!(causes.len(), 1);
+        assert_eq!(causes[0].field, "spec.cidrs");
+        assert!(causes[0].message.contains("each entry must be a CIDR"));
+    }
+
+    #[test]
+    fn every_cel_rule_of_the_planproxy_crds_is_supported() {
+        for crd in planproxy_crds::crds() {
+            let openapi = serde_json::to_value(
+                crd.spec.versions[0]
+                    .schema
+                    .as_ref()
+                    .unwrap()
+                    .open_api_v3_schema
+                    .as_ref()
+                    .unwrap(),
+            )
+            .unwrap();
+            let schema = CrdSchema::new(openapi).unwrap();
+            for (rule, compiled) in &schema.rules {
+                assert!(
+                    compiled.is_some(),
+                    "{}: unsupported rule {rule}",
+                    crd.spec.names.kind
+                );
+            }
+        }
     }
 
     #[test]
