@@ -1,0 +1,428 @@
+//! The node agent under faults, end to end: the real controller and agents in a
+//! namespace cluster (see `planproxy_e2e`), checked with traffic, the nodes'
+//! iptables and the ProxyPlan status the agents report.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use planproxy_crds::ProxyPlan;
+use planproxy_e2e::traffic::wait_servers;
+use planproxy_e2e::{AppDef, Cluster, ClusterSpec, Protocol, ServiceDef};
+use planproxy_netns::{ConnectOpts, Netns};
+use planproxy_test_apiserver::OutageMode;
+use serde_json::json;
+
+/// How long the control loop (controller coalescing, agent sync) may take.
+const CONVERGE: Duration = Duration::from_secs(30);
+
+fn web_service() -> ServiceDef {
+    ServiceDef::cluster_ip("default", "web", "web").tcp("http", 80, 8080)
+}
+
+fn api_service() -> ServiceDef {
+    ServiceDef::cluster_ip("default", "api", "api").tcp("http", 80, 8080)
+}
+
+/// A cluster with `web` (2 replicas) served and programmed on every node.
+fn cluster_with_web(spec: ClusterSpec, policy: Option<serde_json::Value>) -> Cluster {
+    let cluster = Cluster::start(spec).unwrap();
+    cluster
+        .run(|api| async move {
+            if let Some(policy) = policy {
+                api.apply_policy(policy).await.unwrap();
+            }
+            api.deploy(&AppDef::new("web", 2, 8080)).await.unwrap();
+            api.create_service(&web_service()).await.unwrap();
+            api.wait_programmed(Some(("default/web", true)), CONVERGE)
+                .await
+                .unwrap();
+        })
+        .unwrap();
+    let vip = cluster.service_addr("default", "web", 80, false).unwrap();
+    let pods = cluster.ready_pod_names("default", "web");
+    wait_servers(
+        &cluster.probe_pod(1).ns,
+        vip,
+        Protocol::Tcp,
+        &pods,
+        CONVERGE,
+    )
+    .unwrap();
+    cluster
+}
+
+fn quick() -> ConnectOpts {
+    ConnectOpts::with_timeout(Duration::from_millis(500))
+}
+
+/// The rule and chain lines of a node's dump, without counters and comments.
+fn rules_only(dump: &str) -> Vec<String> {
+    dump.lines()
+        .filter(|line| !line.starts_with('#'))
+        .map(|line| match line.strip_prefix(':') {
+            Some(chain) => format!(":{}", chain.split_whitespace().next().unwrap_or_default()),
+            None => line.to_owned(),
+        })
+        .collect()
+}
+
+fn assert_no_duplicate_rules(dump: &[String]) {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut section = 0;
+    for line in dump {
+        if line.starts_with('*') {
+            section += 1;
+        } else if line.starts_with("-A ") {
+            assert!(
+                seen.insert((section, line.clone())),
+                "duplicate rule: {line}\n{}",
+                dump.join("\n")
+            );
+        }
+    }
+}
+
+/// Node `node`'s shards as the API server holds them.
+fn node_plans(cluster: &Cluster, node: u8) -> Vec<ProxyPlan> {
+    let name = planproxy_e2e::node_name(node);
+    cluster
+        .run(|api| async move { api.plans().await.unwrap() })
+        .unwrap()
+        .into_iter()
+        .filter(|plan| plan.spec.node_name == name)
+        .collect()
+}
+
+fn condition(plan: &ProxyPlan, type_: &str) -> Option<(String, String, String)> {
+    let status = plan.status.as_ref()?;
+    planproxy_crds::condition::find(&status.conditions, type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+fn poll(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    check()
+}
+
+/// GET `path` on `addr` from inside `ns`: the status code.
+fn http_status(ns: &Netns, addr: SocketAddr, path: &str) -> Option<u16> {
+    let path = path.to_owned();
+    ns.run_in(move || {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        response.split_whitespace().nth(1)?.parse().ok()
+    })
+}
+
+#[test]
+fn api_server_outage_keeps_traffic_flowing_and_agents_converge_after() {
+    let cluster = cluster_with_web(ClusterSpec::default(), None);
+    let vip = cluster.service_addr("default", "web", 80, false).unwrap();
+
+    cluster
+        .apiserver()
+        .faults()
+        .outage(Duration::from_secs(8), OutageMode::Refuse);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(8) {
+        for node in 1..=2 {
+            let attempt = cluster.probe_pod(node).ns.connect_tcp(vip, &quick());
+            assert!(
+                attempt.is_ok(),
+                "node{node} lost the service during the outage: {attempt:?}\n{}",
+                cluster.agent_log(node)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(400));
+    }
+
+    // After the outage a change reaches every node's kernel.
+    cluster
+        .run(|api| async move {
+            api.scale("default", "web", 3).await.unwrap();
+            api.wait_programmed(Some(("default/web", true)), CONVERGE)
+                .await
+                .unwrap();
+        })
+        .unwrap();
+    let pods = cluster.ready_pod_names("default", "web");
+    assert_eq!(pods.len(), 3);
+    for node in 1..=2 {
+        wait_servers(
+            &cluster.probe_pod(node).ns,
+            vip,
+            Protocol::Tcp,
+            &pods,
+            CONVERGE,
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn agent_killed_mid_sync_restarts_and_converges_without_duplicate_rules() {
+    let cluster = cluster_with_web(ClusterSpec::default(), None);
+    let vip = cluster.service_addr("default", "web", 80, false).unwrap();
+
+    // A change is on its way to node1 when its agent is killed.
+    cluster
+        .run(|api| async move { api.scale("default", "web", 3).await.unwrap() })
+        .unwrap();
+    cluster.stop_agent(1, Duration::ZERO).unwrap();
+    assert!(
+        cluster.probe_pod(1).ns.connect_tcp(vip, &quick()).is_ok(),
+        "a killed agent leaves its rules serving"
+    );
+
+    cluster.start_agent(1).unwrap();
+    cluster
+        .run(|api| async move {
+            api.wait_programmed(Some(("default/web", true)), CONVERGE)
+                .await
+                .unwrap();
+        })
+        .unwrap();
+    let pods = cluster.ready_pod_names("default", "web");
+    wait_servers(
+        &cluster.probe_pod(1).ns,
+        vip,
+        Protocol::Tcp,
+        &pods,
+        CONVERGE,
+    )
+    .unwrap();
+    let converged = rules_only(&cluster.node(1).ns.iptables_save());
+    assert_no_duplicate_rules(&converged);
+
+    // A restart adopts the rules as they are: the same rules, nothing added.
+    cluster.stop_agent(1, Duration::from_secs(10)).unwrap();
+    cluster.start_agent(1).unwrap();
+    assert!(
+        poll(CONVERGE, || cluster
+            .agent_log(1)
+            .contains("rules programmed")),
+        "the restarted agent syncs\n{}",
+        cluster.agent_log(1)
+    );
+    assert_eq!(rules_only(&cluster.node(1).ns.iptables_save()), converged);
+}
+
+#[test]
+fn restore_refused_by_the_kernel_is_reported_degraded_while_old_rules_serve() {
+    let cluster = cluster_with_web(ClusterSpec::default(), None);
+    cluster
+        .run(|api| async move {
+            api.deploy(&AppDef::new("api", 1, 8080)).await.unwrap();
+            api.create_service(&api_service()).await.unwrap();
+            api.wait_programmed(Some(("default/api", true)), CONVERGE)
+                .await
+                .unwrap();
+        })
+        .unwrap();
+    let web_vip = cluster.service_addr("default", "web", 80, false).unwrap();
+    let api_vip = cluster.service_addr("default", "api", 80, false).unwrap();
+
+    // Someone else's rule on node1 jumps to web's service chain, so the kernel
+    // refuses (EBUSY) to delete that chain when web goes away: node1's restore
+    // fails as a whole.
+    let node1 = &cluster.node(1).ns;
+    let dump = node1.iptables_save();
+    let chain = dump
+        .lines()
+        .find(|line| {
+            line.contains("default/web:http cluster IP") && line.starts_with("-A PPX-SERVICES")
+        })
+        .and_then(|line| line.split("-j ").nth(1))
+        .map(|target| target.trim().to_owned())
+        .unwrap_or_else(|| panic!("web's service chain on node1:\n{dump}"));
+    node1
+        .exec_ok(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-d",
+            "198.51.100.1/32",
+            "-j",
+            &chain,
+        ])
+        .unwrap();
+    cluster
+        .run(|api| async move { api.delete_service("default", "web").await.unwrap() })
+        .unwrap();
+
+    assert!(
+        poll(CONVERGE, || node_plans(&cluster, 1).iter().any(|plan| {
+            condition(plan, "Degraded").is_some_and(|(status, _, _)| status == "True")
+        })),
+        "node1 must report Degraded\n{}",
+        cluster.agent_log(1)
+    );
+    let plans = node_plans(&cluster, 1);
+    let (_, reason, message) = plans
+        .iter()
+        .find_map(|plan| condition(plan, "Degraded").filter(|(status, _, _)| status == "True"))
+        .unwrap();
+    assert_eq!(reason, "ApplyFailed");
+    assert!(
+        message.contains("nat") && message.contains("line"),
+        "{message}"
+    );
+    // The previous rules keep serving on node1: api still answers, and so does
+    // web, whose removal could not be programmed.
+    assert!(
+        cluster
+            .probe_pod(1)
+            .ns
+            .connect_tcp(api_vip, &quick())
+            .is_ok()
+    );
+    assert!(
+        cluster
+            .probe_pod(1)
+            .ns
+            .connect_tcp(web_vip, &quick())
+            .is_ok()
+    );
+    // node2 applied the removal.
+    assert!(poll(CONVERGE, || node_plans(&cluster, 2).iter().all(
+        |plan| { condition(plan, "Programmed").is_some_and(|(status, _, _)| status == "True") }
+    )));
+
+    // The obstacle goes: the retry programs node1 and clears Degraded.
+    node1
+        .exec_ok(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-D",
+            "OUTPUT",
+            "-d",
+            "198.51.100.1/32",
+            "-j",
+            &chain,
+        ])
+        .unwrap();
+    cluster
+        .run(|api| async move {
+            api.wait_programmed(Some(("default/web", false)), Duration::from_secs(60))
+                .await
+                .unwrap();
+        })
+        .unwrap();
+    assert!(poll(CONVERGE, || node_plans(&cluster, 1).iter().all(
+        |plan| { condition(plan, "Degraded").is_some_and(|(status, _, _)| status == "False") }
+    )));
+    assert!(!cluster.node(1).ns.iptables_save().contains(&chain));
+}
+
+#[test]
+fn nat_table_flushed_inside_a_node_is_repaired_within_the_sync_period() {
+    let policy = json!({
+        "apiVersion": "planproxy.dev/v1alpha1",
+        "kind": "ProxyPolicy",
+        "metadata": {"name": "fast-resync"},
+        "spec": {"sync": {"syncPeriod": "2s"}},
+    });
+    let cluster = cluster_with_web(ClusterSpec::default(), Some(policy));
+    let vip = cluster.service_addr("default", "web", 80, false).unwrap();
+    cluster
+        .run(|api| async move {
+            planproxy_e2e::wait::eventually("plans with syncPeriod 2s", CONVERGE, || async {
+                let plans = api.plans().await.map_err(|e| e.to_string())?;
+                plans
+                    .iter()
+                    .all(|plan| plan.spec.settings.sync_period == "2s")
+                    .then_some(())
+                    .ok_or_else(|| "not yet".to_owned())
+            })
+            .await
+            .unwrap();
+            api.wait_programmed(None, CONVERGE).await.unwrap();
+        })
+        .unwrap();
+
+    // Flush and look in one go, so a resync cannot slip in between.
+    let after_flush = cluster
+        .node(1)
+        .ns
+        .exec_ok(&["sh", "-c", "iptables -t nat -F && iptables-save -t nat"])
+        .unwrap();
+    let flushed = Instant::now();
+    assert!(!after_flush.contains("-A PPX-SERVICES"), "{after_flush}");
+    let pods = cluster.ready_pod_names("default", "web");
+    wait_servers(
+        &cluster.probe_pod(1).ns,
+        vip,
+        Protocol::Tcp,
+        &pods,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert!(
+        flushed.elapsed() < Duration::from_secs(8),
+        "repaired after {:?}",
+        flushed.elapsed()
+    );
+}
+
+#[test]
+fn healthz_fails_on_a_node_tainted_for_deletion_and_livez_does_not() {
+    let cluster = cluster_with_web(ClusterSpec::default(), None);
+    let healthz: SocketAddr = "127.0.0.1:10256".parse().unwrap();
+    for node in 1..=2 {
+        assert_eq!(
+            http_status(&cluster.node(node).ns, healthz, "/healthz"),
+            Some(200)
+        );
+    }
+
+    cluster
+        .run(|api| async move {
+            let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(api.client.clone());
+            let patch = json!({"spec": {"taints": [
+                {"key": "ToBeDeletedByClusterAutoscaler", "value": "1700000000", "effect": "NoSchedule"}
+            ]}});
+            nodes
+                .patch("node1", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+                .await
+                .unwrap();
+        })
+        .unwrap();
+
+    assert!(
+        poll(CONVERGE, || http_status(
+            &cluster.node(1).ns,
+            healthz,
+            "/healthz"
+        ) == Some(503)),
+        "node1's /healthz must fail while it is being deleted\n{}",
+        cluster.agent_log(1)
+    );
+    assert_eq!(
+        http_status(&cluster.node(1).ns, healthz, "/livez"),
+        Some(200)
+    );
+    assert_eq!(
+        http_status(&cluster.node(2).ns, healthz, "/healthz"),
+        Some(200)
+    );
+    // Draining changes nothing for traffic already served by node1.
+    let vip = cluster.service_addr("default", "web", 80, false).unwrap();
+    assert!(cluster.probe_pod(1).ns.connect_tcp(vip, &quick()).is_ok());
+}
