@@ -512,7 +512,30 @@ impl Api {
         if dry_run {
             return Ok(object);
         }
-        Ok(delete_and_collect(&mut store, target.res, &key, options.propagation).unwrap_or(object))
+        let deleted = delete_and_collect(&mut store, target.res, &key, options.propagation);
+        let rt = self.registry.get(target.res);
+        if rt.group.is_empty() && rt.plural == "namespaces" {
+            // A namespace takes its contents with it (at once: no Terminating phase here).
+            for (res, _) in self
+                .registry
+                .all()
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| t.namespaced)
+            {
+                let keys: Vec<ObjectKey> = store
+                    .table(res)
+                    .objects
+                    .range((target.name.clone(), String::new())..)
+                    .take_while(|(k, _)| k.0 == target.name)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for key in keys {
+                    delete_and_collect(&mut store, res, &key, options.propagation);
+                }
+            }
+        }
+        Ok(deleted.unwrap_or(object))
     }
 
     /// Deletes every object of a collection that matches the selectors.
@@ -1078,6 +1101,32 @@ mod tests {
             )
             .unwrap_err();
         assert_eq!((err.code, err.reason), (410, "Expired"));
+    }
+
+    #[test]
+    fn deleting_a_namespace_deletes_its_contents_only() {
+        let (api, res) = api();
+        let namespaces = api.registry.find("", "v1", "namespaces").unwrap();
+        api.create(
+            namespaces,
+            None,
+            json!({"metadata": {"name": "gone"}}),
+            false,
+        )
+        .unwrap();
+        create(&api, res, "gone", "a");
+        create(&api, res, "gone", "b");
+        create(&api, res, "kept", "c");
+        let target = Target {
+            res: namespaces,
+            namespace: None,
+            name: "gone".into(),
+            status: false,
+        };
+        api.delete(&target, &DeleteOptions::default(), false)
+            .unwrap();
+        let left = api.list(res, None, &ListQuery::default()).unwrap();
+        assert_eq!(names(&left), vec!["c"]);
     }
 
     #[test]

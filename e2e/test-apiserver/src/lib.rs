@@ -36,7 +36,8 @@
 //!   `customresourcedefinitions` (stored objects only: creating one does not
 //!   serve a new type); and every CRD in [`Config::crds`] (by default
 //!   planproxy.dev/v1alpha1 `proxypolicies` and `proxyplans`, with `/status`).
-//!   Objects in namespaces that do not exist are accepted.
+//!   Objects in namespaces that do not exist are accepted; deleting a
+//!   namespace deletes its contents at once (no Terminating phase).
 //! * Discovery: `/version`, `/api`, `/api/v1`, `/apis`, `/apis/<g>`, `/apis/<g>/<v>`
 //!   (not aggregated discovery).
 //!
