@@ -2,6 +2,9 @@
 //! namespace cluster (see `planproxy_e2e`), checked with traffic, the nodes'
 //! iptables and the ProxyPlan status the agents report.
 
+// A test file: its helpers panic on failure like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
