@@ -9,10 +9,12 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use planproxy_netns::{
     ChildGuard, Client, EchoConfig, EchoGuard, Host, Pod, Topology, TopologySpec,
 };
 use planproxy_test_apiserver::{Config as ApiServerConfig, TestApiServer};
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::binaries;
@@ -196,6 +198,7 @@ impl Cluster {
         let config = ApiServerConfig {
             listen,
             advertise: Some(listen.ip()),
+            crds: chart_crds()?,
             ..ApiServerConfig::default()
         };
         // The server's thread is started from inside the control plane
@@ -919,6 +922,38 @@ impl crate::target::Workloads for ClusterApi<'_> {
     async fn delete_service(&self, namespace: &str, name: &str) -> Result<()> {
         ClusterApi::delete_service(self, namespace, name).await
     }
+}
+
+/// The Helm chart's CRD file, which the namespace cluster installs (as
+/// `helm install` would) rather than the Rust types' view of it.
+pub fn chart_crds_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../charts/planproxy/crds/planproxy.dev.yaml")
+}
+
+/// The CRDs of the Helm chart ([`chart_crds_path`]).
+pub fn chart_crds() -> Result<Vec<CustomResourceDefinition>> {
+    let path = chart_crds_path();
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| E2eError::io(format!("reading {}", path.display()), e))?;
+    let mut crds = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let value = Value::deserialize(document)
+            .map_err(|e| E2eError::Invalid(format!("{}: {e}", path.display())))?;
+        if value.is_null() {
+            continue;
+        }
+        crds.push(
+            serde_json::from_value(value)
+                .map_err(|e| E2eError::Invalid(format!("{}: {e}", path.display())))?,
+        );
+    }
+    if crds.is_empty() {
+        return Err(E2eError::Invalid(format!(
+            "{} holds no CRD",
+            path.display()
+        )));
+    }
+    Ok(crds)
 }
 
 /// The name of node N.

@@ -197,3 +197,27 @@ fn scale_up_adds_replicas_with_fresh_addresses_on_the_chosen_nodes() {
         vec!["pinned-0", "pinned-1", "pinned-2"]
     );
 }
+
+#[test]
+fn the_cluster_serves_the_helm_charts_crds() {
+    let crds = planproxy_e2e::cluster::chart_crds().unwrap();
+    let names: BTreeSet<String> = crds
+        .iter()
+        .filter_map(|c| c.metadata.name.clone())
+        .collect();
+    assert_eq!(
+        names,
+        BTreeSet::from([
+            "proxyplans.planproxy.dev".to_owned(),
+            "proxypolicies.planproxy.dev".to_owned()
+        ])
+    );
+    let cluster = Cluster::start(ClusterSpec::network_only(1)).unwrap();
+    let served: BTreeSet<String> = cluster
+        .apiserver()
+        .list("apiextensions.k8s.io/v1", "CustomResourceDefinition")
+        .iter()
+        .filter_map(|c| c.pointer("/metadata/name")?.as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(served, names);
+}
