@@ -970,7 +970,7 @@ mod tests {
     use super::*;
 
     fn api() -> (Api, ResourceId) {
-        let registry = Registry::new(&[]).unwrap();
+        let registry = Registry::new(&[], true).unwrap();
         let res = registry.find("", "v1", "configmaps").unwrap();
         (Api::new(registry, 100, 1), res)
     }
@@ -1071,7 +1071,7 @@ mod tests {
 
     #[test]
     fn a_continue_token_older_than_the_window_is_expired() {
-        let registry = Registry::new(&[]).unwrap();
+        let registry = Registry::new(&[], true).unwrap();
         let res = registry.find("", "v1", "configmaps").unwrap();
         let api = Api::new(registry, 2, 1);
         for i in 0..3 {

@@ -61,9 +61,9 @@
 //!   services), label keys/values and annotation keys (422 Invalid); built-in
 //!   types must decode as their k8s-openapi type (400); custom resources are
 //!   pruned of undeclared fields and validated against the CRD's OpenAPI
-//!   schema (422 Invalid with the field path), including CEL rules in the
-//!   subset [`cel`] implements (others are skipped), structural defaults and
-//!   list-type uniqueness ([`schema`]).
+//!   schema (422 Invalid with the field path), with structural defaults and
+//!   list-type uniqueness ([`schema`]). CEL rules (the subset [`cel`]
+//!   implements) are checked only with [`Config::enforce_cel_rules`].
 //! * Garbage collection: deleting an object deletes (recursively, at once) the
 //!   objects whose ownerReferences name its uid and that have no other live
 //!   owner; `propagationPolicy=Orphan` removes the ownerReference instead.
@@ -149,6 +149,11 @@ pub struct Config {
     pub crds: Vec<CustomResourceDefinition>,
     /// Namespaces created at start.
     pub namespaces: Vec<String>,
+    /// Check CRD CEL rules (`x-kubernetes-validations`, the subset in [`cel`])
+    /// on write, as a real cluster does. Off by default: tests of how the
+    /// controller handles invalid objects need to store objects a real
+    /// cluster's admission would have refused.
+    pub enforce_cel_rules: bool,
 }
 
 impl Default for Config {
@@ -163,6 +168,7 @@ impl Default for Config {
             seed: 0x5eed,
             crds: planproxy_crds::crds(),
             namespaces: vec!["default".into(), "kube-system".into(), "kube-public".into()],
+            enforce_cel_rules: false,
         }
     }
 }
@@ -275,7 +281,7 @@ struct Launched {
 }
 
 async fn launch(config: Config) -> Result<Launched, StartError> {
-    let registry = resources::Registry::new(&config.crds)?;
+    let registry = resources::Registry::new(&config.crds, config.enforce_cel_rules)?;
     let api = Arc::new(Api::new(registry, config.event_window, config.seed));
     let listener = server::bind(config.listen).map_err(|source| StartError::Bind {
         addr: config.listen,

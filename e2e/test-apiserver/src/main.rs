@@ -32,6 +32,9 @@ struct Args {
     /// Events retained per resource type (older resourceVersions get 410).
     #[arg(long, default_value_t = 10_000)]
     event_window: usize,
+    /// Check CRD CEL rules on write, as a real cluster does.
+    #[arg(long)]
+    enforce_cel_rules: bool,
     /// Watch bookmark interval, in milliseconds.
     #[arg(long, default_value_t = 5_000)]
     bookmark_interval_ms: u64,
@@ -51,6 +54,7 @@ async fn main() -> anyhow::Result<()> {
         extra_sans: args.sans,
         event_window: args.event_window,
         bookmark_interval: Duration::from_millis(args.bookmark_interval_ms),
+        enforce_cel_rules: args.enforce_cel_rules,
         ..Config::default()
     })
     .await?;

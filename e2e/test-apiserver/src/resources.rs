@@ -129,8 +129,12 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// The built-in types plus one type per CRD version that is served.
-    pub fn new(crds: &[CustomResourceDefinition]) -> Result<Self, SchemaError> {
+    /// The built-in types plus one type per CRD version that is served; CRD
+    /// CEL rules are checked when `enforce_cel_rules` is set.
+    pub fn new(
+        crds: &[CustomResourceDefinition],
+        enforce_cel_rules: bool,
+    ) -> Result<Self, SchemaError> {
         use NameRule::{Label, Subdomain};
         let mut types = vec![
             builtin(
@@ -252,7 +256,14 @@ impl Registry {
                         .is_some_and(|s| s.status.is_some()),
                     status_on_create: false,
                     name_rule: NameRule::Subdomain,
-                    check: Check::Crd(Box::new(CrdSchema::new(openapi)?)),
+                    check: Check::Crd(Box::new({
+                        let schema = CrdSchema::new(openapi)?;
+                        if enforce_cel_rules {
+                            schema
+                        } else {
+                            schema.without_cel_rules()
+                        }
+                    })),
                 });
             }
         }

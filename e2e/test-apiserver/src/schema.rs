@@ -72,6 +72,12 @@ impl CrdSchema {
         }
     }
 
+    /// The same schema with CEL rules skipped.
+    pub fn without_cel_rules(mut self) -> Self {
+        self.rules.clear();
+        self
+    }
+
     /// Fills in schema `default`s for absent fields, after dropping `null`s of
     /// non-nullable fields, like kube-apiserver's structural defaulting.
     pub fn apply_defaults(&self, object: &mut Value) {

@@ -32,7 +32,11 @@ fn example_documents() -> Vec<(PathBuf, Value)> {
 
 #[test]
 fn every_example_object_is_accepted() {
-    let server = TestApiServer::start_on_thread(Config::default()).unwrap();
+    let server = TestApiServer::start_on_thread(Config {
+        enforce_cel_rules: true,
+        ..Config::default()
+    })
+    .unwrap();
     let docs = example_documents();
     assert!(docs.len() >= 10, "examples found: {}", docs.len());
     for (path, doc) in docs {
@@ -65,7 +69,11 @@ fn every_example_object_is_accepted() {
 
 #[test]
 fn a_policy_breaking_a_cel_rule_is_rejected_with_its_message() {
-    let server = TestApiServer::start_on_thread(Config::default()).unwrap();
+    let server = TestApiServer::start_on_thread(Config {
+        enforce_cel_rules: true,
+        ..Config::default()
+    })
+    .unwrap();
     let policy = json!({
         "apiVersion": "planproxy.dev/v1alpha1",
         "kind": "ProxyPolicy",
@@ -85,4 +93,18 @@ fn a_policy_breaking_a_cel_rule_is_rejected_with_its_message() {
         "{}",
         err.message
     );
+}
+
+#[test]
+fn cel_rules_are_only_checked_when_enforced() {
+    let server = TestApiServer::start_on_thread(Config::default()).unwrap();
+    let policy = json!({
+        "apiVersion": "planproxy.dev/v1alpha1",
+        "kind": "ProxyPolicy",
+        "metadata": {"name": "bad"},
+        "spec": {"nodePortAddresses": ["not-a-cidr"]}
+    });
+    server
+        .create(policy)
+        .expect("stored, as admission was bypassed");
 }
