@@ -386,6 +386,12 @@ fn healthz_fails_while_the_node_terminates_and_livez_does_not() {
         "{metrics}"
     );
     assert!(
+        metrics.contains(
+            "kubeproxy_sync_proxy_rules_iptables_total{ip_family=\"IPv4\",table=\"nat\"}"
+        ),
+        "{metrics}"
+    );
+    assert!(
         metrics.contains("kubeproxy_proxy_healthz_total{code=\"503\"}"),
         "{metrics}"
     );

@@ -31,8 +31,8 @@ pub struct Applied {
     pub duration: Duration,
     /// Time spent waiting for the xtables lock.
     pub lock_wait: Duration,
-    /// Rules the node holds per table (`nat`, `filter`, ...), all families.
-    pub rules_per_table: BTreeMap<String, usize>,
+    /// Rules the node holds, by IP family (`IPv4`, `IPv6`) and table (`nat`, `filter`).
+    pub rules_per_table: BTreeMap<(String, String), usize>,
     /// What each shard (by index) programmed.
     pub per_shard: BTreeMap<u32, ProgrammedSummary>,
     /// Conntrack entries removed after the sync (stale UDP flows).
@@ -58,17 +58,26 @@ impl Kernel for crate::dataplane::DataPlane {
         for skipped in &report.skipped {
             tracing::warn!(%skipped, "service port not programmed");
         }
-        // The data plane reports rule counts per shard, not per table.
-        let rules: usize = report
-            .per_shard
-            .values()
-            .map(|summary| usize::try_from(summary.rules).unwrap_or_default())
-            .sum();
+        let mut rules_per_table = BTreeMap::new();
+        if let Some(rule_set) = self.applied() {
+            for (family, rules) in &rule_set.families {
+                let family = match family {
+                    planproxy_render::Family::V4 => "IPv4",
+                    planproxy_render::Family::V6 => "IPv6",
+                };
+                for table in planproxy_render::Table::ALL {
+                    rules_per_table.insert(
+                        (family.to_owned(), table.as_str().to_owned()),
+                        rules.table(table).rule_count(),
+                    );
+                }
+            }
+        }
         Ok(Applied {
             full: report.full,
             duration: report.duration,
             lock_wait: report.lock_wait,
-            rules_per_table: BTreeMap::from([("all".to_owned(), rules)]),
+            rules_per_table,
             per_shard: report.per_shard,
             conntrack_entries_deleted: report.conntrack_entries_deleted,
         })

@@ -192,9 +192,12 @@ impl AgentMetrics {
         self.inner.last_queued_timestamp.set(unix_now);
     }
 
-    /// The rules of one table after a sync.
-    pub fn set_rules(&self, table: &str, rules: usize) {
-        let labels = vec![("table".to_owned(), table.to_owned())];
+    /// The rules of one family's table after a sync.
+    pub fn set_rules(&self, ip_family: &str, table: &str, rules: usize) {
+        let labels = vec![
+            ("ip_family".to_owned(), ip_family.to_owned()),
+            ("table".to_owned(), table.to_owned()),
+        ];
         self.inner
             .rules_total
             .get_or_create(&labels)
@@ -276,7 +279,7 @@ mod tests {
         let metrics = AgentMetrics::new(&mut registry);
         metrics.sync_succeeded(true, 0.02, 0.001, 1.7e9);
         metrics.restore_failed();
-        metrics.set_rules("nat", 42);
+        metrics.set_rules("IPv4", "nat", 42);
         metrics.network_programmed(0.7);
         let text = encode(&registry);
         for name in [
@@ -285,7 +288,7 @@ mod tests {
             "kubeproxy_sync_partial_proxy_rules_duration_seconds_count 0",
             "kubeproxy_network_programming_duration_seconds_bucket{le=\"1.0\"} 1",
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds 1700000000",
-            "kubeproxy_sync_proxy_rules_iptables_total{table=\"nat\"} 42",
+            "kubeproxy_sync_proxy_rules_iptables_total{ip_family=\"IPv4\",table=\"nat\"} 42",
             "kubeproxy_sync_proxy_rules_iptables_restore_failures_total 1",
             "planproxy_agent_drift_repairs_total 0",
         ] {

@@ -2,7 +2,9 @@
 //! current instant, so every rule below is tested without a clock.
 //!
 //! * A queued change is applied no sooner than `min_sync_period` after the end of
-//!   the previous sync (changes arriving meanwhile coalesce into one sync).
+//!   the previous sync that applied changes (changes arriving meanwhile coalesce
+//!   into one sync). A periodic resync does not open that window: a change right
+//!   after one would otherwise wait for nothing.
 //! * Every `sync_period` a full resync rewrites all our chains (drift repair).
 //! * A failed sync is retried with exponential backoff (from `min_sync_period`,
 //!   at least [`MIN_RETRY`], capped at `sync_period`); the retry is a full sync,
@@ -32,7 +34,7 @@ pub enum Due {
 pub struct SyncSchedule {
     min_sync_period: Duration,
     sync_period: Duration,
-    /// End of the last sync attempt (successful or not).
+    /// End of the last sync that applied changes, or of the last failed attempt.
     last_end: Option<Instant>,
     /// When the current full-resync period started (start-up, or the last full sync).
     period_start: Instant,
@@ -118,7 +120,9 @@ impl SyncSchedule {
     /// A sync that started with the changes queued up to then succeeded at `now`.
     /// Changes queued after `started` stay queued.
     pub fn succeeded(&mut self, started: Instant, now: Instant, full: bool) {
-        self.last_end = Some(now);
+        if self.queued_since.is_some_and(|queued| queued <= started) {
+            self.last_end = Some(now);
+        }
         if full {
             self.period_start = now;
             self.need_full = false;
@@ -230,6 +234,21 @@ mod tests {
         schedule.succeeded(t0, t0 + secs(1), true);
         assert_eq!(schedule.due(t0 + secs(10)), Due::Wait(Some(t0 + secs(31))));
         assert_eq!(schedule.due(t0 + secs(31)), Due::Sync { full: true });
+    }
+
+    #[test]
+    fn periodic_resync_does_not_delay_the_next_change() {
+        let t0 = Instant::now();
+        let mut schedule = SyncSchedule::new(t0, MIN, PERIOD);
+        schedule.queue(t0);
+        schedule.succeeded(t0, t0, true);
+        assert_eq!(schedule.due(t0 + PERIOD), Due::Sync { full: true });
+        schedule.succeeded(t0 + PERIOD, t0 + PERIOD, true);
+        schedule.queue(t0 + PERIOD + millis(10));
+        assert_eq!(
+            schedule.due(t0 + PERIOD + millis(10)),
+            Due::Sync { full: false }
+        );
     }
 
     #[test]

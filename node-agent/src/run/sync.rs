@@ -310,8 +310,8 @@ impl<K: Kernel> SyncLoop<K> {
             applied.lock_wait.as_secs_f64(),
             unix_now,
         );
-        for (table, rules) in &applied.rules_per_table {
-            self.metrics.set_rules(table, *rules);
+        for ((ip_family, table), rules) in &applied.rules_per_table {
+            self.metrics.set_rules(ip_family, table, *rules);
         }
         self.metrics
             .conntrack_deleted(applied.conntrack_entries_deleted);
