@@ -507,7 +507,13 @@ impl Cluster {
                         ready: pod.ready && !pod.terminating,
                         serving: pod.ready,
                         terminating: pod.terminating,
-                        hint_zones: Vec::new(),
+                        // As the EndpointSlice controller does for
+                        // trafficDistribution: each endpoint is hinted for
+                        // its own zone.
+                        hint_zones: match (&service.traffic_distribution, &zone) {
+                            (Some(_), Some(zone)) => vec![zone.clone()],
+                            _ => Vec::new(),
+                        },
                     });
                 }
             }
@@ -791,6 +797,15 @@ impl ClusterApi<'_> {
             return Ok(());
         }
         self.sync_app(&def).await
+    }
+
+    /// Deletes an app: its pods leave the EndpointSlices, then stop.
+    pub async fn delete_app(&self, namespace: &str, app: &str) -> Result<()> {
+        self.scale(namespace, app, 0).await?;
+        lock(&self.cluster.state)
+            .apps
+            .remove(&(namespace.to_owned(), app.to_owned()));
+        Ok(())
     }
 
     /// Marks one replica terminating (ready=false, serving=true,

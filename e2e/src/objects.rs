@@ -75,6 +75,9 @@ pub struct ServiceDef {
     pub external_traffic_policy: Option<String>,
     pub internal_traffic_policy: Option<String>,
     pub session_affinity_timeout: Option<u32>,
+    /// `spec.trafficDistribution` (e.g. `PreferClose`); the EndpointSlice
+    /// controller then hints every endpoint for its own zone.
+    pub traffic_distribution: Option<String>,
     pub external_ips: Vec<String>,
     /// Both families unless restricted.
     pub dual_stack: bool,
@@ -93,6 +96,7 @@ impl ServiceDef {
             external_traffic_policy: None,
             internal_traffic_policy: None,
             session_affinity_timeout: None,
+            traffic_distribution: None,
             external_ips: Vec::new(),
             dual_stack: true,
         }
@@ -129,6 +133,12 @@ impl ServiceDef {
 
     pub fn external_traffic_policy_local(mut self) -> Self {
         self.external_traffic_policy = Some("Local".to_owned());
+        self
+    }
+
+    /// Asks for topology-aware routing (`trafficDistribution: PreferClose`).
+    pub fn prefer_close(mut self) -> Self {
+        self.traffic_distribution = Some("PreferClose".to_owned());
         self
     }
 
@@ -181,6 +191,9 @@ impl ServiceDef {
         }
         spec["internalTrafficPolicy"] =
             json!(self.internal_traffic_policy.as_deref().unwrap_or("Cluster"));
+        if let Some(distribution) = &self.traffic_distribution {
+            spec["trafficDistribution"] = json!(distribution);
+        }
         if let Some(timeout) = self.session_affinity_timeout {
             spec["sessionAffinity"] = json!("ClientIP");
             spec["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": timeout}});

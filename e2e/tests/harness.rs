@@ -221,3 +221,40 @@ fn the_cluster_serves_the_helm_charts_crds() {
         .collect();
     assert_eq!(served, names);
 }
+
+#[test]
+fn prefer_close_services_get_zone_hints_and_deleted_apps_leave_the_slices() {
+    let cluster = Cluster::start(ClusterSpec::network_only(2)).unwrap();
+    cluster
+        .run(|api| async move {
+            api.deploy(&AppDef::new("near", 2, 8080)).await.unwrap();
+            let service = ServiceDef::cluster_ip("default", "near", "near")
+                .tcp("http", 80, 8080)
+                .prefer_close();
+            api.create_service(&service).await.unwrap();
+            let slices: kube::Api<EndpointSlice> =
+                kube::Api::namespaced(api.client.clone(), "default");
+            let slice = slices.get("near-ipv4").await.unwrap();
+            let hints: BTreeSet<(Option<String>, String)> = slice
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let zone = e.hints.clone().unwrap().for_zones.unwrap()[0].name.clone();
+                    (e.zone.clone(), zone)
+                })
+                .collect();
+            assert_eq!(
+                hints,
+                BTreeSet::from([
+                    (Some("zone-a".to_owned()), "zone-a".to_owned()),
+                    (Some("zone-b".to_owned()), "zone-b".to_owned()),
+                ])
+            );
+
+            api.delete_app("default", "near").await.unwrap();
+            let slice = slices.get("near-ipv4").await.unwrap();
+            assert!(slice.endpoints.is_empty(), "{slice:?}");
+        })
+        .unwrap();
+    assert!(cluster.ready_pod_names("default", "near").is_empty());
+}
