@@ -1,0 +1,531 @@
+//! Rendering behaviour, one kube-proxy semantic per test.
+
+use planproxy_crds::ProxyPlanSpec;
+use planproxy_crds::v1alpha1::{
+    ClientIpAffinity, EndpointPlan, EndpointSelection, EndpointSet, LocalTrafficDetectorMode,
+    NoEndpointsAction, NodeSettings, ProgrammedSummary, Protocol, ResolvedLocalTrafficDetector,
+    ServicePortPlan, ShardInfo, TrafficPolicy,
+};
+use planproxy_render::hash::service_port_hash;
+use planproxy_render::{
+    Family, PlanError, RenderOptions, Rendered, TableRules, probability, render,
+};
+
+fn ep(ip: &str, local: bool) -> EndpointPlan {
+    EndpointPlan {
+        ip: ip.into(),
+        port: 8080,
+        local,
+        ready: true,
+        serving: true,
+        terminating: false,
+    }
+}
+
+fn set(endpoints: Vec<EndpointPlan>) -> Option<EndpointSet> {
+    Some(EndpointSet {
+        selection: if endpoints.is_empty() {
+            EndpointSelection::None
+        } else {
+            EndpointSelection::Ready
+        },
+        endpoints,
+    })
+}
+
+fn svc(name: &str, cluster_ip: &str, endpoints: Vec<EndpointPlan>) -> ServicePortPlan {
+    ServicePortPlan {
+        namespace: "ns1".into(),
+        name: name.into(),
+        protocol: Protocol::Tcp,
+        cluster_ips: vec![cluster_ip.into()],
+        port: 80,
+        external_traffic_policy: TrafficPolicy::Cluster,
+        internal_traffic_policy: TrafficPolicy::Cluster,
+        no_endpoints_action: NoEndpointsAction::Reject,
+        has_endpoints: !endpoints.is_empty(),
+        cluster_endpoints: set(endpoints),
+        ..Default::default()
+    }
+}
+
+fn spec(service_ports: Vec<ServicePortPlan>) -> ProxyPlanSpec {
+    ProxyPlanSpec {
+        node_name: "node-a".into(),
+        shard: ShardInfo {
+            index: 0,
+            count: 1,
+            generation: 1,
+        },
+        settings: NodeSettings {
+            masquerade_bit: 14,
+            local_traffic_detector: ResolvedLocalTrafficDetector {
+                mode: LocalTrafficDetectorMode::ClusterCidr,
+                cidrs: vec!["10.244.0.0/16".into()],
+            },
+            node_ips: vec!["192.168.1.10".into()],
+            min_sync_period: "1s".into(),
+            sync_period: "30s".into(),
+            ..Default::default()
+        },
+        service_ports,
+    }
+}
+
+fn rendered(spec: ProxyPlanSpec) -> Rendered {
+    render(&[spec], &RenderOptions::default()).expect("the plan must render")
+}
+
+fn v4(r: &Rendered) -> (&TableRules, &TableRules) {
+    let f = &r.rule_set.families[&Family::V4];
+    (&f.nat, &f.filter)
+}
+
+fn chain<'a>(t: &'a TableRules, name: &str) -> &'a [String] {
+    &t.chains
+        .get(name)
+        .unwrap_or_else(|| panic!("chain {name} missing; have {:?}", t.chains.keys()))
+        .rules
+}
+
+fn svc_chain(kind: &str, name: &str) -> String {
+    format!(
+        "PPX-{kind}-{}",
+        service_port_hash(&format!("ns1/{name}"), "tcp")
+    )
+}
+
+#[test]
+fn service_without_endpoints_rejects_and_creates_no_nat_chains() {
+    let r = rendered(spec(vec![svc("empty", "10.96.0.1", vec![])]));
+    let (nat, filter) = v4(&r);
+    assert!(
+        chain(filter, "PPX-SERVICES")
+            .iter()
+            .any(|rule| rule.contains("-d 10.96.0.1/32 --dport 80 -j REJECT")
+                && rule.contains("\"ns1/empty has no endpoints\""))
+    );
+    assert!(
+        !nat.chains
+            .keys()
+            .any(|c| c.starts_with("PPX-SVC-") || c.starts_with("PPX-EXT-"))
+    );
+    assert!(
+        !chain(nat, "PPX-SERVICES")
+            .iter()
+            .any(|rule| rule.contains("10.96.0.1"))
+    );
+}
+
+#[test]
+fn the_drop_action_drops_services_without_endpoints() {
+    let mut s = svc("empty", "10.96.0.1", vec![]);
+    s.no_endpoints_action = NoEndpointsAction::Drop;
+    s.node_port = Some(30001);
+    let r = rendered(spec(vec![s]));
+    let (_, filter) = v4(&r);
+    assert!(
+        chain(filter, "PPX-SERVICES")
+            .iter()
+            .all(|rule| rule.ends_with("-j DROP"))
+    );
+    assert!(chain(filter, "PPX-EXTERNAL-SERVICES")
+        .iter()
+        .any(|rule| rule.contains("--dst-type LOCAL") && rule.contains("--dport 30001 -j DROP")));
+}
+
+#[test]
+fn has_endpoints_false_wins_over_listed_endpoints() {
+    let mut s = svc("stale", "10.96.0.1", vec![ep("10.244.1.5", false)]);
+    s.has_endpoints = false;
+    let r = rendered(spec(vec![s]));
+    let (nat, filter) = v4(&r);
+    assert!(
+        chain(filter, "PPX-SERVICES")
+            .iter()
+            .any(|rule| rule.ends_with("-j REJECT"))
+    );
+    assert!(!nat.chains.contains_key(&svc_chain("SVC", "stale")));
+}
+
+#[test]
+fn internal_local_policy_without_local_endpoints_drops_the_cluster_ip() {
+    let mut s = svc("itp", "10.96.0.1", vec![ep("10.244.1.5", false)]);
+    s.internal_traffic_policy = TrafficPolicy::Local;
+    s.cluster_endpoints = None;
+    s.local_endpoints = set(vec![]);
+    s.has_endpoints = true;
+    let r = rendered(spec(vec![s]));
+    let (_, filter) = v4(&r);
+    assert!(chain(filter, "PPX-SERVICES").iter().any(|rule| {
+        rule.contains("\"ns1/itp has no local endpoints\"") && rule.ends_with("-j DROP")
+    }));
+}
+
+#[test]
+fn external_local_policy_sends_outside_traffic_only_to_local_endpoints() {
+    let mut s = svc(
+        "etp",
+        "10.96.0.1",
+        vec![ep("10.244.0.5", true), ep("10.244.1.5", false)],
+    );
+    s.node_port = Some(30080);
+    s.external_traffic_policy = TrafficPolicy::Local;
+    s.local_endpoints = set(vec![ep("10.244.0.5", true)]);
+    let r = rendered(spec(vec![s]));
+    let (nat, _) = v4(&r);
+    let ext = chain(nat, &svc_chain("EXT", "etp"));
+    let svl = svc_chain("SVL", "etp");
+    let svc_name = svc_chain("SVC", "etp");
+    // Pods short-circuit to every endpoint, the node's own traffic is masqueraded
+    // and short-circuited, and everything else reaches only local endpoints.
+    assert!(ext[0].contains("-s 10.244.0.0/16") && ext[0].ends_with(&format!("-j {svc_name}")));
+    assert!(ext[1].contains("--src-type LOCAL -j PPX-MARK-MASQ"));
+    assert!(ext[2].contains("--src-type LOCAL") && ext[2].ends_with(&format!("-j {svc_name}")));
+    assert_eq!(ext[3], format!("-j {svl}"));
+    let local = chain(nat, &svl);
+    assert_eq!(local.len(), 1);
+    assert!(local[0].contains("10.244.0.5:8080"));
+    assert!(
+        !ext.iter()
+            .any(|r| r.contains("-j PPX-MARK-MASQ") && !r.contains("LOCAL")),
+        "external clients must keep their address"
+    );
+}
+
+#[test]
+fn external_local_policy_without_local_endpoints_drops_outside_traffic() {
+    let mut s = svc("etp", "10.96.0.1", vec![ep("10.244.1.5", false)]);
+    s.node_port = Some(30080);
+    s.external_traffic_policy = TrafficPolicy::Local;
+    s.local_endpoints = set(vec![]);
+    let r = rendered(spec(vec![s]));
+    let (nat, filter) = v4(&r);
+    assert!(
+        chain(filter, "PPX-EXTERNAL-SERVICES")
+            .iter()
+            .any(|rule| rule.contains("has no local endpoints")
+                && rule.contains("--dport 30080 -j DROP"))
+    );
+    // Pods and the node itself still reach the cluster-wide endpoints.
+    let ext = chain(nat, &svc_chain("EXT", "etp"));
+    assert!(ext.iter().any(|rule| rule.contains("-s 10.244.0.0/16")));
+    assert!(!ext.iter().any(|rule| rule.contains("PPX-SVL-")));
+}
+
+#[test]
+fn off_cluster_sources_are_masqueraded_for_cluster_ips() {
+    let r = rendered(spec(vec![svc(
+        "web",
+        "10.96.0.1",
+        vec![ep("10.244.1.5", false)],
+    )]));
+    let (nat, _) = v4(&r);
+    let rules = chain(nat, &svc_chain("SVC", "web"));
+    assert!(
+        rules[0].contains("-d 10.96.0.1/32 --dport 80 ! -s 10.244.0.0/16 -j PPX-MARK-MASQ"),
+        "{}",
+        rules[0]
+    );
+}
+
+#[test]
+fn masquerade_all_marks_every_source() {
+    let mut s = svc("web", "10.96.0.1", vec![ep("10.244.1.5", false)]);
+    s.masquerade_all = true;
+    let r = rendered(spec(vec![s]));
+    let (nat, _) = v4(&r);
+    let rules = chain(nat, &svc_chain("SVC", "web"));
+    assert!(
+        rules[0].ends_with("--dport 80 -j PPX-MARK-MASQ"),
+        "{}",
+        rules[0]
+    );
+}
+
+#[test]
+fn without_a_local_traffic_detector_cluster_ip_traffic_is_not_masqueraded() {
+    let mut plan = spec(vec![svc("web", "10.96.0.1", vec![ep("10.244.1.5", false)])]);
+    plan.settings.local_traffic_detector = ResolvedLocalTrafficDetector {
+        mode: LocalTrafficDetectorMode::None,
+        cidrs: vec![],
+    };
+    let r = rendered(plan);
+    let (nat, _) = v4(&r);
+    assert!(
+        !chain(nat, &svc_chain("SVC", "web"))
+            .iter()
+            .any(|rule| rule.contains("PPX-MARK-MASQ"))
+    );
+}
+
+#[test]
+fn remote_endpoints_are_dnated_inline_and_local_ones_get_a_hairpin_chain() {
+    let r = rendered(spec(vec![svc(
+        "web",
+        "10.96.0.1",
+        vec![ep("10.244.0.5", true), ep("10.244.1.5", false)],
+    )]));
+    let (nat, _) = v4(&r);
+    let rules = chain(nat, &svc_chain("SVC", "web"));
+    let local_jump = &rules[1];
+    let sep = local_jump.rsplit("-j ").next().expect("a jump");
+    assert!(sep.starts_with("PPX-SEP-"));
+    assert!(
+        rules[2].ends_with("-m tcp -p tcp -j DNAT --to-destination 10.244.1.5:8080"),
+        "{}",
+        rules[2]
+    );
+    let hairpin = chain(nat, sep);
+    assert!(hairpin[0].contains("-s 10.244.0.5/32 -j PPX-MARK-MASQ"));
+    assert!(hairpin[1].ends_with("-j DNAT --to-destination 10.244.0.5:8080"));
+    // One chain per service plus one per local endpoint: no chain per remote endpoint.
+    assert_eq!(
+        nat.chains
+            .keys()
+            .filter(|c| c.starts_with("PPX-SEP-"))
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn endpoint_probabilities_follow_kube_proxy_series() {
+    for (n, want) in [
+        (1, "1.0000000000"),
+        (2, "0.5000000000"),
+        (10, "0.1000000000"),
+        (1000, "0.0010000000"),
+        (100_000, "0.0000100000"),
+        (100_001, "0.0000099999"),
+    ] {
+        assert_eq!(probability(n), want);
+    }
+    let eps = ["10.244.1.2", "10.244.1.10", "10.244.1.3", "10.244.1.4"]
+        .iter()
+        .map(|ip| ep(ip, false))
+        .collect();
+    let r = rendered(spec(vec![svc("web", "10.96.0.1", eps)]));
+    let (nat, _) = v4(&r);
+    let rules = &chain(nat, &svc_chain("SVC", "web"))[1..];
+    // Sorted as strings: 10.244.1.10 before 10.244.1.2.
+    assert!(
+        rules[0].contains("10.244.1.10:8080") && rules[0].contains("--probability 0.2500000000")
+    );
+    assert!(
+        rules[1].contains("10.244.1.2:8080") && rules[1].contains("--probability 0.3333333333")
+    );
+    assert!(
+        rules[2].contains("10.244.1.3:8080") && rules[2].contains("--probability 0.5000000000")
+    );
+    assert!(rules[3].contains("10.244.1.4:8080") && !rules[3].contains("statistic"));
+}
+
+#[test]
+fn affinity_checks_precede_the_random_choice_and_refresh_on_every_connection() {
+    let mut s = svc(
+        "sticky",
+        "10.96.0.1",
+        vec![ep("10.244.1.5", false), ep("10.244.1.6", false)],
+    );
+    s.session_affinity = Some(ClientIpAffinity {
+        timeout_seconds: 300,
+    });
+    let r = rendered(spec(vec![s]));
+    let (nat, _) = v4(&r);
+    let rules = &chain(nat, &svc_chain("SVC", "sticky"))[1..];
+    for check in &rules[..2] {
+        assert!(
+            check.contains("--rcheck --seconds 300 --reap")
+                && check.contains("--set")
+                && check.contains("DNAT"),
+            "{check}"
+        );
+    }
+    for choice in &rules[2..] {
+        assert!(
+            choice.contains("--set") && !choice.contains("--rcheck"),
+            "{choice}"
+        );
+    }
+    // The check and the choice for one endpoint use the same list.
+    let list = |rule: &str| {
+        rule.split("--name ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .map(str::to_owned)
+    };
+    assert_eq!(list(&rules[0]), list(&rules[2]));
+}
+
+#[test]
+fn an_invalid_service_port_is_skipped_with_its_field_and_the_rest_is_rendered() {
+    let mut bad = svc("bad", "10.96.0.999", vec![ep("10.244.1.5", false)]);
+    bad.namespace = "ns1".into();
+    let r = rendered(spec(vec![
+        bad,
+        svc("good", "10.96.0.2", vec![ep("10.244.1.5", false)]),
+    ]));
+    assert_eq!(r.skipped.len(), 1);
+    let skipped = r.skipped[0].to_string();
+    assert!(
+        skipped.contains("ns1/bad") && skipped.contains("spec.servicePorts[0].clusterIPs[0]"),
+        "{skipped}"
+    );
+    let (nat, _) = v4(&r);
+    assert!(nat.chains.contains_key(&svc_chain("SVC", "good")));
+}
+
+#[test]
+fn names_that_could_inject_rules_are_rejected() {
+    for evil in [
+        "web\" -j ACCEPT \"",
+        "web\n-A INPUT -j ACCEPT",
+        "Web",
+        "-web",
+        "",
+    ] {
+        let r = rendered(spec(vec![svc(
+            evil,
+            "10.96.0.1",
+            vec![ep("10.244.1.5", false)],
+        )]));
+        assert_eq!(r.skipped.len(), 1, "{evil:?} was accepted");
+        assert!(r.skipped[0].field.ends_with(".name"));
+        assert!(
+            !r.skipped[0].to_string().contains('\n'),
+            "error messages stay on one line"
+        );
+    }
+    let mut port = svc("web", "10.96.0.1", vec![]);
+    port.port_name = "http\"x".into();
+    assert_eq!(
+        rendered(spec(vec![port])).skipped[0].field,
+        "spec.servicePorts[0].portName"
+    );
+}
+
+#[test]
+fn an_incomplete_or_mixed_shard_set_is_refused() {
+    let mut one = spec(vec![]);
+    one.shard.count = 2;
+    assert!(matches!(
+        render(&[one.clone()], &RenderOptions::default()),
+        Err(PlanError::IncompleteShards(_))
+    ));
+    let mut other = one.clone();
+    other.shard.index = 1;
+    other.shard.generation = 2;
+    assert!(matches!(
+        render(&[one.clone(), other.clone()], &RenderOptions::default()),
+        Err(PlanError::IncompleteShards(_))
+    ));
+    other.shard.generation = 1;
+    assert!(render(&[one, other], &RenderOptions::default()).is_ok());
+    assert!(matches!(
+        render(&[], &RenderOptions::default()),
+        Err(PlanError::NoShards)
+    ));
+}
+
+#[test]
+fn invalid_node_settings_are_refused_with_the_field() {
+    let mut plan = spec(vec![]);
+    plan.settings.masquerade_bit = 40;
+    match render(&[plan], &RenderOptions::default()) {
+        Err(PlanError::InvalidSettings { field, .. }) => {
+            assert_eq!(field, "spec.settings.masqueradeBit")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn node_port_addresses_restrict_node_ports_to_matching_node_ips() {
+    let mut plan = spec(vec![]);
+    plan.settings.node_port_addresses = vec!["192.168.1.0/24".into()];
+    plan.settings.node_ips = vec!["192.168.1.10".into(), "10.0.0.5".into()];
+    let r = rendered(plan);
+    let (nat, _) = v4(&r);
+    let tail: Vec<_> = chain(nat, "PPX-SERVICES")
+        .iter()
+        .filter(|r| r.ends_with("-j PPX-NODEPORTS"))
+        .collect();
+    assert_eq!(tail.len(), 1);
+    assert!(tail[0].contains("-d 192.168.1.10/32"));
+}
+
+#[test]
+fn source_ranges_that_contain_the_node_also_admit_the_vip_as_source() {
+    let mut s = svc("lb", "10.96.0.1", vec![ep("10.244.1.5", false)]);
+    s.load_balancer_ips = vec!["203.0.113.7".into()];
+    s.load_balancer_source_ranges = vec!["192.168.1.0/24".into()];
+    let r = rendered(spec(vec![s]));
+    let (nat, filter) = v4(&r);
+    let fw = chain(nat, &svc_chain("FW", "lb"));
+    assert!(fw[0].contains("-s 192.168.1.0/24 -j PPX-EXT-"));
+    assert!(fw[1].contains("-s 203.0.113.7/32 -j PPX-EXT-"));
+    assert!(
+        !fw[2].contains("-j "),
+        "the last rule only documents the drop"
+    );
+    assert!(
+        chain(filter, "PPX-PROXY-FIREWALL")
+            .iter()
+            .any(|r| r.contains("-d 203.0.113.7/32 --dport 80 -j DROP"))
+    );
+}
+
+#[test]
+fn a_service_of_the_other_family_is_not_rendered() {
+    let s = svc("v6only", "fd00:96::1", vec![ep("fd00:244::5", false)]);
+    let r = rendered(spec(vec![s]));
+    let (nat4, _) = v4(&r);
+    assert!(!nat4.chains.contains_key(&svc_chain("SVC", "v6only")));
+    let nat6 = &r.rule_set.families[&Family::V6].nat;
+    assert!(
+        chain(nat6, &svc_chain("SVC", "v6only"))
+            .iter()
+            .any(|r| r.contains("--to-destination [fd00:244::5]:8080"))
+    );
+}
+
+#[test]
+fn per_shard_summaries_count_what_each_shard_programs() {
+    let mut a = spec(vec![svc(
+        "a",
+        "10.96.0.1",
+        vec![ep("10.244.1.5", false), ep("10.244.1.6", false)],
+    )]);
+    a.shard.count = 2;
+    let mut b = spec(vec![
+        svc("b", "10.96.0.2", vec![]),
+        svc("c", "10.96.0.3", vec![ep("10.244.1.5", true)]),
+    ]);
+    b.shard = ShardInfo {
+        index: 1,
+        count: 2,
+        generation: 1,
+    };
+    let r = render(&[a, b], &RenderOptions::default()).expect("renders");
+    assert_eq!(
+        r.per_shard[&0],
+        // SVC chain: masquerade + 2 endpoint rules; PPX-SERVICES: 1 dispatch rule.
+        ProgrammedSummary {
+            service_ports: 1,
+            endpoints: 2,
+            rules: 4,
+            chains: 1
+        }
+    );
+    // b: 1 REJECT; c: dispatch + SVC (masquerade + jump) + SEP (hairpin + DNAT).
+    assert_eq!(
+        r.per_shard[&1],
+        ProgrammedSummary {
+            service_ports: 2,
+            endpoints: 1,
+            rules: 6,
+            chains: 2
+        }
+    );
+}
