@@ -498,3 +498,104 @@ fn sigterm_exits_zero_and_leaves_the_rules_serving() {
     );
     assert_eq!(cluster.connect(cluster_ip_addr()).server(), Some("backend"));
 }
+
+#[test]
+fn steady_state_writes_no_status_heartbeats() {
+    let mut cluster = Cluster::start();
+    // Full resyncs every second: none of them may rewrite the status.
+    let spec = plan(
+        vec![service(
+            "web",
+            CLUSTER_IP,
+            vec![endpoint(cluster.pod_ip(), true)],
+        )],
+        "1s",
+    );
+    cluster.put_plan(&spec);
+    cluster.start_agent();
+    must(
+        wait_for(Duration::from_secs(20), || cluster.programmed_hash(&spec)),
+        "programmed",
+        &cluster,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        cluster
+            .server
+            .request_count("patch", "proxyplans.planproxy.dev/status")
+            > 0,
+        "the Programmed status was written through this counter"
+    );
+    cluster.server.reset_request_counts();
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        cluster
+            .server
+            .request_count("patch", "proxyplans.planproxy.dev/status"),
+        0,
+        "{}",
+        cluster.agent_log()
+    );
+    assert!(
+        cluster.agent_log().matches("rules programmed").count() >= 3,
+        "the periodic resyncs ran"
+    );
+}
+
+#[test]
+fn explain_shows_the_services_rules_with_the_kernels_packet_counters() {
+    let mut cluster = Cluster::start();
+    let spec = plan(
+        vec![service(
+            "web",
+            CLUSTER_IP,
+            vec![endpoint(cluster.pod_ip(), true)],
+        )],
+        "30s",
+    );
+    cluster.put_plan(&spec);
+    cluster.start_agent();
+    must(
+        wait_for(Duration::from_secs(20), || {
+            cluster.connect(cluster_ip_addr()).server() == Some("backend")
+        }),
+        "traffic flows",
+        &cluster,
+    );
+    for _ in 0..3 {
+        assert!(cluster.connect(cluster_ip_addr()).is_ok());
+    }
+    let mut plan_file = tempfile::NamedTempFile::new().expect("a temp file");
+    let object = serde_json::to_string(&cluster.plan_object()).expect("json");
+    std::io::Write::write_all(&mut plan_file, object.as_bytes()).expect("write the plan file");
+    let path = plan_file.path().to_string_lossy().into_owned();
+    let text = cluster
+        .node_ns()
+        .exec_ok(&[
+            env!("CARGO_BIN_EXE_planproxy-agent"),
+            "explain",
+            "default/web",
+            "--plan-file",
+            &path,
+        ])
+        .expect("explain runs");
+    assert!(
+        text.contains("cluster IP        10.96.0.10:80/tcp"),
+        "{text}"
+    );
+    assert!(text.contains("cluster-wide set: Ready"), "{text}");
+    let entry = text
+        .lines()
+        .find(|line| line.contains("-A PPX-SERVICES") && line.contains("default/web cluster IP"))
+        .unwrap_or_else(|| panic!("the entry rule is shown:\n{text}"));
+    let packets: u64 = entry
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_default();
+    assert!(
+        packets >= 4,
+        "the entry rule counted the connections: {entry}"
+    );
+    assert!(!text.contains("not in the kernel"), "{text}");
+}
