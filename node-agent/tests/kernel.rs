@@ -734,3 +734,50 @@ fn internal_local_policy_without_local_endpoints_drops() {
         Attempt::Timeout
     );
 }
+
+#[test]
+fn legacy_restores_wait_for_the_xtables_lock_and_report_the_wait() {
+    let t = topology(1, 0, 0);
+    let n1 = t.node(1);
+    // A private lock file (iptables honours XTABLES_LOCKFILE), so the test never
+    // holds up anyone else's iptables.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let lock_path = dir.path().join("xtables.lock");
+    let lock = std::fs::File::create(&lock_path).expect("lock file");
+    lock.lock().expect("the test takes the lock first");
+    let file = PlanFile::new(&plan(n1, vec![service("web", &["10.96.0.10"], vec![])]));
+    let holder = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        drop(lock);
+    });
+    let out = n1
+        .ns
+        .command(&[
+            env!("CARGO_BIN_EXE_planproxy-agent"),
+            "apply",
+            "--backend",
+            "legacy",
+            "--plan",
+            &file.path.to_string_lossy(),
+        ])
+        .env("XTABLES_LOCKFILE", &lock_path)
+        .output()
+        .expect("apply must start");
+    holder.join().expect("lock holder");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let waited: f64 = stdout
+        .split("lock wait ")
+        .nth(1)
+        .and_then(|s| s.split('s').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no lock wait in {stdout}"));
+    assert!(
+        (0.8..5.0).contains(&waited),
+        "reported lock wait {waited}s, the lock was held 1s"
+    );
+}

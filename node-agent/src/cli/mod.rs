@@ -120,7 +120,7 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
             eprintln!("skipped: {skipped}");
         }
         println!(
-            "applied ({} backend, {}): {} rules in {} chains, {} chains deleted, {} stale UDP flows deleted, in {:?} (lock wait {:?})",
+            "applied ({} backend, {}): {} rules in {} chains, {} chains deleted, {} stale UDP flows deleted, in {:.3}s (lock wait {:.3}s)",
             dataplane.backend(),
             dataplane
                 .families()
@@ -132,8 +132,8 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
             report.chains_written,
             report.chains_deleted,
             report.conntrack_entries_deleted,
-            report.duration,
-            report.lock_wait,
+            report.duration.as_secs_f64(),
+            report.lock_wait.as_secs_f64(),
         );
         Ok(())
     })())

@@ -21,8 +21,8 @@ use iptables::IPTables;
 use planproxy_crds::v1alpha1::ProgrammedSummary;
 use planproxy_render::hash::CHAIN_PREFIX;
 use planproxy_render::{
-    FamilyRules, Layout, RenderOptions, RestoreInput, RuleSet, Table, chains, restore_full,
-    restore_incremental,
+    FamilyRules, Layout, PlanError, RenderOptions, RestoreInput, RuleSet, Table, chains,
+    restore_full, restore_incremental,
 };
 
 pub use planproxy_render::Family;
@@ -124,7 +124,10 @@ pub enum Error {
     /// node-wide settings are invalid). Invalid service ports do not cause this:
     /// they are skipped and listed in [`SyncReport::skipped`].
     #[error("invalid plan: {0}")]
-    InvalidPlan(String),
+    InvalidPlan(#[from] PlanError),
+    /// [`DataPlane::verify`] was called before any successful sync.
+    #[error("nothing has been synced yet")]
+    NotSynced,
     /// After a restore, the kernel does not hold what was written.
     #[error("{family} {table}: read back differs from what was written: {detail}")]
     Verify {
@@ -139,7 +142,7 @@ pub enum Error {
 
 impl Error {
     /// A short, stable label for metrics (`restore`, `command`, `spawn`, `backend`,
-    /// `invalid_plan`, `verify`).
+    /// `invalid_plan`, `not_synced`, `verify`).
     pub fn kind(&self) -> &'static str {
         match self {
             Error::Restore { .. } => "restore",
@@ -147,6 +150,7 @@ impl Error {
             Error::Spawn { .. } => "spawn",
             Error::Backend(_) => "backend",
             Error::InvalidPlan(_) => "invalid_plan",
+            Error::NotSynced => "not_synced",
             Error::Verify { .. } => "verify",
         }
     }
@@ -164,6 +168,8 @@ pub struct DataPlane {
     /// The UDP frontends of the last synced plan, to clean flows of services that
     /// disappear from it.
     udp_frontends: BTreeMap<Family, BTreeSet<SocketAddr>>,
+    /// Lock wait spent outside a sync (at start), added to the next report.
+    unreported_lock_wait: Duration,
 }
 
 /// The canary chain's only rule: a flush of our chains empties it, a delete
@@ -177,6 +183,9 @@ impl DataPlane {
             Some(b) => b,
             None => backend::detect()?,
         };
+        // The support checks below take the xtables lock too; that wait is
+        // reported with the first sync.
+        let lock_wait = exec::wait_for_xtables_lock(backend);
         let families: Vec<Family> = if config.families.is_empty() {
             Family::ALL
                 .into_iter()
@@ -197,6 +206,7 @@ impl DataPlane {
             families,
             applied: None,
             udp_frontends: BTreeMap::new(),
+            unreported_lock_wait: lock_wait,
         })
     }
 
@@ -245,13 +255,13 @@ impl DataPlane {
             layout: self.layout,
             families: self.families.clone(),
         };
-        let rendered = planproxy_render::render(shards, &options)
-            .map_err(|e| Error::InvalidPlan(e.to_string()))?;
+        let rendered = planproxy_render::render(shards, &options)?;
         let previous = self.applied.take();
         let full = full || previous.is_none();
         span.record("full", full);
         let mut report = SyncReport {
             full,
+            lock_wait: std::mem::take(&mut self.unreported_lock_wait),
             ..Default::default()
         };
 
@@ -261,6 +271,7 @@ impl DataPlane {
                 continue;
             };
             if full {
+                report.lock_wait += exec::wait_for_xtables_lock(self.backend);
                 self.ensure_base(family, next)?;
             }
             for table in Table::ALL {
@@ -394,7 +405,7 @@ impl DataPlane {
     /// its number of rules, and every jump from the built-in chains.
     pub fn verify(&self) -> Result<(), Error> {
         let Some(applied) = &self.applied else {
-            return Err(Error::InvalidPlan("nothing has been synced yet".into()));
+            return Err(Error::NotSynced);
         };
         for (family, rules) in &applied.families {
             let programs = self.backend.programs(*family);
