@@ -372,7 +372,7 @@ impl Index {
         let hash = shard::service_hash(key);
         if let Some(old) = old {
             for i in &old.policies {
-                self.matched_services[*i] -= 1;
+                self.matched_services[*i] = self.matched_services[*i].saturating_sub(1);
             }
         }
         match new {
@@ -679,16 +679,15 @@ impl Index {
     /// The full current result, same as [`crate::resolve`] over the same objects
     /// (as of the last flush).
     pub fn resolution(&self) -> Resolution {
-        let plans = self
-            .plans
-            .iter()
-            .map(|(name, plan)| {
-                let shards = (0..plan.layout.count)
-                    .map(|i| self.build_shard(plan, i).0)
-                    .collect();
-                (name.clone(), shards)
-            })
-            .collect();
+        let nodes: Vec<(&String, &NodePlan)> = self.plans.iter().collect();
+        let plans = parallel_map(&nodes, |(name, plan)| {
+            let shards = (0..plan.layout.count)
+                .map(|i| self.build_shard(plan, i).0)
+                .collect();
+            ((*name).clone(), shards)
+        })
+        .into_iter()
+        .collect();
         Resolution {
             plans,
             policies: self.reports.clone(),
