@@ -71,6 +71,12 @@ fn one_service_change_rewrites_one_shard_per_node() {
     assert_eq!(nodes, ["n0", "n1", "n2"]);
     for shard in &changes.upserts {
         assert!(shard.spec.service_ports.iter().any(|p| p.name == "svc-7"));
+        // Only the changed service's shard is rewritten, not the node's whole plan.
+        assert!(
+            shard.spec.service_ports.len() < 100 / 4,
+            "{} ports rewritten",
+            shard.spec.service_ports.len()
+        );
     }
 }
 
