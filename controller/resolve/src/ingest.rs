@@ -82,8 +82,10 @@ impl Family {
 /// Why a Service is not proxied at all.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SkipReason {
-    /// `clusterIP: None` or no cluster IP.
+    /// `clusterIP: None`.
     Headless,
+    /// No cluster IP allocated (only seen in manifests that were never applied).
+    NoClusterIp,
     /// `type: ExternalName`.
     ExternalName,
     /// Labelled for another service proxy.
@@ -282,6 +284,13 @@ pub fn service(svc: &Service) -> (Option<ServiceModel>, Vec<Problem>) {
     let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
 
     model.skip = skip_reason(&model.labels, spec, service_type);
+    if model.skip == Some(SkipReason::NoClusterIp) {
+        reporter.report(
+            ProblemKind::InvalidValue,
+            "spec.clusterIP",
+            "no cluster IP allocated; the service is not proxied",
+        );
+    }
     if model.skip.is_some() {
         return (Some(model), reporter.problems);
     }
@@ -478,8 +487,11 @@ fn skip_reason(
         .or(spec.cluster_ip.as_ref())
         .map(String::as_str)
         .unwrap_or_default();
-    if first_ip.is_empty() || first_ip == "None" {
+    if first_ip == "None" {
         return Some(SkipReason::Headless);
+    }
+    if first_ip.is_empty() {
+        return Some(SkipReason::NoClusterIp);
     }
     None
 }

@@ -264,3 +264,13 @@ fn sctp_ports_are_proxied_and_unknown_protocols_reported() {
     assert_eq!(res.problems.len(), 1);
     assert_eq!(res.problems[0].field, "spec.ports[1].protocol");
 }
+
+#[test]
+fn a_service_without_an_allocated_cluster_ip_is_reported() {
+    let mut svc = mk_service("default", "web", "", &[("http", 80)]);
+    spec(&mut svc).cluster_ips = None;
+    let res = resolve_two_nodes(vec![svc], vec![]);
+    assert!(ports_on(&res, "n1").is_empty());
+    assert_eq!(res.problems.len(), 1);
+    assert_eq!(res.problems[0].field, "spec.clusterIP");
+}
