@@ -11,6 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use std::os::fd::AsFd;
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::error::{NetnsError, Result};
@@ -320,9 +324,38 @@ pub mod here {
     }
 }
 
+/// Connects within `timeout`. Unlike `Socket::connect_timeout`, a signal
+/// arriving while waiting (EINTR) is not an outcome: the wait resumes.
+fn connect_within(socket: &Socket, addr: SocketAddr, timeout: Duration) -> std::io::Result<()> {
+    let deadline = Instant::now() + timeout;
+    socket.set_nonblocking(true)?;
+    match socket.connect(&SockAddr::from(addr)) {
+        Ok(()) => return socket.set_nonblocking(false),
+        Err(e) if e.raw_os_error() == Some(Errno::EINPROGRESS as i32) => {}
+        Err(e) => return Err(e),
+    }
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(ErrorKind::TimedOut.into());
+        }
+        let wait = PollTimeout::try_from(remaining).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLOUT)];
+        match poll(&mut fds, wait) {
+            Ok(0) | Err(Errno::EINTR) => continue,
+            Ok(_) => break,
+            Err(errno) => return Err(errno.into()),
+        }
+    }
+    if let Some(error) = socket.take_error()? {
+        return Err(error);
+    }
+    socket.set_nonblocking(false)
+}
+
 fn tcp_attempt(socket: Socket, addr: SocketAddr, opts: &ConnectOpts) -> Attempt {
     let started = Instant::now();
-    if let Err(e) = socket.connect_timeout(&SockAddr::from(addr), opts.timeout) {
+    if let Err(e) = connect_within(&socket, addr, opts.timeout) {
         return Attempt::from_io(&e);
     }
     let connect_time = started.elapsed();
@@ -364,12 +397,26 @@ fn udp_attempt(socket: Socket, addr: SocketAddr, opts: &ConnectOpts) -> Attempt 
         return Attempt::from_io(&e);
     }
     let mut buf = [0u8; 512];
-    match udp.recv(&mut buf) {
-        Ok(len) => Attempt::Ok {
-            reply: String::from_utf8_lossy(&buf[..len]).trim_end().to_owned(),
-            connect_time: started.elapsed(),
-        },
-        Err(e) => Attempt::from_io(&e),
+    loop {
+        match udp.recv(&mut buf) {
+            Ok(len) => {
+                return Attempt::Ok {
+                    reply: String::from_utf8_lossy(&buf[..len]).trim_end().to_owned(),
+                    connect_time: started.elapsed(),
+                };
+            }
+            // A signal is not an outcome; wait for what is left of the time.
+            Err(e) if e.kind() == ErrorKind::Interrupted => {
+                let remaining = opts.timeout.saturating_sub(started.elapsed());
+                if remaining.is_zero() {
+                    return Attempt::Timeout;
+                }
+                if let Err(e) = udp.set_read_timeout(Some(remaining)) {
+                    return Attempt::Other(e.to_string());
+                }
+            }
+            Err(e) => return Attempt::from_io(&e),
+        }
     }
 }
 

@@ -133,10 +133,8 @@ fn echo_server_bound_to_one_address_does_not_answer_on_another() {
             },
         )
         .unwrap();
-    assert!(
-        a.connect_tcp(SocketAddr::new(B_V6.into(), 7000), &short())
-            .is_ok()
-    );
+    let v6 = a.connect_tcp(SocketAddr::new(B_V6.into(), 7000), &short());
+    assert!(v6.is_ok(), "{v6:?}");
     assert_eq!(
         a.connect_tcp(SocketAddr::new(B_V4.into(), 7000), &short()),
         Attempt::Refused
