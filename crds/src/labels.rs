@@ -28,7 +28,8 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// Annotation the EndpointSlice controller sets to the time of the change that
 /// triggered the slice's last update (used to measure network-programming latency).
-pub const LAST_CHANGE_TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+pub const LAST_CHANGE_TRIGGER_TIME_ANNOTATION: &str =
+    "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// The node label giving a node's zone, used for topology-aware routing.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";

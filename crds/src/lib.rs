@@ -28,11 +28,11 @@ pub use hash::spec_hash;
 pub use v1alpha1::proxy_plan::{ProxyPlan, ProxyPlanSpec, ProxyPlanStatus};
 pub use v1alpha1::proxy_policy::{ProxyPolicy, ProxyPolicySpec, ProxyPolicyStatus};
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
 /// Every CRD this crate defines, in a fixed order.
-pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
-{
+pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![ProxyPolicy::crd(), ProxyPlan::crd()]
 }
 

@@ -100,7 +100,10 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn expr(key: &str, op: &str, values: &[&str]) -> LabelSelectorRequirement {
@@ -143,7 +146,10 @@ mod tests {
             ..Default::default()
         };
         let err = Selector::parse(Some(&sel), "spec.serviceSelector").unwrap_err();
-        assert_eq!(err.field, "spec.serviceSelector.matchExpressions[0].operator");
+        assert_eq!(
+            err.field,
+            "spec.serviceSelector.matchExpressions[0].operator"
+        );
     }
 
     #[test]

@@ -44,11 +44,13 @@ pub struct CheckedPolicy {
 /// Validates a ProxyPolicy spec, returning the first problem found.
 pub fn proxy_policy(spec: &ProxyPolicySpec) -> Result<CheckedPolicy, FieldError> {
     let node_selector = Selector::parse(spec.node_selector.as_ref(), "spec.nodeSelector")?;
-    let service_selector =
-        Selector::parse(spec.service_selector.as_ref(), "spec.serviceSelector")?;
+    let service_selector = Selector::parse(spec.service_selector.as_ref(), "spec.serviceSelector")?;
 
     if !(-1000..=1000).contains(&spec.priority) {
-        return Err(FieldError::new("spec.priority", "must be between -1000 and 1000"));
+        return Err(FieldError::new(
+            "spec.priority",
+            "must be between -1000 and 1000",
+        ));
     }
 
     let masquerade = spec.masquerade.as_ref();
@@ -100,7 +102,10 @@ pub fn proxy_policy(spec: &ProxyPolicySpec) -> Result<CheckedPolicy, FieldError>
         }
     }
 
-    if let Some(max) = spec.session_affinity.as_ref().and_then(|s| s.max_timeout_seconds)
+    if let Some(max) = spec
+        .session_affinity
+        .as_ref()
+        .and_then(|s| s.max_timeout_seconds)
         && !(1..=86400).contains(&max)
     {
         return Err(FieldError::new(
@@ -135,7 +140,8 @@ pub fn proxy_policy(spec: &ProxyPolicySpec) -> Result<CheckedPolicy, FieldError>
 
     let node_scoped = spec.sync.is_some()
         || spec.node_port_addresses.is_some()
-        || masquerade.is_some_and(|m| m.masquerade_bit.is_some() || m.local_traffic_detector.is_some());
+        || masquerade
+            .is_some_and(|m| m.masquerade_bit.is_some() || m.local_traffic_detector.is_some());
     if node_scoped && !service_selector.is_everything() {
         return Err(FieldError::new(
             "spec.serviceSelector",
@@ -181,16 +187,24 @@ pub fn label_key(key: &str, field: &str) -> Result<(), FieldError> {
             && prefix.len() <= 253
             && prefix.split('.').all(|part| {
                 !part.is_empty()
-                    && part.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && part
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                     && !part.starts_with('-')
                     && !part.ends_with('-')
             });
         if !ok {
-            return Err(FieldError::new(field, format!("{key:?}: invalid label key prefix")));
+            return Err(FieldError::new(
+                field,
+                format!("{key:?}: invalid label key prefix"),
+            ));
         }
     }
     if name.is_empty() || !label_name_ok(name) {
-        return Err(FieldError::new(field, format!("{key:?} is not a valid label key")));
+        return Err(FieldError::new(
+            field,
+            format!("{key:?} is not a valid label key"),
+        ));
     }
     Ok(())
 }
@@ -200,14 +214,18 @@ pub fn label_value(value: &str, field: &str) -> Result<(), FieldError> {
     if value.is_empty() || label_name_ok(value) {
         Ok(())
     } else {
-        Err(FieldError::new(field, format!("{value:?} is not a valid label value")))
+        Err(FieldError::new(
+            field,
+            format!("{value:?} is not a valid label value"),
+        ))
     }
 }
 
 fn label_name_ok(s: &str) -> bool {
     let b = s.as_bytes();
     s.len() <= 63
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
         && b.first().is_some_and(u8::is_ascii_alphanumeric)
         && b.last().is_some_and(u8::is_ascii_alphanumeric)
 }
@@ -238,9 +256,15 @@ mod tests {
 
     #[test]
     fn bad_cluster_cidr_names_its_index() {
-        let err = proxy_policy(&detector(LocalTrafficDetectorMode::ClusterCidr, &["10.0.0.0/8", "nope"]))
-            .unwrap_err();
-        assert_eq!(err.field, "spec.masquerade.localTrafficDetector.clusterCIDRs[1]");
+        let err = proxy_policy(&detector(
+            LocalTrafficDetectorMode::ClusterCidr,
+            &["10.0.0.0/8", "nope"],
+        ))
+        .unwrap_err();
+        assert_eq!(
+            err.field,
+            "spec.masquerade.localTrafficDetector.clusterCIDRs[1]"
+        );
     }
 
     #[test]
@@ -250,18 +274,26 @@ mod tests {
             &["10.0.0.0/8", "192.168.0.0/16"],
         ))
         .unwrap_err();
-        assert_eq!(err.field, "spec.masquerade.localTrafficDetector.clusterCIDRs[1]");
-        assert!(proxy_policy(&detector(
-            LocalTrafficDetectorMode::ClusterCidr,
-            &["10.0.0.0/8", "fd00::/48"]
-        ))
-        .is_ok());
+        assert_eq!(
+            err.field,
+            "spec.masquerade.localTrafficDetector.clusterCIDRs[1]"
+        );
+        assert!(
+            proxy_policy(&detector(
+                LocalTrafficDetectorMode::ClusterCidr,
+                &["10.0.0.0/8", "fd00::/48"]
+            ))
+            .is_ok()
+        );
     }
 
     #[test]
     fn cluster_cidr_mode_needs_cidrs() {
         let err = proxy_policy(&detector(LocalTrafficDetectorMode::ClusterCidr, &[])).unwrap_err();
-        assert_eq!(err.field, "spec.masquerade.localTrafficDetector.clusterCIDRs");
+        assert_eq!(
+            err.field,
+            "spec.masquerade.localTrafficDetector.clusterCIDRs"
+        );
     }
 
     #[test]
@@ -277,7 +309,10 @@ mod tests {
             }),
             ..Default::default()
         };
-        assert_eq!(proxy_policy(&spec).unwrap_err().field, "spec.serviceSelector");
+        assert_eq!(
+            proxy_policy(&spec).unwrap_err().field,
+            "spec.serviceSelector"
+        );
     }
 
     #[test]
@@ -289,7 +324,10 @@ mod tests {
             }),
             ..Default::default()
         };
-        assert_eq!(proxy_policy(&spec).unwrap_err().field, "spec.sync.minSyncPeriod");
+        assert_eq!(
+            proxy_policy(&spec).unwrap_err().field,
+            "spec.sync.minSyncPeriod"
+        );
     }
 
     #[test]
@@ -300,7 +338,10 @@ mod tests {
         };
         assert!(proxy_policy(&spec).is_ok());
         spec.node_port_addresses = Some(vec!["10.0.0.0/8".into(), "eth0".into()]);
-        assert_eq!(proxy_policy(&spec).unwrap_err().field, "spec.nodePortAddresses[1]");
+        assert_eq!(
+            proxy_policy(&spec).unwrap_err().field,
+            "spec.nodePortAddresses[1]"
+        );
     }
 
     #[test]

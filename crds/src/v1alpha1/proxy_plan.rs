@@ -139,7 +139,11 @@ pub struct ServicePortPlan {
     pub external_ips: Vec<String>,
     /// Load-balancer ingress IPs the node must answer on (`ipMode: Proxy` ingress
     /// points are already excluded).
-    #[serde(default, rename = "loadBalancerIPs", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        rename = "loadBalancerIPs",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub load_balancer_ips: Vec<String>,
     /// When set, only these source CIDRs may reach the load-balancer IPs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -127,7 +127,11 @@ pub struct LocalTrafficDetector {
 
     /// The cluster's pod CIDRs (at most one per IP family is typical). Used with mode
     /// ClusterCIDR.
-    #[serde(default, rename = "clusterCIDRs", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        rename = "clusterCIDRs",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     #[schemars(length(max = 8), inner(length(max = 64)))]
     #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.all(c, isCIDR(c))", "message": "each entry must be a CIDR"}]))]
     pub cluster_cidrs: Vec<String>,
