@@ -578,10 +578,11 @@ fn a_failed_restore_keeps_the_old_rules_and_names_table_and_line() {
     let (n1, n2) = (t.node(1), t.node(2));
     let _echo = serve_all([(&n2.pods[0], "backend")]);
     let ep = vec![endpoint(&n2.pods[0], 1, false)];
-    apply(
-        n1,
-        &plan(n1, vec![service("old", &["10.96.0.10"], ep.clone())]),
-    );
+    // A node port keeps the service's own chain (the tree inlines cluster-IP-only
+    // services into the dispatch).
+    let mut old = service("old", &["10.96.0.10"], ep.clone());
+    old.node_port = Some(30090);
+    apply(n1, &plan(n1, vec![old]));
     // Someone else jumps into the old service's chain, so the kernel refuses to
     // delete it, and with it the whole update.
     let chain = format!(

@@ -20,6 +20,22 @@ fn must(ok: bool, what: &str, cluster: &Cluster) {
     assert!(ok, "{what}\n--- agent log ---\n{}", cluster.agent_log());
 }
 
+/// A chain of `default/web` in the node's nat table (its service chain, or the
+/// endpoint chain a single endpoint is reached through).
+fn web_chain(cluster: &Cluster) -> String {
+    let dump = cluster
+        .node_ns()
+        .exec_ok(&["iptables-save", "-t", "nat"])
+        .expect("iptables-save in the node namespace");
+    dump.lines()
+        .filter(|line| line.contains("\"default/web"))
+        .filter_map(|line| line.split(" -j ").nth(1))
+        .map(str::trim)
+        .find(|target| target.starts_with("PPX-SVC-") || target.starts_with("PPX-SEP-"))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no chain of default/web in\n{dump}"))
+}
+
 fn assert_no_duplicate_rules(dump: &[String]) {
     let mut seen = std::collections::BTreeSet::new();
     // iptables-save and ip6tables-save dumps follow each other: number the tables.
@@ -201,12 +217,9 @@ fn restore_the_kernel_refuses_is_reported_degraded_and_the_old_rules_keep_servin
         &cluster,
     );
 
-    // Someone else's rule references web's service chain, so the kernel refuses to
-    // delete that chain when web leaves the plan (EBUSY): the whole restore fails.
-    let svc_chain = format!(
-        "PPX-SVC-{}",
-        planproxy_render::hash::service_port_hash("default/web", "tcp")
-    );
+    // Someone else's rule references one of web's chains, so the kernel refuses
+    // to delete that chain when web leaves the plan (EBUSY): the whole restore fails.
+    let svc_chain = web_chain(&cluster);
     cluster
         .node_ns()
         .exec_ok(&[

@@ -4,10 +4,11 @@
 //! connection walks all of them. [`Layout::Tree`] instead sorts frontends by
 //! destination address and splits them on the address bits below their common
 //! prefix into at most 32 children per level, each a `-d <prefix> -j <chain>` jump,
-//! until a chain holds at most [`LEAF_MAX`] rules. A first packet then walks
-//! about `32 · levels + LEAF_MAX` rules, and levels grow with log₃₂ of the number
-//! of frontends. Chains are kept few (roughly one per [`LEAF_MAX`]/2 frontends)
-//! because restore time on nf_tables follows the number of chains.
+//! until a chain holds at most [`LEAF_MAX`] rules (or rules for one address only).
+//! A first packet then walks about `32 · levels + LEAF_MAX` rules, and levels grow
+//! with log₃₂ of the number of rules. Chains are kept few (roughly one per
+//! [`LEAF_MAX`]/2 rules) because restore time on nf_tables follows the number of
+//! chains.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -17,7 +18,7 @@ use crate::Layout;
 use crate::hash::{CHAIN_PREFIX, short_hash};
 
 /// The most rules a leaf chain holds before it is split.
-pub const LEAF_MAX: usize = 32;
+pub const LEAF_MAX: usize = 64;
 /// The most address bits one level splits on (fan-out 2^5 = 32).
 const MAX_SPLIT_BITS: u32 = 5;
 
@@ -105,6 +106,8 @@ fn split(
     } else {
         (first.0 ^ last.0).leading_zeros() - (128 - bits)
     };
+    // A leaf is bounded by rules, not frontends: a frontend whose policy rules
+    // are inlined brings all of them. One address is never split.
     if entries.len() <= LEAF_MAX || common >= bits {
         rules.extend(entries.iter().map(|(_, r)| r.clone()));
         return;
@@ -122,8 +125,9 @@ fn split(
         let group_key = entries[start].0 >> shift;
         let end = start + entries[start..].partition_point(|(k, _)| k >> shift == group_key);
         let group = &entries[start..end];
-        if group.len() == 1 {
-            rules.push(group[0].1.clone());
+        if group.len() == 1 || group[0].0 == group[group.len() - 1].0 {
+            // A single address: its rules go straight into this chain.
+            rules.extend(group.iter().map(|(_, r)| r.clone()));
         } else {
             let net = prefix_net(bits, group[0].0, len);
             let name = dispatch_chain_name(root, &net);

@@ -8,7 +8,7 @@ use planproxy_crds::v1alpha1::{
 };
 use planproxy_render::hash::service_port_hash;
 use planproxy_render::{
-    Family, PlanError, RenderOptions, Rendered, TableRules, probability, render,
+    Family, Layout, PlanError, RenderOptions, Rendered, TableRules, probability, render,
 };
 
 fn ep(ip: &str, local: bool) -> EndpointPlan {
@@ -72,8 +72,15 @@ fn spec(service_ports: Vec<ServicePortPlan>) -> ProxyPlanSpec {
     }
 }
 
+/// Renders with the flat layout, so every service keeps its own policy chain
+/// to inspect (the tree layout inlines cluster-IP-only services, see
+/// `tree_layout_inlines_cluster_ip_only_services_into_the_dispatch`).
 fn rendered(spec: ProxyPlanSpec) -> Rendered {
-    render(&[spec], &RenderOptions::default()).expect("the plan must render")
+    let options = RenderOptions {
+        layout: Layout::Flat,
+        families: vec![],
+    };
+    render(&[spec], &options).expect("the plan must render")
 }
 
 fn v4(r: &Rendered) -> (&TableRules, &TableRules) {
@@ -507,25 +514,76 @@ fn per_shard_summaries_count_what_each_shard_programs() {
         count: 2,
         generation: 1,
     };
+    let (a_flat, b_flat) = (a.clone(), b.clone());
     let r = render(&[a, b], &RenderOptions::default()).expect("renders");
     assert_eq!(
         r.per_shard[&0],
-        // SVC chain: masquerade + 2 endpoint rules; PPX-SERVICES: 1 dispatch rule.
+        // Masquerade + 2 endpoint rules, inlined into the dispatch (tree layout).
         ProgrammedSummary {
             service_ports: 1,
             endpoints: 2,
-            rules: 4,
-            chains: 1
+            rules: 3,
+            chains: 0
         }
     );
-    // b: 1 REJECT; c: dispatch + SVC (masquerade + jump) + SEP (hairpin + DNAT).
+    // b: 1 REJECT; c: masquerade + jump inlined, and its local endpoint's
+    // chain (hairpin + DNAT).
     assert_eq!(
         r.per_shard[&1],
         ProgrammedSummary {
             service_ports: 2,
             endpoints: 1,
-            rules: 6,
-            chains: 2
+            rules: 5,
+            chains: 1
         }
+    );
+    // The flat layout gives c its own service chain and a dispatch rule.
+    let flat = render(
+        &[a_flat, b_flat],
+        &RenderOptions {
+            layout: Layout::Flat,
+            families: vec![],
+        },
+    )
+    .expect("renders");
+    assert_eq!(flat.per_shard[&1].rules, 6);
+    assert_eq!(flat.per_shard[&1].chains, 2);
+}
+
+#[test]
+fn tree_layout_inlines_cluster_ip_only_services_into_the_dispatch() {
+    let mut exposed = svc("exposed", "10.96.0.2", vec![ep("10.244.1.5", false)]);
+    exposed.node_port = Some(30002);
+    let plan = spec(vec![
+        svc(
+            "internal",
+            "10.96.0.1",
+            vec![ep("10.244.0.5", true), ep("10.244.1.5", false)],
+        ),
+        exposed,
+    ]);
+    let r = render(&[plan], &RenderOptions::default()).expect("renders");
+    let (nat, _) = v4(&r);
+    assert!(!nat.chains.contains_key(&svc_chain("SVC", "internal")));
+    assert!(
+        nat.chains.contains_key(&svc_chain("SVC", "exposed")),
+        "a chain other frontends jump to stays"
+    );
+    let inlined: Vec<_> = chain(nat, "PPX-SERVICES")
+        .iter()
+        .filter(|r| r.contains("ns1/internal"))
+        .collect();
+    // Masquerade, the local endpoint's hairpin chain, the remote endpoint's DNAT:
+    // each matching the frontend itself.
+    assert_eq!(inlined.len(), 3, "{inlined:?}");
+    assert!(
+        inlined
+            .iter()
+            .all(|r| r.contains("-m tcp -p tcp -d 10.96.0.1/32 --dport 80"))
+    );
+    assert!(inlined[1].contains("--probability 0.5000000000 -j PPX-SEP-"));
+    assert!(
+        inlined[2].ends_with("-j DNAT --to-destination 10.244.1.5:8080")
+            && inlined[2].matches("-p tcp").count() == 1
     );
 }
