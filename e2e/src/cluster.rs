@@ -329,6 +329,34 @@ impl Cluster {
         Ok(())
     }
 
+    /// `Ok` while the controller and every started agent are still running;
+    /// otherwise which one exited, how, and the end of its log. Scenarios
+    /// check this last, so a crash that left the rules in place still fails.
+    pub fn processes_running(&self) -> Result<()> {
+        let mut dead = Vec::new();
+        if let Some(controller) = lock(&self.controller).as_mut() {
+            if let Some(status) = controller.try_exit_status()? {
+                dead.push(format!(
+                    "controller exited ({status}):\n{}",
+                    tail(&controller.log(), 20)
+                ));
+            }
+        }
+        for (name, agent) in lock(&self.agents).iter_mut() {
+            if let Some(status) = agent.try_exit_status()? {
+                dead.push(format!(
+                    "agent on {name} exited ({status}):\n{}",
+                    tail(&agent.log(), 20)
+                ));
+            }
+        }
+        if dead.is_empty() {
+            Ok(())
+        } else {
+            Err(E2eError::Invalid(dead.join("\n")))
+        }
+    }
+
     /// Stops node N's agent (SIGTERM, then SIGKILL after `grace`).
     pub fn stop_agent(&self, index: u8, grace: Duration) -> Result<()> {
         let name = node_name(index);
@@ -380,6 +408,15 @@ impl Cluster {
         lock(&self.controller)
             .as_ref()
             .map_or_else(|| "(controller not running)".to_owned(), ChildGuard::log)
+    }
+
+    /// The process id of node N's agent, if one runs.
+    pub fn agent_pid(&self, index: u8) -> Option<u32> {
+        let name = node_name(index);
+        lock(&self.agents)
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, p)| p.pid())
     }
 
     /// Node N's agent log so far.

@@ -258,3 +258,30 @@ fn prefer_close_services_get_zone_hints_and_deleted_apps_leave_the_slices() {
         .unwrap();
     assert!(cluster.ready_pod_names("default", "near").is_empty());
 }
+
+#[test]
+fn a_crashed_agent_is_reported_with_its_log() {
+    let cluster = Cluster::start(ClusterSpec {
+        controller: false,
+        ..ClusterSpec::default()
+    })
+    .unwrap();
+    cluster.processes_running().unwrap();
+    let pid = cluster.agent_pid(1).unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let report = planproxy_e2e::wait::eventually_sync(
+        "node1's agent seen dead",
+        Duration::from_secs(10),
+        || match cluster.processes_running() {
+            Ok(()) => Err("still running".to_owned()),
+            Err(e) => Ok(e.to_string()),
+        },
+    )
+    .unwrap();
+    assert!(report.contains("agent on node1 exited"), "{report}");
+    assert!(!report.contains("node2"), "{report}");
+}

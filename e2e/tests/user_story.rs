@@ -49,6 +49,9 @@ fn cluster_ip_service_reaches_its_pods_from_every_node() {
             wait_servers(probe, dns, Protocol::Udp, &pods, CONVERGE).unwrap();
         }
     }
+    cluster
+        .processes_running()
+        .expect("controller and agents still running");
 }
 
 #[test]
@@ -85,6 +88,9 @@ fn node_port_is_reachable_from_a_client_outside_the_cluster_on_every_node() {
         .unwrap();
         assert_ne!(seen, IpAddr::from(client.ipv4));
     }
+    cluster
+        .processes_running()
+        .expect("controller and agents still running");
 }
 
 #[test]
@@ -111,6 +117,9 @@ fn scaling_endpoints_up_and_down_moves_traffic_with_them() {
         .run(|api| async move { api.scale("default", "web", 1).await.unwrap() })
         .unwrap();
     wait_servers(probe, vip, Protocol::Tcp, &["web-0".into()], CONVERGE).unwrap();
+    cluster
+        .processes_running()
+        .expect("controller and agents still running");
 }
 
 #[test]
@@ -165,6 +174,9 @@ fn deleting_a_service_removes_its_rules_from_every_node() {
             "node{node} lost default/keep:\n{rules}"
         );
     }
+    cluster
+        .processes_running()
+        .expect("controller and agents still running");
 }
 
 fn masquerade_all_on_node1(name: &str) -> serde_json::Value {
@@ -232,6 +244,9 @@ fn masquerade_all_policy_changes_the_source_on_the_selected_node_only() {
         wait_peer_ip(&probe2.ns, vip, CONVERGE).unwrap(),
         IpAddr::from(probe2.ipv4)
     );
+    cluster
+        .processes_running()
+        .expect("controller and agents still running");
 }
 
 #[test]
@@ -291,6 +306,9 @@ fn invalid_policy_edit_is_rejected_naming_the_field_and_the_previous_behaviour_s
         wait_peer_ip(&probe2.ns, vip, CONVERGE).unwrap(),
         IpAddr::from(probe2.ipv4)
     );
+    cluster
+        .processes_running()
+        .expect("controller and agents still running");
 }
 
 #[test]
@@ -352,6 +370,9 @@ fn proxy_services_false_leaves_labelled_services_alone_on_the_selected_node() {
         CONVERGE,
     )
     .unwrap();
+    cluster
+        .processes_running()
+        .expect("controller and agents still running");
 }
 
 #[test]
@@ -383,6 +404,9 @@ fn every_node_reports_programmed_with_the_current_spec_hash() {
             assert!(programmed.rules > 0);
         }
     }
+    cluster
+        .processes_running()
+        .expect("controller and agents still running");
 }
 
 #[test]
@@ -418,6 +442,9 @@ fn local_external_traffic_policy_keeps_the_client_source_address() {
     // A node without a local endpoint does not forward external traffic.
     let without = SocketAddr::new(cluster.node(1).ipv4.into(), node_port);
     wait_unanswered(&client.ns, without, CONVERGE).unwrap();
+    cluster
+        .processes_running()
+        .expect("controller and agents still running");
 }
 
 #[test]
