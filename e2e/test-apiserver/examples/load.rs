@@ -5,6 +5,7 @@
 //! ```sh
 //! cargo run --release -p planproxy-test-apiserver --example load          # full size
 //! cargo run --release -p planproxy-test-apiserver --example load -- 0.1   # a tenth
+//! cargo run --release -p planproxy-test-apiserver --example load -- 1 1000 # a watch per node
 //! ```
 //!
 //! Prints one table row per phase: operations, wall time, operations per second.
@@ -43,7 +44,13 @@ async fn main() -> anyhow::Result<()> {
     let nodes = ((1000.0 * scale) as usize).max(1);
     let services = ((10_000.0 * scale) as usize).max(1);
     let plan_writes = ((5_000.0 * scale) as usize).max(1);
-    let watched_nodes = nodes.min(100);
+    // Per-node plan watches, like one agent per node (second argument; default 100).
+    let watched_nodes = std::env::args()
+        .nth(2)
+        .map(|s| s.parse::<usize>())
+        .transpose()?
+        .unwrap_or(100)
+        .min(nodes);
 
     let server = TestApiServer::start(Config::default()).await?;
     let client = server.client("bench").await?;

@@ -55,6 +55,17 @@ impl LabelSelector {
         })
     }
 
+    /// A `key=value` (or single-value `in`) requirement, if the selector has one.
+    pub fn required_label(&self) -> Option<(&str, &str)> {
+        self.requirements.iter().find_map(|r| match r {
+            LabelRequirement::Equals(k, v) => Some((k.as_str(), v.as_str())),
+            LabelRequirement::In(k, set) if set.len() == 1 => {
+                set.iter().next().map(|v| (k.as_str(), v.as_str()))
+            }
+            _ => None,
+        })
+    }
+
     /// Whether the selector has no requirements.
     pub fn is_empty(&self) -> bool {
         self.requirements.is_empty()
@@ -207,6 +218,18 @@ pub struct Selectors {
 }
 
 impl Selectors {
+    /// The narrowest wake-up route for a watch with these selectors.
+    pub fn watch_route(&self) -> crate::store::WatchRoute {
+        use crate::store::WatchRoute;
+        if let Some(name) = self.fields.pinned_name() {
+            WatchRoute::Name(name.to_string())
+        } else if let Some((k, v)) = self.labels.required_label() {
+            WatchRoute::Label(k.to_string(), v.to_string())
+        } else {
+            WatchRoute::All
+        }
+    }
+
     /// Whether the object satisfies both selectors.
     pub fn matches(&self, object: &Value) -> bool {
         self.labels.matches(object) && self.fields.matches(object)

@@ -69,7 +69,37 @@ pub struct Table {
     log: VecDeque<Arc<LoggedEvent>>,
     /// Events with a resourceVersion up to this one may have been dropped.
     evicted_through: u64,
-    notify: watch::Sender<u64>,
+    /// Wake-up channels of the watches on this type, by what they can match.
+    routes: HashMap<WatchRoute, Vec<watch::Sender<u64>>>,
+}
+
+/// Which events wake a watch. A watch whose selector pins a name or requires a
+/// label value is woken only by events about objects with that name or label
+/// (before or after the change), so a write wakes one agent's watch, not all.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum WatchRoute {
+    /// Every event of the type.
+    All,
+    /// Events about objects with this name.
+    Name(String),
+    /// Events about objects with this label value.
+    Label(String, String),
+}
+
+fn routes_of(object: &Value, out: &mut BTreeSet<WatchRoute>) {
+    if let Some(name) = object.pointer("/metadata/name").and_then(Value::as_str) {
+        out.insert(WatchRoute::Name(name.to_string()));
+    }
+    if let Some(labels) = object
+        .pointer("/metadata/labels")
+        .and_then(Value::as_object)
+    {
+        for (k, v) in labels {
+            if let Some(v) = v.as_str() {
+                out.insert(WatchRoute::Label(k.clone(), v.to_string()));
+            }
+        }
+    }
 }
 
 /// Every table, the global resourceVersion, and the owner index for garbage collection.
@@ -113,7 +143,7 @@ impl Store {
                     objects: BTreeMap::new(),
                     log: VecDeque::new(),
                     evicted_through: 0,
-                    notify: watch::channel(0).0,
+                    routes: HashMap::new(),
                 })
                 .collect(),
             window: window.max(1),
@@ -237,7 +267,23 @@ impl Store {
                 table.evicted_through = old.rv;
             }
         }
-        table.notify.send_replace(rv);
+        let mut routes = BTreeSet::from([WatchRoute::All]);
+        let narrow_watches = table.routes.keys().any(|r| *r != WatchRoute::All);
+        if narrow_watches && let Some(event) = table.log.back() {
+            routes_of(&event.object, &mut routes);
+            if let Some(previous) = &event.previous {
+                routes_of(previous, &mut routes);
+            }
+        }
+        for route in routes {
+            if let Some(senders) = table.routes.get_mut(&route) {
+                // Watches that ended dropped their receiver: forget them here.
+                senders.retain(|sender| sender.send(rv).is_ok());
+                if senders.is_empty() {
+                    table.routes.remove(&route);
+                }
+            }
+        }
     }
 
     /// Objects whose ownerReferences name this uid.
@@ -274,9 +320,15 @@ impl Store {
         Ok(log.range(start..).cloned().collect())
     }
 
-    /// A receiver that changes whenever this type gets an event.
-    pub fn subscribe(&self, res: ResourceId) -> watch::Receiver<u64> {
-        self.tables[res].notify.subscribe()
+    /// A receiver that changes whenever this type gets an event on `route`.
+    pub fn subscribe(&mut self, res: ResourceId, route: WatchRoute) -> watch::Receiver<u64> {
+        let (sender, receiver) = watch::channel(self.rv);
+        self.tables[res]
+            .routes
+            .entry(route)
+            .or_default()
+            .push(sender);
+        receiver
     }
 }
 
@@ -344,6 +396,49 @@ mod tests {
                 .events_since(0, store.current_rv())
                 .unwrap()
                 .is_empty()
+        );
+    }
+
+    #[test]
+    fn watches_are_woken_only_by_events_on_their_route() {
+        let mut store = Store::new(1, 10);
+        let all = store.subscribe(0, WatchRoute::All);
+        let mut node_a = store.subscribe(0, WatchRoute::Label("node".into(), "a".into()));
+        let named_b = store.subscribe(0, WatchRoute::Name("b".into()));
+        store.put(
+            0,
+            key("x"),
+            json!({"metadata": {"name": "x", "labels": {"node": "a"}}}),
+            BTreeMap::new(),
+        );
+        assert!(all.has_changed().unwrap() && node_a.has_changed().unwrap());
+        assert!(!named_b.has_changed().unwrap());
+        node_a.mark_unchanged();
+        // Losing the label is an event for the label's watch too (it becomes a DELETED).
+        store.put(
+            0,
+            key("x"),
+            json!({"metadata": {"name": "x"}}),
+            BTreeMap::new(),
+        );
+        assert!(node_a.has_changed().unwrap());
+        store.put(
+            0,
+            key("b"),
+            json!({"metadata": {"name": "b"}}),
+            BTreeMap::new(),
+        );
+        assert!(named_b.has_changed().unwrap());
+        drop(all);
+        store.put(
+            0,
+            key("y"),
+            json!({"metadata": {"name": "y"}}),
+            BTreeMap::new(),
+        );
+        assert!(
+            !store.tables[0].routes.contains_key(&WatchRoute::All),
+            "ended watches are forgotten"
         );
     }
 

@@ -141,8 +141,8 @@ async fn run(
         selectors: request.selectors.clone(),
     };
     let started = {
-        let store = lock(&api.store);
-        let notify = store.subscribe(request.res);
+        let mut store = lock(&api.store);
+        let notify = store.subscribe(request.res, request.selectors.watch_route());
         match start_rv {
             Some(rv) => store
                 .check_not_expired(request.res, rv)
