@@ -300,8 +300,12 @@ pub fn explain(
         for (family, rules) in &rendered.rule_set.families {
             for table in Table::ALL {
                 let table_rules = rules.table(table);
-                let owned = service_chains(table_rules, &hash);
-                if owned.is_empty() {
+                let owned = service_chains(table_rules, &hash, &spn);
+                let mentioned = table_rules
+                    .chains
+                    .values()
+                    .any(|chain| chain.rules.iter().any(|rule| mentions(rule, &spn)));
+                if owned.is_empty() && !mentioned {
                     continue;
                 }
                 let dump = kernel
@@ -440,14 +444,25 @@ fn write_endpoint_set(out: &mut String, scope: &str, set: &EndpointSet) {
 }
 
 /// The chains rendered for a service port: those named after its hash, and the
-/// chains they jump to that no other service shares (its endpoint chains).
-fn service_chains(rules: &planproxy_render::TableRules, hash: &str) -> Vec<String> {
+/// endpoint chains they, or any rule carrying the port's comment (a single
+/// endpoint may be reached straight from the dispatch chain), jump to.
+fn service_chains(rules: &planproxy_render::TableRules, hash: &str, spn: &str) -> Vec<String> {
     let mut owned: BTreeSet<String> = rules
         .chains
         .keys()
         .filter(|name| name.ends_with(hash))
         .cloned()
         .collect();
+    for chain in rules.chains.values() {
+        for rule in chain.rules.iter().filter(|rule| mentions(rule, spn)) {
+            if let Some(target) = jump_target(rule)
+                && target.starts_with("PPX-SEP-")
+                && rules.chains.contains_key(target)
+            {
+                owned.insert(target.to_owned());
+            }
+        }
+    }
     let mut frontier: Vec<String> = owned.iter().cloned().collect();
     while let Some(chain) = frontier.pop() {
         let Some(content) = rules.chains.get(&chain) else {
@@ -677,6 +692,40 @@ mod tests {
             text.contains(&format!("PPX-EXT-{hash}: not in the kernel")),
             "the EXT chain was not in the dump: {text}"
         );
+    }
+
+    #[test]
+    fn endpoint_chain_reached_straight_from_dispatch_is_listed() {
+        let spec = r#"
+nodeName: node1
+shard: {index: 0, count: 1, generation: 1}
+settings:
+  masqueradeBit: 14
+  localTrafficDetector: {mode: ClusterCIDR, cidrs: [10.244.0.0/16]}
+  minSyncPeriod: 1s
+  syncPeriod: 30s
+servicePorts:
+- namespace: default
+  name: web
+  protocol: TCP
+  clusterIPs: [10.96.0.10]
+  port: 80
+  externalTrafficPolicy: Cluster
+  internalTrafficPolicy: Cluster
+  noEndpointsAction: Reject
+  hasEndpoints: true
+  clusterEndpoints:
+    selection: Ready
+    endpoints: [{ip: 10.244.1.2, port: 8080, local: true, ready: true, serving: true, terminating: false}]
+"#;
+        let spec: ProxyPlanSpec = serde_yaml::from_str(spec).expect("the test spec must parse");
+        let text = explain("node1", &[spec], "default", "web", Layout::Tree, None, &[])
+            .expect("web is in the plan");
+        let sep = format!(
+            "PPX-SEP-{}",
+            planproxy_render::hash::endpoint_hash("default/web", "tcp", "10.244.1.2:8080")
+        );
+        assert!(text.contains(&format!("{sep} (kernel not read)")), "{text}");
     }
 
     #[test]

@@ -64,6 +64,41 @@ pub struct SyncLoop<K> {
     metrics: AgentMetrics,
     health_checks: HealthCheckServers,
     statuses: watch::Sender<DesiredStatuses>,
+    hashes: HashCache,
+}
+
+/// `spec_hash` of each shard, kept per `metadata.resourceVersion` (which every
+/// write changes): the loop looks at every shard on every event, and hashing a
+/// large spec means serialising it.
+#[derive(Default)]
+struct HashCache {
+    by_name: BTreeMap<String, (String, String)>,
+}
+
+impl HashCache {
+    fn hash(&mut self, shard: &ProxyPlan) -> String {
+        let (Some(name), Some(version)) = (&shard.metadata.name, &shard.metadata.resource_version)
+        else {
+            return spec_hash(&shard.spec);
+        };
+        if let Some((cached_version, hash)) = self.by_name.get(name)
+            && cached_version == version
+        {
+            return hash.clone();
+        }
+        let hash = spec_hash(&shard.spec);
+        self.by_name
+            .insert(name.clone(), (version.clone(), hash.clone()));
+        hash
+    }
+
+    fn retain(&mut self, shards: &[Arc<ProxyPlan>]) {
+        self.by_name.retain(|name, _| {
+            shards
+                .iter()
+                .any(|s| s.metadata.name.as_ref() == Some(name))
+        });
+    }
 }
 
 impl<K: Kernel> SyncLoop<K> {
@@ -94,6 +129,7 @@ impl<K: Kernel> SyncLoop<K> {
             health,
             metrics,
             statuses,
+            hashes: HashCache::default(),
         }
     }
 
@@ -153,6 +189,7 @@ impl<K: Kernel> SyncLoop<K> {
             return;
         };
         self.metrics.set_plan_complete(plan.is_complete());
+        self.hashes.retain(&plan.shards);
         if let Some(settings) = plan.settings() {
             let terminating = settings.node_terminating;
             let (min_sync_period, sync_period) = plan.periods();
@@ -163,10 +200,13 @@ impl<K: Kernel> SyncLoop<K> {
             });
         }
         let differs = plan.is_complete() && {
-            let desired = plan
+            let hashes = &mut self.hashes;
+            let desired: Vec<(Option<&str>, String)> = plan
                 .shards
                 .iter()
-                .map(|shard| (shard.metadata.name.as_deref(), spec_hash(&shard.spec)));
+                .map(|shard| (shard.metadata.name.as_deref(), hashes.hash(shard)))
+                .collect();
+            let desired = desired.into_iter();
             let held = self
                 .applied
                 .iter()
@@ -381,7 +421,7 @@ impl<K: Kernel> SyncLoop<K> {
             let Some(name) = shard.metadata.name.as_deref() else {
                 continue;
             };
-            let hash = spec_hash(&shard.spec);
+            let hash = self.hashes.hash(shard);
             let state = ShardState {
                 generation: shard.metadata.generation,
                 spec_hash: &hash,
