@@ -116,6 +116,8 @@ pub async fn run_with(
     });
 
     let (leading_tx, mut leading) = channel::channel(false);
+    // Without election the sender stays here, alive until the loop ends.
+    let mut always_leading = None;
     let elector_task = if args.leader_elect {
         let elector = leader::Elector::new(
             identity.clone(),
@@ -138,8 +140,7 @@ pub async fn run_with(
         )))
     } else {
         let _ = leading_tx.send(true);
-        // Keep the sender alive so the receivers never see a closed channel.
-        std::mem::forget(leading_tx);
+        always_leading = Some(leading_tx);
         None
     };
 
@@ -214,6 +215,7 @@ pub async fn run_with(
         }
     }
 
+    drop(always_leading);
     for task in watches {
         task.abort();
     }
