@@ -334,13 +334,13 @@ impl Cluster {
     /// check this last, so a crash that left the rules in place still fails.
     pub fn processes_running(&self) -> Result<()> {
         let mut dead = Vec::new();
-        if let Some(controller) = lock(&self.controller).as_mut() {
-            if let Some(status) = controller.try_exit_status()? {
-                dead.push(format!(
-                    "controller exited ({status}):\n{}",
-                    tail(&controller.log(), 20)
-                ));
-            }
+        if let Some(controller) = lock(&self.controller).as_mut()
+            && let Some(status) = controller.try_exit_status()?
+        {
+            dead.push(format!(
+                "controller exited ({status}):\n{}",
+                tail(&controller.log(), 20)
+            ));
         }
         for (name, agent) in lock(&self.agents).iter_mut() {
             if let Some(status) = agent.try_exit_status()? {
