@@ -1,9 +1,13 @@
 //! The renderer: a parsed node plan → a [`RuleSet`], following kube-proxy's
-//! iptables-mode semantics with two changes that keep syncs fast and first
+//! iptables-mode semantics with three changes that keep syncs fast and first
 //! packets cheap:
 //!
 //! * Frontends are dispatched through a tree of chains keyed by destination
 //!   address ([`Layout::Tree`], see [`crate::tree`]) instead of one linear list.
+//! * In the tree layout a service reachable only through its cluster IP gets no
+//!   policy chain: its masquerade and load-balancing rules, each matching the
+//!   frontend, sit in the dispatch leaf. Restore time on nf_tables follows the
+//!   number of chains, and most services are cluster-IP only.
 //! * DNAT to a remote endpoint sits directly in the service chain instead of in a
 //!   per-endpoint chain. Only endpoints on this node get a `PPX-SEP-` chain, because
 //!   only they can need hairpin masquerade: a connection is NATed on the node where
