@@ -323,7 +323,9 @@ impl Api {
         if dry_run {
             return Ok(Arc::new(object));
         }
-        Ok(store.put(res, target.key(), object, BTreeMap::new()))
+        let written = store.put(res, target.key(), object, BTreeMap::new());
+        self.collect_if_orphaned(&mut store, res, &target.key(), &written);
+        Ok(written)
     }
 
     /// Replaces an object (PUT). A non-empty `metadata.resourceVersion` is a precondition (409 Conflict).
@@ -357,7 +359,41 @@ impl Api {
         match self.prepare(target, Some(&entry.object), body)? {
             None => Ok(entry.object),
             Some(_) if dry_run => Ok(entry.object),
-            Some(object) => Ok(store.put(target.res, key, object, entry.applied)),
+            Some(object) => {
+                let written = store.put(target.res, key.clone(), object, entry.applied);
+                self.collect_if_orphaned(&mut store, target.res, &key, &written);
+                Ok(written)
+            }
+        }
+    }
+
+    /// Like the garbage collector: an object whose every ownerReference names a
+    /// served kind but no live object is deleted, right after the write that
+    /// stored it (the write itself succeeds, as on a real cluster).
+    fn collect_if_orphaned(
+        &self,
+        store: &mut Store,
+        res: ResourceId,
+        key: &ObjectKey,
+        object: &Value,
+    ) {
+        let Some(refs) = object
+            .pointer("/metadata/ownerReferences")
+            .and_then(Value::as_array)
+            .filter(|refs| !refs.is_empty())
+        else {
+            return;
+        };
+        let owners_gone = refs.iter().all(|r| {
+            let field = |f: &str| r.get(f).and_then(Value::as_str).unwrap_or_default();
+            self.registry
+                .find_kind(field("apiVersion"), field("kind"))
+                .is_some()
+                && store.find_uid(field("uid")).is_none()
+        });
+        if owners_gone {
+            tracing::debug!(name = %key.1, "owners are gone: garbage-collecting");
+            delete_and_collect(store, res, key, Propagation::Background);
         }
     }
 
@@ -461,14 +497,20 @@ impl Api {
                     false,
                 )),
                 Some(_) if dry_run => Ok((e.object.clone(), false)),
-                Some(object) => Ok((store.put(target.res, key, object, configs), false)),
+                Some(object) => {
+                    let written = store.put(target.res, key.clone(), object, configs);
+                    self.collect_if_orphaned(&mut store, target.res, &key, &written);
+                    Ok((written, false))
+                }
             },
             None => {
                 let object = self.prepare(target, None, patched)?.unwrap_or_default();
                 if dry_run {
                     return Ok((Arc::new(object), true));
                 }
-                Ok((store.put(target.res, key, object, configs), true))
+                let written = store.put(target.res, key.clone(), object, configs);
+                self.collect_if_orphaned(&mut store, target.res, &key, &written);
+                Ok((written, true))
             }
         }
     }
@@ -1101,6 +1143,33 @@ mod tests {
             )
             .unwrap_err();
         assert_eq!((err.code, err.reason), (410, "Expired"));
+    }
+
+    #[test]
+    fn an_object_written_with_only_absent_owners_is_garbage_collected() {
+        let (api, res) = api();
+        let owner = create(&api, res, "d", "owner");
+        let owned_by = |uid: &str| json!({"metadata": {"name": "dep", "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": uid}]}});
+        let live_uid = owner["metadata"]["uid"].as_str().unwrap();
+        api.create(res, Some("d"), owned_by(live_uid), false)
+            .unwrap();
+        let target = |name: &str| Target {
+            res,
+            namespace: Some("d".into()),
+            name: name.into(),
+            status: false,
+        };
+        assert!(api.get(&target("dep")).is_ok(), "a live owner keeps it");
+        api.delete(&target("dep"), &DeleteOptions::default(), false)
+            .unwrap();
+        let created = api
+            .create(res, Some("d"), owned_by("no-such-uid"), false)
+            .unwrap();
+        assert_eq!(
+            created["metadata"]["name"], "dep",
+            "the create itself succeeds"
+        );
+        assert_eq!(api.get(&target("dep")).unwrap_err().code, 404);
     }
 
     #[test]

@@ -66,7 +66,9 @@
 //!   implements) are checked only with [`Config::enforce_cel_rules`].
 //! * Garbage collection: deleting an object deletes (recursively, at once) the
 //!   objects whose ownerReferences name its uid and that have no other live
-//!   owner; `propagationPolicy=Orphan` removes the ownerReference instead.
+//!   owner; `propagationPolicy=Orphan` removes the ownerReference instead. An
+//!   object written with ownerReferences that all name served kinds but no
+//!   live object is deleted right after that write (the write succeeds).
 //! * list: `labelSelector` (`a=b`, `a!=b`, `a in (x,y)`, `a notin (x)`, `a`,
 //!   `!a`), `fieldSelector` (`metadata.name`, `metadata.namespace`), `limit` and
 //!   `continue` (pages are consistent at the first page's resourceVersion),
