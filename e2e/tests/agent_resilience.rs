@@ -246,11 +246,11 @@ fn restore_refused_by_the_kernel_is_reported_degraded_while_old_rules_serve() {
     let dump = node1.iptables_save();
     let chain = dump
         .lines()
-        .find(|line| {
-            line.contains("default/web:http cluster IP") && line.starts_with("-A PPX-SERVICES")
-        })
-        .and_then(|line| line.split("-j ").nth(1))
-        .map(|target| target.trim().to_owned())
+        .filter(|line| line.contains("\"default/web:http"))
+        .filter_map(|line| line.split(" -j ").nth(1))
+        .map(str::trim)
+        .find(|target| target.starts_with("PPX-SVC-") || target.starts_with("PPX-SEP-"))
+        .map(str::to_owned)
         .unwrap_or_else(|| panic!("web's service chain on node1:\n{dump}"));
     node1
         .exec_ok(&[
