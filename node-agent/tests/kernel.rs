@@ -133,7 +133,7 @@ fn client_ip_affinity_pins_each_client_to_one_endpoint_and_spreads_clients() {
         .expect("route");
 
     let client = &t.clients[0];
-    let sources: Vec<Ipv4Addr> = (150..158).map(|h| Ipv4Addr::new(172, 31, 0, h)).collect();
+    let sources: Vec<Ipv4Addr> = (150..166).map(|h| Ipv4Addr::new(172, 31, 0, h)).collect();
     for s in &sources {
         client
             .ns
@@ -156,7 +156,7 @@ fn client_ip_affinity_pins_each_client_to_one_endpoint_and_spreads_clients() {
     let distinct: std::collections::BTreeSet<_> = chosen.values().collect();
     assert!(
         distinct.len() >= 2,
-        "8 clients all landed on one endpoint: {chosen:?}"
+        "16 clients all landed on one endpoint: {chosen:?}"
     );
 }
 
