@@ -814,3 +814,295 @@ mod tests {
         assert_eq!(pending.queue.len(), 2);
     }
 }
+
+#[cfg(test)]
+mod reconciler_tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use planproxy_resolve::ResolveOptions;
+    use prometheus_client::registry::Registry;
+    use serde_json::json;
+    use std::time::Duration;
+
+    fn node(name: &str) -> Node {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "uid": format!("uid-{name}")},
+            "status": {"addresses": [{"type": "InternalIP", "address": "172.20.0.1"}]},
+        }))
+        .expect("a Node")
+    }
+
+    fn service(name: &str) -> Service {
+        serde_json::from_value(json!({
+            "metadata": {"namespace": "default", "name": name},
+            "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                     "ports": [{"name": "http", "protocol": "TCP", "port": 80}]},
+        }))
+        .expect("a Service")
+    }
+
+    fn slice(service: &str, ip: &str) -> EndpointSlice {
+        serde_json::from_value(json!({
+            "metadata": {"namespace": "default", "name": format!("{service}-1"),
+                         "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}],
+            "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
+        }))
+        .expect("an EndpointSlice")
+    }
+
+    fn input(event: WatchEvent) -> Input {
+        Input {
+            event,
+            received: Instant::now(),
+        }
+    }
+
+    struct Fixture {
+        reconciler: Reconciler,
+        shared: Arc<Shared>,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let shared = Arc::new(Shared::new(Duration::from_secs(10)));
+            let metrics = Metrics::register(&mut Registry::default());
+            let reconciler = Reconciler::new(
+                Index::new(ResolveOptions::default()),
+                shared.clone(),
+                metrics,
+            );
+            Self { reconciler, shared }
+        }
+
+        fn feed(&mut self, event: WatchEvent) {
+            self.reconciler.handle(input(event));
+        }
+
+        /// Lists `nodes` nodes and one service, with `plans` already in the cluster.
+        fn initial_sync(&mut self, nodes: &[&str], plans: Vec<ProxyPlan>) {
+            self.feed(WatchEvent::Service(Event::Init));
+            self.feed(WatchEvent::Service(Event::InitApply(service("web"))));
+            self.feed(WatchEvent::Service(Event::InitDone));
+            self.feed(WatchEvent::EndpointSlice(Event::Init));
+            self.feed(WatchEvent::EndpointSlice(Event::InitApply(slice(
+                "web", "10.1.0.1",
+            ))));
+            self.feed(WatchEvent::EndpointSlice(Event::InitDone));
+            self.feed(WatchEvent::Node(Event::Init));
+            for n in nodes {
+                self.feed(WatchEvent::Node(Event::InitApply(node(n))));
+            }
+            self.feed(WatchEvent::Node(Event::InitDone));
+            self.feed(WatchEvent::Policy(Event::Init));
+            self.feed(WatchEvent::Policy(Event::InitDone));
+            self.feed(WatchEvent::Plan(Event::Init));
+            for plan in plans {
+                self.feed(WatchEvent::Plan(Event::InitApply(plan)));
+            }
+            self.feed(WatchEvent::Plan(Event::InitDone));
+            assert!(self.reconciler.synced());
+            self.reconciler.flush(Instant::now());
+        }
+
+        fn drain(&self) -> Vec<(WriteKey, Write)> {
+            let mut pending = self.shared.lock();
+            std::iter::from_fn(|| pending.queue.pop(Instant::now()))
+                .map(|(k, q)| (k, q.value))
+                .collect()
+        }
+
+        fn queued_plans(&self) -> Vec<String> {
+            let mut names: Vec<String> = self
+                .drain()
+                .into_iter()
+                .filter_map(|(k, _)| match k {
+                    WriteKey::Plan(name) => Some(name),
+                    _ => None,
+                })
+                .collect();
+            names.sort();
+            names
+        }
+    }
+
+    /// The plans a fresh start would write, as stored objects.
+    fn written_plans(nodes: &[&str]) -> Vec<ProxyPlan> {
+        let mut fixture = Fixture::new();
+        fixture.initial_sync(nodes, Vec::new());
+        fixture
+            .drain()
+            .into_iter()
+            .filter_map(|(_, w)| match w {
+                Write::ApplyPlan { plan, .. } => Some(*plan),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_fresh_cluster_gets_a_plan_per_node_owned_by_the_node() {
+        let plans = written_plans(&["a", "b"]);
+        assert_eq!(plans.len(), 2);
+        for plan in &plans {
+            let node = plan.spec.node_name.clone();
+            assert_eq!(plan.labels().get(NODE_LABEL), Some(&node));
+            let owner = &plan.metadata.owner_references.as_ref().expect("owned")[0];
+            assert_eq!(
+                (owner.kind.as_str(), owner.uid.clone()),
+                ("Node", format!("uid-{node}"))
+            );
+            assert_eq!(
+                plan.annotations().get(SPEC_HASH_ANNOTATION),
+                Some(&planproxy_crds::spec_hash(&plan.spec))
+            );
+        }
+    }
+
+    #[test]
+    fn a_restart_with_every_plan_in_place_writes_nothing() {
+        let plans = written_plans(&["a", "b", "c"]);
+        let mut fixture = Fixture::new();
+        fixture.initial_sync(&["a", "b", "c"], plans);
+        assert!(fixture.drain().is_empty());
+        assert_eq!(fixture.reconciler.desired_count(), 3);
+    }
+
+    #[test]
+    fn a_restart_rewrites_only_the_plan_that_differs_and_deletes_orphans() {
+        let mut plans = written_plans(&["a", "b"]);
+        plans[1]
+            .annotations_mut()
+            .insert(SPEC_HASH_ANNOTATION.into(), "stale".into());
+        let mut orphan = plans[0].clone();
+        orphan.metadata.name = Some("gone-node".into());
+        orphan.spec.node_name = "gone-node".into();
+        orphan
+            .labels_mut()
+            .insert(NODE_LABEL.into(), "gone-node".into());
+        plans.push(orphan);
+        let stale = plans[1].name_any();
+
+        let mut fixture = Fixture::new();
+        fixture.initial_sync(&["a", "b"], plans);
+        let mut writes: Vec<(String, bool)> = fixture
+            .drain()
+            .into_iter()
+            .filter_map(|(k, w)| match k {
+                WriteKey::Plan(name) => Some((name, matches!(w, Write::DeletePlan))),
+                _ => None,
+            })
+            .collect();
+        writes.sort();
+        let mut expected = vec![("gone-node".to_owned(), true), (stale, false)];
+        expected.sort();
+        assert_eq!(writes, expected);
+    }
+
+    #[test]
+    fn a_standby_forgets_writes_once_it_sees_them_land() {
+        let mut fixture = Fixture::new();
+        fixture.initial_sync(&["a"], Vec::new());
+        let plans = {
+            let pending = fixture.shared.lock();
+            assert_eq!(pending.queue.len(), 1);
+            written_plans(&["a"])
+        };
+        // The leader's write arrives through the watch.
+        fixture.feed(WatchEvent::Plan(Event::Apply(plans[0].clone())));
+        assert!(
+            fixture.drain().is_empty(),
+            "nothing left for a new leader to write"
+        );
+    }
+
+    #[test]
+    fn an_endpoint_change_queues_one_write_per_node() {
+        let plans = written_plans(&["a", "b"]);
+        let mut fixture = Fixture::new();
+        fixture.initial_sync(&["a", "b"], plans);
+        fixture.feed(WatchEvent::EndpointSlice(Event::Apply(slice(
+            "web", "10.1.0.2",
+        ))));
+        fixture.reconciler.flush(Instant::now());
+        assert_eq!(fixture.queued_plans(), ["a", "b"]);
+        // The same content again changes nothing.
+        fixture.feed(WatchEvent::EndpointSlice(Event::Apply(slice(
+            "web", "10.1.0.2",
+        ))));
+        fixture.reconciler.flush(Instant::now());
+        assert!(fixture.drain().is_empty());
+    }
+
+    #[test]
+    fn a_relist_that_finds_nothing_new_writes_nothing() {
+        let plans = written_plans(&["a", "b"]);
+        let mut fixture = Fixture::new();
+        fixture.initial_sync(&["a", "b"], plans.clone());
+        fixture.reconciler.set_leading(true);
+        // 410 Gone: every watch re-lists the same objects.
+        fixture.feed(WatchEvent::Service(Event::Init));
+        fixture.feed(WatchEvent::Service(Event::InitApply(service("web"))));
+        fixture.feed(WatchEvent::Service(Event::InitDone));
+        fixture.feed(WatchEvent::Plan(Event::Init));
+        for plan in plans {
+            fixture.feed(WatchEvent::Plan(Event::InitApply(plan)));
+        }
+        fixture.feed(WatchEvent::Plan(Event::InitDone));
+        fixture.reconciler.flush(Instant::now());
+        assert!(fixture.drain().is_empty());
+    }
+
+    #[test]
+    fn a_node_deleted_while_the_watch_was_down_loses_its_plan() {
+        let plans = written_plans(&["a", "b"]);
+        let mut fixture = Fixture::new();
+        fixture.initial_sync(&["a", "b"], plans);
+        fixture.feed(WatchEvent::Node(Event::Init));
+        fixture.feed(WatchEvent::Node(Event::InitApply(node("a"))));
+        fixture.feed(WatchEvent::Node(Event::InitDone));
+        fixture.reconciler.flush(Instant::now());
+        let writes = fixture.drain();
+        assert_eq!(writes.len(), 1);
+        assert_eq!(writes[0].0, WriteKey::Plan("b".into()));
+        assert!(matches!(writes[0].1, Write::DeletePlan));
+    }
+
+    #[test]
+    fn a_deleted_plan_is_rewritten_by_the_leader() {
+        let plans = written_plans(&["a"]);
+        let mut fixture = Fixture::new();
+        fixture.initial_sync(&["a"], plans.clone());
+        fixture.reconciler.set_leading(true);
+        fixture.feed(WatchEvent::Plan(Event::Delete(plans[0].clone())));
+        fixture.reconciler.flush(Instant::now());
+        assert_eq!(fixture.queued_plans(), ["a"]);
+    }
+
+    #[test]
+    fn an_event_older_than_our_own_write_is_not_drift() {
+        let plans = written_plans(&["a"]);
+        let mut fixture = Fixture::new();
+        fixture.initial_sync(&["a"], plans.clone());
+        fixture.reconciler.set_leading(true);
+        fixture.feed(WatchEvent::EndpointSlice(Event::Apply(slice(
+            "web", "10.1.0.9",
+        ))));
+        fixture.reconciler.flush(Instant::now());
+        let Some((_, Write::ApplyPlan { hash, .. })) = fixture.drain().pop() else {
+            panic!("a write")
+        };
+        // The writer wrote it; then an event from before the write arrives
+        // (say, the agent's status update of the old content).
+        fixture
+            .shared
+            .lock()
+            .written
+            .insert("a".into(), Written::Applied(hash));
+        fixture.feed(WatchEvent::Plan(Event::Apply(plans[0].clone())));
+        fixture.reconciler.flush(Instant::now());
+        assert!(fixture.drain().is_empty());
+    }
+}
