@@ -1,4 +1,5 @@
 //! The generated CRDs are the ones the chart ships, and the examples fit them.
+#![allow(clippy::unwrap_used)] // test helpers, not only #[test] fns, may unwrap
 
 use std::path::{Path, PathBuf};
 
@@ -75,7 +76,11 @@ fn every_example_object_validates_against_its_generated_schema() {
             .iter_errors(&doc)
             .map(|e| format!("{}: {e}", e.instance_path()))
             .collect();
-        assert!(errors.is_empty(), "{} does not fit the {kind} schema: {errors:?}", path.display());
+        assert!(
+            errors.is_empty(),
+            "{} does not fit the {kind} schema: {errors:?}",
+            path.display()
+        );
         // And the typed API reads it, and every policy passes semantic validation.
         match kind {
             "ProxyPolicy" => {
@@ -119,5 +124,8 @@ fn plans_print_the_columns_kubectl_shows() {
         .filter(|c| c.priority.unwrap_or(0) == 0)
         .map(|c| c.name.clone())
         .collect();
-    assert_eq!(columns, ["Node", "Programmed", "Services", "Endpoints", "Age"]);
+    assert_eq!(
+        columns,
+        ["Node", "Programmed", "Services", "Endpoints", "Age"]
+    );
 }
