@@ -12,6 +12,7 @@ use planproxy_e2e::traffic::{wait_peer_ip, wait_servers, wait_unanswered};
 use planproxy_e2e::{
     AppDef, Cluster, ClusterSpec, Protocol, RealCluster, ServiceDef, Target, Workloads,
 };
+use planproxy_netns::Attempt;
 use serde_json::json;
 
 /// How long the control loop (controller coalescing, agent sync) may take.
@@ -117,6 +118,16 @@ fn scaling_endpoints_up_and_down_moves_traffic_with_them() {
         .run(|api| async move { api.scale("default", "web", 1).await.unwrap() })
         .unwrap();
     wait_servers(probe, vip, Protocol::Tcp, &["web-0".into()], CONVERGE).unwrap();
+
+    // No endpoints left: the frontend rejects (kube-proxy's default), so the
+    // client fails at once instead of timing out.
+    cluster
+        .run(|api| async move { api.scale("default", "web", 0).await.unwrap() })
+        .unwrap();
+    assert_eq!(
+        wait_unanswered(probe, vip, CONVERGE).unwrap(),
+        Attempt::Refused
+    );
     cluster
         .processes_running()
         .expect("controller and agents still running");
@@ -572,4 +583,70 @@ async fn invalid_policy_edit_is_reported_and_the_accepted_spec_kept(w: &impl Wor
         .delete_policy(&name)
         .await
         .expect("deleting the policy");
+}
+
+#[test]
+fn no_endpoints_action_drop_makes_clients_of_an_empty_service_time_out() {
+    let cluster = start();
+    cluster
+        .run(|api| async move {
+            api.create_service(
+                &ServiceDef::cluster_ip("default", "empty", "nothing").tcp("http", 80, 8080),
+            )
+            .await
+            .unwrap();
+            api.create_service(
+                &ServiceDef::cluster_ip("default", "quiet", "nothing")
+                    .tcp("http", 80, 8080)
+                    .label("empty", "drop"),
+            )
+            .await
+            .unwrap();
+            api.apply_policy(json!({
+                "apiVersion": "planproxy.dev/v1alpha1",
+                "kind": "ProxyPolicy",
+                "metadata": {"name": "drop-empty"},
+                "spec": {
+                    "serviceSelector": {"matchLabels": {"empty": "drop"}},
+                    "noEndpointsAction": "Drop",
+                },
+            }))
+            .await
+            .unwrap();
+            api.wait_plans("default/quiet drops", CONVERGE, |plans| {
+                let drops = plans
+                    .iter()
+                    .flat_map(|p| &p.spec.service_ports)
+                    .filter(|sp| sp.name == "quiet")
+                    .all(|sp| {
+                        sp.no_endpoints_action == planproxy_crds::v1alpha1::NoEndpointsAction::Drop
+                    });
+                let present = plans
+                    .iter()
+                    .flat_map(|p| &p.spec.service_ports)
+                    .any(|sp| sp.name == "quiet");
+                if drops && present {
+                    Ok(())
+                } else {
+                    Err("default/quiet does not drop yet".to_owned())
+                }
+            })
+            .await
+            .unwrap();
+        })
+        .unwrap();
+    let probe = &cluster.probe_pod(1).ns;
+    let empty = cluster.service_addr("default", "empty", 80, false).unwrap();
+    let quiet = cluster.service_addr("default", "quiet", 80, false).unwrap();
+    assert_eq!(
+        wait_unanswered(probe, empty, CONVERGE).unwrap(),
+        Attempt::Refused
+    );
+    assert_eq!(
+        wait_unanswered(probe, quiet, CONVERGE).unwrap(),
+        Attempt::Timeout
+    );
+    cluster
+        .processes_running()
+        .expect("controller and agents still running");
 }
