@@ -206,3 +206,42 @@ fn collect(value: serde_yaml::Value, specs: &mut Vec<ProxyPlanSpec>) -> anyhow::
         other => bail!("expected a ProxyPlan object or spec, found {other:?}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: &str = "nodeName: n1\nshard: {index: 0, count: 2, generation: 1}\nsettings: {masqueradeBit: 14, localTrafficDetector: {mode: None}, minSyncPeriod: 1s, syncPeriod: 30s}\n";
+
+    #[test]
+    fn plan_files_hold_objects_specs_lists_or_several_documents() {
+        let object = format!(
+            "apiVersion: planproxy.dev/v1alpha1\nkind: ProxyPlan\nmetadata: {{name: n1-0}}\nspec:\n{}",
+            SPEC.lines().map(|l| format!("  {l}\n")).collect::<String>()
+        );
+        assert_eq!(parse_plan(SPEC).expect("a bare spec").len(), 1);
+        assert_eq!(parse_plan(&object).expect("an object").len(), 1);
+        assert_eq!(
+            parse_plan(&format!("{object}---\n{SPEC}"))
+                .expect("two documents")
+                .len(),
+            2
+        );
+        let list = format!(
+            "kind: List\nitems:\n- spec:\n{}",
+            SPEC.lines()
+                .map(|l| format!("    {l}\n"))
+                .collect::<String>()
+        );
+        assert_eq!(parse_plan(&list).expect("a List").len(), 1);
+        let json = serde_json::to_string(&parse_plan(SPEC).expect("spec")).expect("json");
+        assert_eq!(parse_plan(&json).expect("a JSON array").len(), 1);
+    }
+
+    #[test]
+    fn a_plan_file_without_plans_or_with_bad_fields_is_an_error() {
+        assert!(parse_plan("").is_err());
+        let err = parse_plan("nodeName: n1\nshard: nope\n").expect_err("a bad shard");
+        assert!(format!("{err:#}").contains("document 1"), "{err:#}");
+    }
+}
