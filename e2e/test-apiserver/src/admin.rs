@@ -10,7 +10,7 @@
 //! | `GET /resource-version` | the current global resourceVersion |
 //! | `POST /faults/close-watches` | end every open watch |
 //! | `POST /faults/expire-next-watches?count=N` | answer the next N watches with 410 |
-//! | `POST /faults/fail-writes?fraction=F&code=500\|409` | fail a fraction of writes |
+//! | `POST /faults/fail-writes?fraction=F&code=500\|409[&resource=R]` | fail a fraction of writes (to resource R, e.g. `proxyplans.planproxy.dev/status`) |
 //! | `POST /faults/latency?ms=N` | delay every request |
 //! | `POST /faults/outage?seconds=S&mode=hang\|refuse` | stop answering for S seconds |
 //! | `POST /faults/restart` | drop every connection, keep data |
@@ -87,7 +87,11 @@ pub async fn serve(
                 Some("409") => WriteFailure::Conflict,
                 Some(_) => return Ok(bad("code must be 500 or 409")),
             };
-            faults.fail_writes(number("fraction").unwrap_or(1.0), kind);
+            let fraction = number("fraction").unwrap_or(1.0);
+            match query.get("resource").filter(|r| !r.is_empty()) {
+                Some(resource) => faults.fail_writes_to(resource, fraction, kind),
+                None => faults.fail_writes(fraction, kind),
+            }
             ok()
         }
         (&Method::POST, "/faults/latency") => {

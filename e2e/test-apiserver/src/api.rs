@@ -183,12 +183,18 @@ impl Api {
         }
     }
 
-    /// Counts one request.
-    pub fn count(&self, verb: &str, res: ResourceId, status: bool) {
+    /// The resource as counters and fault filters name it: `plural[.group][/status]`.
+    pub fn resource_name(&self, res: ResourceId, status: bool) -> String {
         let mut resource = self.registry.get(res).qualified_plural();
         if status {
             resource.push_str("/status");
         }
+        resource
+    }
+
+    /// Counts one request.
+    pub fn count(&self, verb: &str, res: ResourceId, status: bool) {
+        let resource = self.resource_name(res, status);
         *lock(&self.counts)
             .entry((verb.to_string(), resource))
             .or_default() += 1;
@@ -309,12 +315,13 @@ impl Api {
             name,
             status: false,
         };
-        self.faults.injected_write_failure(|| {
-            ApiError::conflict(
-                self.subject(res, &target.name),
-                "injected conflict (test API server fault)",
-            )
-        })?;
+        self.faults
+            .injected_write_failure(&self.resource_name(res, false), || {
+                ApiError::conflict(
+                    self.subject(res, &target.name),
+                    "injected conflict (test API server fault)",
+                )
+            })?;
         let mut store = lock(&self.store);
         if store.get(res, &target.key()).is_some() {
             return Err(ApiError::already_exists(self.subject(res, &target.name)));
@@ -337,7 +344,9 @@ impl Api {
     ) -> Result<Arc<Value>, ApiError> {
         self.check_namespace(target.res, target.namespace.as_deref())?;
         self.faults
-            .injected_write_failure(|| self.conflict(target))?;
+            .injected_write_failure(&self.resource_name(target.res, target.status), || {
+                self.conflict(target)
+            })?;
         let mut store = lock(&self.store);
         let key = target.key();
         let entry = store
@@ -413,7 +422,9 @@ impl Api {
     ) -> Result<(Arc<Value>, bool), ApiError> {
         self.check_namespace(target.res, target.namespace.as_deref())?;
         self.faults
-            .injected_write_failure(|| self.conflict(target))?;
+            .injected_write_failure(&self.resource_name(target.res, target.status), || {
+                self.conflict(target)
+            })?;
         let mut store = lock(&self.store);
         let key = target.key();
         let entry = store.get(target.res, &key).cloned();
@@ -524,7 +535,9 @@ impl Api {
     ) -> Result<Arc<Value>, ApiError> {
         self.check_namespace(target.res, target.namespace.as_deref())?;
         self.faults
-            .injected_write_failure(|| self.conflict(target))?;
+            .injected_write_failure(&self.resource_name(target.res, target.status), || {
+                self.conflict(target)
+            })?;
         let mut store = lock(&self.store);
         let key = target.key();
         let object = store

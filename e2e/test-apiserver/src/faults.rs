@@ -39,10 +39,13 @@ pub enum WriteFailure {
     Conflict,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct WriteFailures {
     fraction: f64,
     kind: WriteFailure,
+    /// Only writes to this resource (`proxyplans.planproxy.dev`, or
+    /// `proxyplans.planproxy.dev/status` for status writes only).
+    resource: Option<String>,
 }
 
 /// The fault switches; shared by the request handlers and the test handle.
@@ -83,8 +86,23 @@ impl Faults {
 
     /// Fails this fraction (0.0–1.0) of writes (create, update, patch, delete) with `kind`.
     pub fn fail_writes(&self, fraction: f64, kind: WriteFailure) {
+        self.set_write_failures(fraction, kind, None);
+    }
+
+    /// Like [`Self::fail_writes`], for writes to one resource only: the plural,
+    /// group-qualified unless core (`proxyplans.planproxy.dev` covers the
+    /// object and its status; `proxyplans.planproxy.dev/status` only status writes).
+    pub fn fail_writes_to(&self, resource: &str, fraction: f64, kind: WriteFailure) {
+        self.set_write_failures(fraction, kind, Some(resource.to_string()));
+    }
+
+    fn set_write_failures(&self, fraction: f64, kind: WriteFailure, resource: Option<String>) {
         let fraction = fraction.clamp(0.0, 1.0);
-        *lock(&self.write_failures) = (fraction > 0.0).then_some(WriteFailures { fraction, kind });
+        *lock(&self.write_failures) = (fraction > 0.0).then_some(WriteFailures {
+            fraction,
+            kind,
+            resource,
+        });
     }
 
     /// Delays every API request by this much.
@@ -167,14 +185,22 @@ impl Faults {
     }
 
     /// An injected failure for this write, if the dice say so.
+    /// `resource` is the written resource as counters name it (`plural[.group][/status]`).
     pub(crate) fn injected_write_failure(
         &self,
+        resource: &str,
         conflict: impl FnOnce() -> ApiError,
     ) -> Result<(), ApiError> {
-        let Some(failures) = *lock(&self.write_failures) else {
+        let Some(failures) = lock(&self.write_failures).clone() else {
             return Ok(());
         };
-        if self.next_fraction() >= failures.fraction {
+        let targeted = failures.resource.as_deref().is_none_or(|wanted| {
+            resource == wanted
+                || resource
+                    .strip_prefix(wanted)
+                    .is_some_and(|r| r.starts_with('/'))
+        });
+        if !targeted || self.next_fraction() >= failures.fraction {
             return Ok(());
         }
         Err(match failures.kind {
@@ -214,7 +240,7 @@ mod tests {
         let failed = (0..10_000)
             .filter(|_| {
                 faults
-                    .injected_write_failure(|| ApiError::internal("x"))
+                    .injected_write_failure("configmaps", || ApiError::internal("x"))
                     .is_err()
             })
             .count();
@@ -222,9 +248,31 @@ mod tests {
         faults.clear();
         assert!(
             faults
-                .injected_write_failure(|| ApiError::internal("x"))
+                .injected_write_failure("configmaps", || ApiError::internal("x"))
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn targeted_write_failures_hit_only_their_resource() {
+        let faults = Faults::new(7);
+        faults.fail_writes_to(
+            "proxyplans.planproxy.dev/status",
+            1.0,
+            WriteFailure::Internal,
+        );
+        let fails = |r: &str| {
+            faults
+                .injected_write_failure(r, || ApiError::internal("x"))
+                .is_err()
+        };
+        assert!(fails("proxyplans.planproxy.dev/status"));
+        assert!(!fails("proxyplans.planproxy.dev"));
+        faults.fail_writes_to("proxyplans.planproxy.dev", 1.0, WriteFailure::Internal);
+        assert!(fails("proxyplans.planproxy.dev/status"));
+        assert!(fails("proxyplans.planproxy.dev"));
+        assert!(!fails("proxyplans.planproxy.devx"));
+        assert!(!fails("services"));
     }
 
     #[test]
