@@ -612,3 +612,63 @@ fn explain_shows_the_services_rules_with_the_kernels_packet_counters() {
     );
     assert!(!text.contains("not in the kernel"), "{text}");
 }
+
+#[test]
+fn agent_started_while_the_api_server_is_unreachable_keeps_the_rules_and_serves_health() {
+    let mut cluster = Cluster::start();
+    let spec = plan(
+        vec![service(
+            "web",
+            CLUSTER_IP,
+            vec![endpoint(cluster.pod_ip(), true)],
+        )],
+        "30s",
+    );
+    cluster.put_plan(&spec);
+    cluster.start_agent();
+    must(
+        wait_for(Duration::from_secs(20), || cluster.programmed_hash(&spec)),
+        "programmed",
+        &cluster,
+    );
+    let before = rules_only(&cluster.iptables_save());
+    cluster.agent = None; // SIGKILL
+
+    cluster
+        .server
+        .faults()
+        .outage(Duration::from_secs(5), OutageMode::Refuse);
+    cluster.start_agent();
+    let healthz: SocketAddr = HEALTHZ.parse().expect("address");
+    must(
+        wait_for(Duration::from_secs(3), || {
+            cluster
+                .http_get(healthz, "/healthz")
+                .is_some_and(|(code, _)| code == 200)
+        }),
+        "the agent serves health while the API server is away",
+        &cluster,
+    );
+    assert_eq!(cluster.connect(cluster_ip_addr()).server(), Some("backend"));
+    assert_eq!(
+        rules_only(&cluster.iptables_save()),
+        before,
+        "nothing flushed on start"
+    );
+
+    let changed = plan(
+        vec![
+            service("web", CLUSTER_IP, vec![endpoint(cluster.pod_ip(), true)]),
+            service("api", "10.96.0.11", vec![endpoint(cluster.pod_ip(), true)]),
+        ],
+        "30s",
+    );
+    cluster.put_plan(&changed);
+    must(
+        wait_for(Duration::from_secs(40), || {
+            cluster.programmed_hash(&changed)
+        }),
+        "the agent converges once the API server is back",
+        &cluster,
+    );
+}

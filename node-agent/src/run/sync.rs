@@ -21,7 +21,7 @@ use planproxy_crds::v1alpha1::TrafficPolicy;
 use planproxy_crds::{ProxyPlan, ProxyPlanSpec, ProxyPlanStatus, spec_hash};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::health::{HealthCheckServers, NodeHealth, health_check_services, listen_addresses};
 use super::kernel::{Applied, ApplyError, Kernel};
@@ -334,14 +334,16 @@ impl<K: Kernel> SyncLoop<K> {
                 },
             );
         }
+        // Periodic resyncs of unchanged content are routine: keep them out of the
+        // info log, which then shows only what changed the node.
+        let changed = self.applied != held || self.last_failure.is_some();
         self.applied = held;
         self.last_failure = None;
-        info!(
-            full = applied.full,
-            duration = ?applied.duration,
-            shards = specs.len(),
-            "rules programmed"
-        );
+        if changed {
+            info!(full = applied.full, duration = ?applied.duration, shards = specs.len(), "rules programmed");
+        } else {
+            debug!(full = applied.full, duration = ?applied.duration, shards = specs.len(), "rules programmed");
+        }
 
         let unix_now = now.as_millisecond() as f64 / 1000.0;
         self.metrics.sync_succeeded(
