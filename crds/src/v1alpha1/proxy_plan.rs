@@ -233,14 +233,16 @@ pub struct EndpointPlan {
     pub ip: String,
     /// The endpoint's port (the EndpointSlice port for this service port).
     pub port: u16,
-    /// Whether the endpoint runs on this node.
-    #[serde(default)]
+    /// Whether the endpoint runs on this node. Omitted when false, as are the other
+    /// usually-false flags, to keep large plans small.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub local: bool,
     /// The EndpointSlice `ready` condition.
     pub ready: bool,
     /// The EndpointSlice `serving` condition.
     pub serving: bool,
     /// The EndpointSlice `terminating` condition.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub terminating: bool,
 }
 
