@@ -436,6 +436,12 @@ fn health_check_node_port_answers_as_local_endpoints_come_and_go() {
     assert_eq!(body["service"]["namespace"], "default");
     assert_eq!(body["service"]["name"], "web");
     assert_eq!(body["localEndpoints"], 1);
+    let hc_v6 = SocketAddr::new(planproxy_netns::topology::node_ipv6(1).into(), 31999);
+    assert_eq!(
+        cluster.http_get(hc_v6, "/").map(|(code, _)| code),
+        Some(200),
+        "the port answers on IPv6 too"
+    );
 
     // The only local endpoint starts terminating: it no longer counts.
     let mut draining = web.clone();

@@ -11,7 +11,7 @@
 //! The answers are pure functions of the state; the servers only read it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -253,11 +253,12 @@ async fn service_health(State(s): State<PortServerState>) -> Response {
     json_response(answer, Some(("x-load-balancing-endpoint-weight", weight)))
 }
 
-/// The addresses health-check node ports listen on: every address, or the node's
-/// addresses inside `nodePortAddresses` when the plan restricts them.
+/// The addresses health-check node ports listen on: every address of both
+/// families (`[::]`, which also accepts IPv4 on Linux), or the node's addresses
+/// inside `nodePortAddresses` when the plan restricts them.
 pub fn listen_addresses(node_port_addresses: &[String], node_ips: &[String]) -> Vec<IpAddr> {
     if node_port_addresses.is_empty() {
-        return vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)];
+        return vec![IpAddr::V6(Ipv6Addr::UNSPECIFIED)];
     }
     let cidrs: Vec<ipnet::IpNet> = node_port_addresses
         .iter()
@@ -268,6 +269,17 @@ pub fn listen_addresses(node_port_addresses: &[String], node_ips: &[String]) -> 
         .filter_map(|ip| ip.parse::<IpAddr>().ok())
         .filter(|ip| cidrs.iter().any(|cidr| cidr.contains(ip)))
         .collect()
+}
+
+/// Binds `socket`; `[::]` falls back to `0.0.0.0` on a node without IPv6.
+async fn bind_any_family(socket: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    match tokio::net::TcpListener::bind(socket).await {
+        Err(error) if socket.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => {
+            let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), socket.port());
+            tokio::net::TcpListener::bind(v4).await.map_err(|_| error)
+        }
+        result => result,
+    }
 }
 
 struct PortListener {
@@ -321,7 +333,7 @@ impl HealthCheckServers {
             let mut tasks = Vec::new();
             for address in addresses {
                 let socket = SocketAddr::new(*address, *port);
-                match tokio::net::TcpListener::bind(socket).await {
+                match bind_any_family(socket).await {
                     Ok(listener) => {
                         let router =
                             Router::new()
@@ -544,7 +556,7 @@ mod tests {
         );
         assert_eq!(
             listen_addresses(&[], &ips),
-            vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)]
+            vec![IpAddr::V6(Ipv6Addr::UNSPECIFIED)]
         );
     }
 }

@@ -119,15 +119,20 @@ pub enum Error {
 
 /// Installs the global tracing subscriber for `format` and `filter`.
 pub fn init_logging(format: LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (env_filter, invalid) = match tracing_subscriber::EnvFilter::try_new(filter) {
+        Ok(env_filter) => (env_filter, None),
+        Err(error) => (tracing_subscriber::EnvFilter::new("info"), Some(error)),
+    };
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(env_filter)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+    if let Some(error) = invalid {
+        warn!(filter, %error, "invalid --log-level; logging at info");
+    }
 }
 
 /// Runs the agent with `kernel` until SIGTERM or SIGINT. The node's rules are
