@@ -66,10 +66,11 @@ async fn a_killed_leader_is_replaced_within_the_lease_duration_and_plans_keep_up
     )
     .await;
     let takeover = killed.elapsed();
-    // The standby may start at most one lease duration (plus one retry period of
-    // polling) after the leader's last renewal, which came before the kill.
+    // The standby may start one lease duration after it last saw the record
+    // change, which was before the kill; add its polling period and a second for
+    // API round trips on a loaded machine.
     assert!(
-        takeover <= LEASE_DURATION + RETRY_PERIOD * 2,
+        takeover <= LEASE_DURATION + RETRY_PERIOD + Duration::from_secs(1),
         "takeover took {takeover:?}"
     );
 
