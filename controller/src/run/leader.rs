@@ -198,6 +198,7 @@ pub struct LeaseRef {
 
 /// Runs the election until `shutdown` turns true, publishing leadership on
 /// `leading`; then releases the lease if held.
+#[tracing::instrument(name = "leader_election", skip_all, fields(lease = %lease.name, identity = %elector.identity()))]
 pub async fn run(
     client: kube::Client,
     lease: LeaseRef,

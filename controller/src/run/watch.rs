@@ -100,6 +100,7 @@ pub fn prune_plan(plan: &mut ProxyPlan) {
 /// Watches `api`, pruning each object with `prune`, and forwards the events (after
 /// wrapping them with `wrap`) until the receiver is gone. Errors are logged and
 /// retried with kube's default backoff (a 410 Gone becomes a re-list).
+#[tracing::instrument(name = "watch", skip_all, fields(resource = resource))]
 pub async fn forward<K>(
     api: Api<K>,
     config: Config,

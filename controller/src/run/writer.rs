@@ -161,6 +161,7 @@ impl Writer {
         self.metrics.queue_depth.set(pending.queue.len() as i64);
     }
 
+    #[tracing::instrument(name = "write", skip_all, fields(key = ?key))]
     async fn write(
         &self,
         plans: &Api<ProxyPlan>,
