@@ -108,3 +108,26 @@ pub fn wait_unanswered(from: &Netns, target: SocketAddr, timeout: Duration) -> R
         },
     )
 }
+
+/// Waits until a TCP connection from `from` to `target` ends exactly as
+/// `expected` (e.g. [`Attempt::Refused`] once a frontend rejects), past any
+/// transient outcome while rules change.
+pub fn wait_attempt(
+    from: &Netns,
+    target: SocketAddr,
+    expected: &Attempt,
+    timeout: Duration,
+) -> Result<()> {
+    eventually_sync(
+        &format!("TCP {target} from {} ends {expected:?}", from.name()),
+        timeout,
+        || {
+            let attempt = from.connect_tcp(target, &ConnectOpts::with_timeout(ATTEMPT_TIMEOUT));
+            if attempt == *expected {
+                Ok(())
+            } else {
+                Err(format!("{attempt:?}"))
+            }
+        },
+    )
+}

@@ -8,7 +8,7 @@ use planproxy_crds::condition::{FALSE, TRUE};
 use planproxy_crds::labels::SPEC_HASH_ANNOTATION;
 use planproxy_e2e::plans::services_of;
 use planproxy_e2e::target::RUN_LABEL;
-use planproxy_e2e::traffic::{wait_peer_ip, wait_servers, wait_unanswered};
+use planproxy_e2e::traffic::{wait_attempt, wait_peer_ip, wait_servers, wait_unanswered};
 use planproxy_e2e::{
     AppDef, Cluster, ClusterSpec, Protocol, RealCluster, ServiceDef, Target, Workloads,
 };
@@ -124,10 +124,7 @@ fn scaling_endpoints_up_and_down_moves_traffic_with_them() {
     cluster
         .run(|api| async move { api.scale("default", "web", 0).await.unwrap() })
         .unwrap();
-    assert_eq!(
-        wait_unanswered(probe, vip, CONVERGE).unwrap(),
-        Attempt::Refused
-    );
+    wait_attempt(probe, vip, &Attempt::Refused, CONVERGE).unwrap();
     cluster
         .processes_running()
         .expect("controller and agents still running");

@@ -18,7 +18,9 @@
 //! clients route everything via their gateway. Forwarding is on in nodes and
 //! the router, and bridged traffic in nodes passes through iptables
 //! (`bridge-nf-call-iptables`), as kube-proxy requires for pod-to-service
-//! traffic that comes back to a pod on the same bridge.
+//! traffic that comes back to a pod on the same bridge. Nodes and the router
+//! do not rate-limit ICMP errors (`icmp_ratelimit=0`), so a test polling a
+//! frontend that rejects always sees "refused", never a rate-limited timeout.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -158,6 +160,8 @@ impl Topology {
         let router = Netns::new("router")?;
         router.sysctl("net.ipv4.ip_forward", "1")?;
         router.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        router.sysctl("net.ipv4.icmp_ratelimit", "0")?;
+        router.sysctl("net.ipv6.icmp.ratelimit", "0")?;
         router.add_bridge(NODE_NET_BRIDGE)?;
         router.add_addr(NODE_NET_BRIDGE, ROUTER_NODE_NET_V4.into(), 24)?;
         router.add_addr(NODE_NET_BRIDGE, ROUTER_NODE_NET_V6.into(), 64)?;
@@ -254,6 +258,12 @@ impl Node {
             ("net.ipv6.conf.all.forwarding", "1"),
             ("net.bridge.bridge-nf-call-iptables", "1"),
             ("net.bridge.bridge-nf-call-ip6tables", "1"),
+            // A REJECT answers with ICMP errors, which the kernel rate-limits
+            // per destination (about one a second). Tests that poll a
+            // rejecting frontend would then see timeouts, so nodes do not
+            // rate-limit.
+            ("net.ipv4.icmp_ratelimit", "0"),
+            ("net.ipv6.icmp.ratelimit", "0"),
         ] {
             ns.sysctl(key, value)?;
         }

@@ -338,3 +338,28 @@ fn pods_added_later_get_fresh_addresses_and_are_reachable() {
             .is_ok()
     );
 }
+
+#[test]
+fn nodes_answer_every_rejected_connection_without_icmp_rate_limiting() {
+    let topology = Topology::new(TopologySpec {
+        nodes: 1,
+        pods_per_node: 1,
+        clients: 0,
+    })
+    .unwrap();
+    let node = topology.node(1);
+    node.ns
+        .exec_with_stdin(
+            &["iptables-restore"],
+            "*filter\n-A FORWARD -p tcp --dport 9 -j REJECT\nCOMMIT\n",
+        )
+        .unwrap();
+    // Routed through the node towards the router, rejected on the way.
+    let target = SocketAddr::new(Ipv4Addr::new(172, 31, 0, 200).into(), 9);
+    let pod = &node.pods[0];
+    let attempts = pod.ns.connect_many(target, 30, &short());
+    assert!(
+        attempts.iter().all(|a| *a == Attempt::Refused),
+        "{attempts:?}"
+    );
+}
