@@ -9,10 +9,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use serde_json::Value;
-use tokio::sync::watch;
+use tokio::sync::mpsc;
 
 use crate::error::ApiError;
 use crate::resources::ResourceId;
+
+/// Events queued per watch before it must catch up from the log.
+pub const WATCH_QUEUE: usize = 4096;
 
 /// `(namespace, name)`; the namespace is `""` for cluster-scoped objects.
 pub type ObjectKey = (String, String);
@@ -69,13 +72,13 @@ pub struct Table {
     log: VecDeque<Arc<LoggedEvent>>,
     /// Events with a resourceVersion up to this one may have been dropped.
     evicted_through: u64,
-    /// Wake-up channels of the watches on this type, by what they can match.
-    routes: HashMap<WatchRoute, Vec<watch::Sender<u64>>>,
+    /// Event queues of the watches on this type, by what they can match.
+    routes: HashMap<WatchRoute, Vec<mpsc::Sender<Arc<LoggedEvent>>>>,
 }
 
-/// Which events wake a watch. A watch whose selector pins a name or requires a
-/// label value is woken only by events about objects with that name or label
-/// (before or after the change), so a write wakes one agent's watch, not all.
+/// Which events a watch is sent. A watch whose selector pins a name or
+/// requires a label value gets only the events about objects with that name or
+/// label (before or after the change), so a write costs one agent's watch, not all.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum WatchRoute {
     /// Every event of the type.
@@ -258,7 +261,6 @@ impl Store {
     }
 
     fn log(&mut self, res: ResourceId, event: LoggedEvent) {
-        let rv = event.rv;
         let window = self.window;
         let table = &mut self.tables[res];
         table.log.push_back(Arc::new(event));
@@ -275,10 +277,14 @@ impl Store {
                 routes_of(previous, &mut routes);
             }
         }
+        let Some(event) = table.log.back().cloned() else {
+            return;
+        };
         for route in routes {
             if let Some(senders) = table.routes.get_mut(&route) {
-                // Watches that ended dropped their receiver: forget them here.
-                senders.retain(|sender| sender.send(rv).is_ok());
+                // A full queue (a watch that fell behind) or a closed one (a watch
+                // that ended) loses its sender: the first catches up from the log.
+                senders.retain(|sender| sender.try_send(event.clone()).is_ok());
                 if senders.is_empty() {
                     table.routes.remove(&route);
                 }
@@ -320,9 +326,15 @@ impl Store {
         Ok(log.range(start..).cloned().collect())
     }
 
-    /// A receiver that changes whenever this type gets an event on `route`.
-    pub fn subscribe(&mut self, res: ResourceId, route: WatchRoute) -> watch::Receiver<u64> {
-        let (sender, receiver) = watch::channel(self.rv);
+    /// A queue of this type's future events on `route`. When the watch falls
+    /// more than [`WATCH_QUEUE`] events behind, the queue is closed (after the
+    /// queued events) and the watch must catch up with [`Self::events_since`].
+    pub fn subscribe(
+        &mut self,
+        res: ResourceId,
+        route: WatchRoute,
+    ) -> mpsc::Receiver<Arc<LoggedEvent>> {
+        let (sender, receiver) = mpsc::channel(WATCH_QUEUE);
         self.tables[res]
             .routes
             .entry(route)
@@ -400,20 +412,15 @@ mod tests {
     }
 
     #[test]
-    fn watches_are_woken_only_by_events_on_their_route() {
+    fn watches_are_sent_only_the_events_on_their_route() {
         let mut store = Store::new(1, 10);
-        let all = store.subscribe(0, WatchRoute::All);
+        let mut all = store.subscribe(0, WatchRoute::All);
         let mut node_a = store.subscribe(0, WatchRoute::Label("node".into(), "a".into()));
-        let named_b = store.subscribe(0, WatchRoute::Name("b".into()));
-        store.put(
-            0,
-            key("x"),
-            json!({"metadata": {"name": "x", "labels": {"node": "a"}}}),
-            BTreeMap::new(),
-        );
-        assert!(all.has_changed().unwrap() && node_a.has_changed().unwrap());
-        assert!(!named_b.has_changed().unwrap());
-        node_a.mark_unchanged();
+        let mut named_b = store.subscribe(0, WatchRoute::Name("b".into()));
+        let labelled = json!({"metadata": {"name": "x", "labels": {"node": "a"}}});
+        store.put(0, key("x"), labelled, BTreeMap::new());
+        assert!(all.try_recv().is_ok() && node_a.try_recv().is_ok());
+        assert!(named_b.try_recv().is_err());
         // Losing the label is an event for the label's watch too (it becomes a DELETED).
         store.put(
             0,
@@ -421,14 +428,15 @@ mod tests {
             json!({"metadata": {"name": "x"}}),
             BTreeMap::new(),
         );
-        assert!(node_a.has_changed().unwrap());
+        assert_eq!(node_a.try_recv().unwrap().kind, EventType::Modified);
         store.put(
             0,
             key("b"),
             json!({"metadata": {"name": "b"}}),
             BTreeMap::new(),
         );
-        assert!(named_b.has_changed().unwrap());
+        assert!(named_b.try_recv().is_ok());
+        assert!(node_a.try_recv().is_err());
         drop(all);
         store.put(
             0,
@@ -440,6 +448,29 @@ mod tests {
             !store.tables[0].routes.contains_key(&WatchRoute::All),
             "ended watches are forgotten"
         );
+    }
+
+    #[test]
+    fn a_watch_that_falls_behind_has_its_queue_closed() {
+        let mut store = Store::new(1, WATCH_QUEUE * 2);
+        let mut slow = store.subscribe(0, WatchRoute::All);
+        for i in 0..=WATCH_QUEUE {
+            store.put(
+                0,
+                key("x"),
+                json!({"metadata": {"name": "x"}, "i": i}),
+                BTreeMap::new(),
+            );
+        }
+        let mut received = 0;
+        while slow.try_recv().is_ok() {
+            received += 1;
+        }
+        assert_eq!(received, WATCH_QUEUE);
+        assert!(matches!(
+            slow.try_recv(),
+            Err(mpsc::error::TryRecvError::Disconnected)
+        ));
     }
 
     #[test]

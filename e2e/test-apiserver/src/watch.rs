@@ -140,13 +140,14 @@ async fn run(
         namespace: request.namespace.clone(),
         selectors: request.selectors.clone(),
     };
+    let route = request.selectors.watch_route();
     let started = {
         let mut store = lock(&api.store);
-        let notify = store.subscribe(request.res, request.selectors.watch_route());
+        let queue = store.subscribe(request.res, route.clone());
         match start_rv {
             Some(rv) => store
-                .check_not_expired(request.res, rv)
-                .map(|()| (notify, rv, Vec::new())),
+                .events_since(request.res, rv)
+                .map(|replay| (queue, rv, Vec::new(), replay)),
             None => {
                 let initial: Vec<Arc<Value>> = store
                     .table(request.res)
@@ -155,11 +156,11 @@ async fn run(
                     .filter(|e| filter.matches(&e.object))
                     .map(|e| e.object.clone())
                     .collect();
-                Ok((notify, store.current_rv(), initial))
+                Ok((queue, store.current_rv(), initial, Vec::new()))
             }
         }
     };
-    let (mut notify, mut last_rv, initial) = match started {
+    let (mut queue, mut last_rv, initial, replay) = match started {
         Ok(started) => started,
         Err(e) => {
             let _ = tx.send(error(&e)).await;
@@ -177,42 +178,95 @@ async fn run(
     {
         return;
     }
-    let mut ticker = tokio::time::interval(bookmark_interval);
-    ticker.reset();
-    let mut want_bookmark = false;
-    loop {
-        api.faults.wait_while_hung().await;
-        let events = {
-            let store = lock(&api.store);
-            store
-                .events_since(request.res, last_rv)
-                .map(|events| (events, store.current_rv()))
-        };
-        let (events, current) = match events {
-            Ok(found) => found,
-            Err(e) => {
-                let _ = tx.send(error(&e)).await;
-                return;
-            }
-        };
-        for event in &events {
-            if let Some((kind, object)) = filter.translate(event)
-                && tx.send(line(kind.as_str(), object)).await.is_err()
-            {
-                return;
-            }
-        }
-        last_rv = last_rv.max(current);
-        if want_bookmark && request.bookmarks && tx.send(bookmark(last_rv, false)).await.is_err() {
+    for event in replay {
+        if !deliver(&tx, &filter, &event, &mut last_rv).await {
             return;
         }
-        want_bookmark = false;
+    }
+    let mut ticker = tokio::time::interval(bookmark_interval);
+    ticker.reset();
+    let mut behind = false;
+    loop {
+        api.faults.wait_while_hung().await;
+        if behind {
+            // The store closed our queue: catch up from the log (410 if it moved on).
+            let caught_up = {
+                let mut store = lock(&api.store);
+                store
+                    .events_since(request.res, last_rv)
+                    .map(|events| (events, store.subscribe(request.res, route.clone())))
+            };
+            match caught_up {
+                Ok((events, fresh)) => {
+                    queue = fresh;
+                    for event in events {
+                        if !deliver(&tx, &filter, &event, &mut last_rv).await {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(error(&e)).await;
+                    return;
+                }
+            }
+            behind = false;
+        }
         tokio::select! {
-            changed = notify.changed() => if changed.is_err() { return },
-            _ = ticker.tick() => want_bookmark = true,
+            event = queue.recv() => match event {
+                Some(event) => {
+                    if !deliver(&tx, &filter, &event, &mut last_rv).await {
+                        return;
+                    }
+                }
+                None => behind = true,
+            },
+            _ = ticker.tick(), if request.bookmarks => {
+                let current = lock(&api.store).current_rv();
+                // Every event up to `current` on our route is already queued:
+                // deliver them before claiming `current` in a bookmark.
+                loop {
+                    match queue.try_recv() {
+                        Ok(event) => {
+                            if !deliver(&tx, &filter, &event, &mut last_rv).await {
+                                return;
+                            }
+                        }
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => {
+                            behind = true;
+                            break;
+                        }
+                    }
+                }
+                if !behind {
+                    last_rv = last_rv.max(current);
+                    if tx.send(bookmark(last_rv, false)).await.is_err() {
+                        return;
+                    }
+                }
+            }
             () = &mut deadline => return,
             _ = closes.changed() => return,
             () = tx.closed() => return,
         }
+    }
+}
+
+/// Sends what this watch sees of one event (once: events at or before
+/// `last_rv` were already handled). False when the client is gone.
+async fn deliver(
+    tx: &mpsc::Sender<Bytes>,
+    filter: &Filter,
+    event: &LoggedEvent,
+    last_rv: &mut u64,
+) -> bool {
+    if event.rv <= *last_rv {
+        return true;
+    }
+    *last_rv = event.rv;
+    match filter.translate(event) {
+        Some((kind, object)) => tx.send(line(kind.as_str(), object)).await.is_ok(),
+        None => true,
     }
 }
