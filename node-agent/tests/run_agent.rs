@@ -332,6 +332,17 @@ fn flushed_nat_table_is_restored_within_the_sync_period() {
         "the next full resync must restore the rules",
         &cluster,
     );
+    let metrics = cluster
+        .http_get(METRICS.parse().expect("address"), "/metrics")
+        .map(|(_, body)| body)
+        .unwrap_or_default();
+    assert!(
+        metrics.lines().any(
+            |line| line.starts_with("planproxy_agent_drift_repairs_total ")
+                && !line.ends_with(" 0")
+        ),
+        "the periodic check counted the drift:\n{metrics}"
+    );
 }
 
 #[test]
