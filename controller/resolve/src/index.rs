@@ -87,6 +87,9 @@ struct NodePlan {
     policies: Vec<usize>,
     layout: ShardLayout,
     shards: Vec<ShardState>,
+    /// What its shard names are built from: the node name, unless that would
+    /// collide with another node's plan (see [`shard::disambiguated_stems`]).
+    stem: String,
 }
 
 /// A node's plan with every shard it was built from.
@@ -96,6 +99,34 @@ type BuiltPlan = (NodePlan, Vec<PlanShard>);
 struct ShardState {
     hash: String,
     size: ShardSize,
+}
+
+/// How a node's objects were named before the current flush replaced or removed
+/// its plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum NamesBefore {
+    /// It had no objects.
+    Nothing,
+    /// `stem` and shard count of the plan it had.
+    Named(String, u32),
+    /// Only a seeded layout of this count: the objects' names were never seen, so
+    /// they are taken to be what the naming rule gives today.
+    Seeded(u32),
+}
+
+/// What one flush has done so far; names are settled at its end, once every
+/// node's shard count is known.
+#[derive(Debug, Default)]
+struct Pending {
+    /// Shards to write, by node and index.
+    upserts: BTreeMap<(String, u32), PlanShard>,
+    /// Nodes whose plan was replaced or removed, with their names before.
+    before: BTreeMap<String, NamesBefore>,
+    /// Nodes with rebuilt shards (their size problems are re-checked).
+    touched: BTreeSet<String>,
+    /// Some node appeared, disappeared or changed its shard count, so any node's
+    /// names may have changed.
+    relabel: bool,
 }
 
 /// Incremental, pure: the runtime feeds watch events; [`Index::flush`] recomputes
@@ -122,6 +153,8 @@ pub struct Index {
     /// selects, kept up to date incrementally.
     matched_nodes: Vec<u32>,
     matched_services: Vec<u32>,
+    /// Disambiguated stems in use, each with its node (plain stems are node names).
+    stem_owners: BTreeMap<String, String>,
     reports: BTreeMap<String, PolicyReport>,
     problems: BTreeMap<ProblemSource, Vec<Problem>>,
 
@@ -310,7 +343,8 @@ impl Index {
                 })
                 .collect();
         }
-        self.rebuild_nodes(&dirty_nodes, &mut changes);
+        let mut pending = Pending::default();
+        self.rebuild_nodes(&dirty_nodes, &mut pending);
 
         // Other nodes: only the shards the changed services land in.
         if !changed_hashes.is_empty() {
@@ -321,10 +355,11 @@ impl Index {
                 .cloned()
                 .collect();
             for name in names {
-                self.update_node_shards(&name, &changed_hashes, &mut changes);
+                self.update_node_shards(&name, &changed_hashes, &mut pending);
             }
         }
 
+        self.settle_names(pending, &mut changes);
         self.update_reports(&mut changes);
         changes.problems = std::mem::take(&mut self.new_problems);
         changes.problems.sort();
@@ -403,20 +438,20 @@ impl Index {
     /// Rebuilds whole node plans: computed in parallel (each node's plan depends
     /// only on the shared, read-only state), then installed in name order so the
     /// changes come out the same whatever the thread timing.
-    fn rebuild_nodes(&mut self, names: &BTreeSet<String>, changes: &mut Changes) {
+    fn rebuild_nodes(&mut self, names: &BTreeSet<String>, pending: &mut Pending) {
         let names: Vec<&String> = names.iter().collect();
         let computed = parallel_map(&names, |name| self.compute_node(name));
         let installs: Vec<(String, Option<BuiltPlan>)> =
             names.into_iter().cloned().zip(computed).collect();
         for (name, computed) in installs {
-            self.install_node(&name, computed, changes);
+            self.install_node(&name, computed, pending);
         }
     }
 
     /// Rebuilds one node's whole plan (or removes it when the Node is gone).
-    fn rebuild_node(&mut self, name: &str, changes: &mut Changes) {
+    fn rebuild_node(&mut self, name: &str, pending: &mut Pending) {
         let computed = self.compute_node(name);
-        self.install_node(name, computed, changes);
+        self.install_node(name, computed, pending);
     }
 
     /// A node's new plan and all its shards; `None` when the Node does not exist.
@@ -440,58 +475,135 @@ impl Index {
                 generation: 0,
             }),
             shards: Vec::new(),
+            // Kept until the end of the flush settles every node's names.
+            stem: self
+                .plans
+                .get(name)
+                .map_or_else(|| name.to_owned(), |p| p.stem.clone()),
         };
         let shards = self.build_plan(&mut plan, previous);
         Some((plan, shards))
     }
 
-    /// Replaces a node's plan, recording the shards to write and to delete.
-    fn install_node(&mut self, name: &str, computed: Option<BuiltPlan>, changes: &mut Changes) {
+    /// Replaces a node's plan, recording the shards to write; the names it had
+    /// are remembered so the end of the flush can delete what is left of them.
+    fn install_node(&mut self, name: &str, computed: Option<BuiltPlan>, pending: &mut Pending) {
         let previous = self.layouts.get(name).copied();
+        let old = self.plans.remove(name);
+        pending.relabel = true;
+        pending
+            .before
+            .entry(name.to_owned())
+            .or_insert_with(|| match (&old, previous) {
+                (Some(plan), Some(layout)) if plan.layout.count == layout.count => {
+                    NamesBefore::Named(plan.stem.clone(), layout.count)
+                }
+                (_, Some(layout)) => NamesBefore::Seeded(layout.count),
+                (Some(plan), None) => NamesBefore::Named(plan.stem.clone(), plan.layout.count),
+                (None, None) => NamesBefore::Nothing,
+            });
         let Some((plan, shards)) = computed else {
-            if let Some(layout) = previous {
-                changes.deletes.extend(shard_names(name, layout.count));
-            }
             self.layouts.remove(name);
-            self.plans.remove(name);
             self.set_problems(ProblemSource::Plan(name.to_owned()), Vec::new());
             return;
         };
-        let old_hashes: BTreeMap<String, String> = self
-            .plans
-            .get(name)
-            .map(|plan| {
-                plan.shards
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| {
-                        (
-                            shard::shard_name(name, i as u32, plan.layout.count),
-                            s.hash.clone(),
-                        )
-                    })
-                    .collect()
-            })
+        // With an unchanged count, shard `i` holds the same services as before and
+        // is rewritten only when its content changed.
+        let old_hashes: Vec<&str> = old
+            .as_ref()
+            .filter(|o| o.layout.count == plan.layout.count)
+            .map(|o| o.shards.iter().map(|s| s.hash.as_str()).collect())
             .unwrap_or_default();
-        if let Some(previous) = previous
-            && previous.count != plan.layout.count
-        {
-            let current: BTreeSet<String> =
-                shard_names(name, plan.layout.count).into_iter().collect();
-            changes.deletes.extend(
-                shard_names(name, previous.count)
-                    .into_iter()
-                    .filter(|n| !current.contains(n)),
-            );
-        }
         for shard in shards {
-            if old_hashes.get(&shard.name) != Some(&shard.hash) {
-                changes.upserts.push(shard);
+            let index = shard.spec.shard.index;
+            if old_hashes.get(index as usize) != Some(&shard.hash.as_str()) {
+                pending.upserts.insert((name.to_owned(), index), shard);
             }
         }
+        pending.touched.insert(name.to_owned());
         self.layouts.insert(name.to_owned(), plan.layout);
-        self.report_oversized(&plan);
         self.plans.insert(name.to_owned(), plan);
+    }
+
+    /// Gives every node its final shard names: a node that appeared, vanished or
+    /// changed its count can change other nodes' names. A node whose names
+    /// changed rewrites every shard under the new names and deletes the old ones;
+    /// a name that still belongs to some plan (now maybe another node's) is never
+    /// deleted, so one flush never both writes and deletes a name.
+    fn settle_names(&mut self, mut pending: Pending, changes: &mut Changes) {
+        if pending.relabel {
+            let stems = shard::disambiguated_stems(&self.plans, |p| p.layout.count);
+            for (name, plan) in &mut self.plans {
+                let stem = stems.get(name).unwrap_or(name);
+                if plan.stem != *stem {
+                    pending.before.entry(name.clone()).or_insert_with(|| {
+                        NamesBefore::Named(plan.stem.clone(), plan.layout.count)
+                    });
+                    plan.stem.clone_from(stem);
+                }
+            }
+            self.stem_owners = stems.into_iter().map(|(node, stem)| (stem, node)).collect();
+        }
+
+        let mut deletes: Vec<String> = Vec::new();
+        for (name, before) in &pending.before {
+            let now = self
+                .plans
+                .get(name)
+                .map(|p| (p.stem.as_str(), p.layout.count));
+            let old_names = match before {
+                NamesBefore::Nothing => continue,
+                NamesBefore::Named(stem, count) if now == Some((stem.as_str(), *count)) => continue,
+                NamesBefore::Named(stem, count) => shard_names(stem, *count),
+                NamesBefore::Seeded(count) => {
+                    shard_names(&shard::stem_alone(name, *count, &self.plans), *count)
+                }
+            };
+            deletes.extend(old_names);
+            // Renamed: every shard is written under its new name.
+            if let Some(plan) = self.plans.get(name) {
+                for index in 0..plan.layout.count {
+                    pending
+                        .upserts
+                        .entry((name.clone(), index))
+                        .or_insert_with(|| self.build_shard(plan, index).0);
+                }
+                pending.touched.insert(name.clone());
+            }
+        }
+        let mut seen = BTreeSet::new();
+        deletes.retain(|n| !self.owns_name(n) && seen.insert(n.clone()));
+        changes.deletes = deletes;
+
+        for ((node, index), mut shard) in pending.upserts {
+            if let Some(plan) = self.plans.get(&node) {
+                shard.name = shard::shard_name(&plan.stem, index, plan.layout.count);
+            }
+            changes.upserts.push(shard);
+        }
+        for name in &pending.touched {
+            if let Some(plan) = self.plans.remove(name) {
+                self.report_oversized(&plan);
+                self.plans.insert(name.clone(), plan);
+            }
+        }
+    }
+
+    /// Whether some current plan has an object of this name.
+    fn owns_name(&self, object: &str) -> bool {
+        if self.plans.get(object).is_some_and(|p| p.layout.count <= 1) {
+            return true;
+        }
+        let Some((stem, index)) = object.rsplit_once('-') else {
+            return false;
+        };
+        let Some(index) = index.parse::<u32>().ok().filter(|i| i.to_string() == index) else {
+            return false;
+        };
+        let node = self.stem_owners.get(stem).map_or(stem, String::as_str);
+        self.plans
+            .get(node)
+            .is_some_and(|p| p.stem == stem && p.layout.count > 1 && index < p.layout.count)
     }
 
     /// Builds every shard of a node's plan, choosing the layout: starting from the
@@ -555,8 +667,8 @@ impl Index {
 
     /// Rebuilds the shards of one node that hold the changed services; falls back
     /// to a whole rebuild when the layout must change.
-    fn update_node_shards(&mut self, name: &str, changed: &BTreeSet<u64>, changes: &mut Changes) {
-        let Some(mut plan) = self.plans.remove(name) else {
+    fn update_node_shards(&mut self, name: &str, changed: &BTreeSet<u64>, pending: &mut Pending) {
+        let Some(plan) = self.plans.get(name) else {
             return;
         };
         let count = plan.layout.count;
@@ -564,25 +676,34 @@ impl Index {
             .iter()
             .map(|h| shard::shard_index(*h, count))
             .collect();
-        let mut rebuilt = Vec::new();
-        for index in indexes {
-            let (shard, size) = self.build_shard(&plan, index);
+        // Built aside: on a fallback the plan must still describe what was written.
+        let rebuilt: Vec<(u32, PlanShard, ShardSize)> = indexes
+            .into_iter()
+            .map(|index| {
+                let (shard, size) = self.build_shard(plan, index);
+                (index, shard, size)
+            })
+            .collect();
+        let mut sizes: Vec<ShardSize> = plan.shards.iter().map(|s| s.size).collect();
+        for (index, _, size) in &rebuilt {
+            sizes[*index as usize] = *size;
+        }
+        if shard::next_count(count, &sizes, &self.options) != count {
+            self.rebuild_node(name, pending);
+            return;
+        }
+        let Some(plan) = self.plans.get_mut(name) else {
+            return;
+        };
+        for (index, shard, size) in rebuilt {
             let state = &mut plan.shards[index as usize];
             state.size = size;
             if state.hash != shard.hash {
-                state.hash = shard.hash.clone();
-                rebuilt.push(shard);
+                state.hash.clone_from(&shard.hash);
+                pending.upserts.insert((name.to_owned(), index), shard);
             }
         }
-        let sizes: Vec<ShardSize> = plan.shards.iter().map(|s| s.size).collect();
-        if shard::next_count(count, &sizes, &self.options) != count {
-            self.plans.insert(name.to_owned(), plan);
-            self.rebuild_node(name, changes);
-            return;
-        }
-        changes.upserts.extend(rebuilt);
-        self.report_oversized(&plan);
-        self.plans.insert(name.to_owned(), plan);
+        pending.touched.insert(name.to_owned());
     }
 
     /// Builds one shard of a node's plan.
@@ -632,7 +753,7 @@ impl Index {
             settings: plan.settings.clone(),
             service_ports,
         };
-        let (shard, bytes) = shard::finish(shard::shard_name(&plan.node.name, index, count), spec);
+        let (shard, bytes) = shard::finish(shard::shard_name(&plan.stem, index, count), spec);
         (shard, ShardSize { bytes, services })
     }
 
@@ -645,7 +766,7 @@ impl Index {
             .map(|(i, s)| Problem {
                 object: format!(
                     "ProxyPlan {}",
-                    shard::shard_name(&plan.node.name, i as u32, plan.layout.count)
+                    shard::shard_name(&plan.stem, i as u32, plan.layout.count)
                 ),
                 field: "spec.servicePorts".to_owned(),
                 message: format!(
@@ -787,8 +908,8 @@ fn generation_for(previous: Option<ShardLayout>, count: u32) -> i64 {
     }
 }
 
-fn shard_names(node: &str, count: u32) -> Vec<String> {
+fn shard_names(stem: &str, count: u32) -> Vec<String> {
     (0..count.max(1))
-        .map(|i| shard::shard_name(node, i, count))
+        .map(|i| shard::shard_name(stem, i, count))
         .collect()
 }

@@ -107,7 +107,9 @@ pub struct Resolution {
 /// One ProxyPlan object to write.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlanShard {
-    /// The object name: `<node>` for a single shard, `<node>-<index>` otherwise.
+    /// The object name: `<node>` for a single shard, `<node>-<index>` otherwise;
+    /// `<node>-<hash>-<index>` when `<node>-<index>` would be another node's name
+    /// (see [`shard::disambiguated_stems`]). Unique across all nodes.
     pub name: String,
     /// Its spec.
     pub spec: ProxyPlanSpec,

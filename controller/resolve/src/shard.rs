@@ -9,7 +9,8 @@
 //! more than the target size and shrinks only when they average under a quarter of
 //! it, so a plan near a boundary does not flap between layouts.
 
-use std::ops::RangeInclusive;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::{Bound, RangeInclusive};
 
 use planproxy_crds::ProxyPlanSpec;
 use sha2::{Digest, Sha256};
@@ -53,13 +54,125 @@ pub fn hash_range(index: u32, count: u32) -> RangeInclusive<u64> {
     }
 }
 
-/// The ProxyPlan object name of a shard.
-pub fn shard_name(node: &str, index: u32, count: u32) -> String {
+/// The ProxyPlan object name of a shard: the stem alone for a single shard,
+/// `<stem>-<index>` otherwise. The stem is the node's name unless
+/// [`disambiguated_stems`] gives the node another one.
+pub fn shard_name(stem: &str, index: u32, count: u32) -> String {
     if count <= 1 {
+        stem.to_owned()
+    } else {
+        format!("{stem}-{index}")
+    }
+}
+
+/// The longest object name the API server accepts (a DNS subdomain).
+pub const MAX_NAME_LEN: usize = 253;
+
+/// Hex digits of the node-name hash in a disambiguated stem.
+const STEM_HASH_LEN: usize = 8;
+
+/// The longest node-name prefix a disambiguated stem keeps, so that
+/// `<prefix>-<hash>-<index>` stays within [`MAX_NAME_LEN`] for every index below
+/// [`MAX_SHARDS`] (at most four digits).
+const MAX_STEM_PREFIX_LEN: usize = MAX_NAME_LEN - (1 + STEM_HASH_LEN) - (1 + 4);
+
+/// The nodes whose shards cannot be named `<node>-<index>`, with the stem their
+/// names use instead; every other node's stem is its own name.
+///
+/// `nodes` holds every node that has a plan, with its shard count. Object names
+/// must be unique across all nodes, yet the plain form is ambiguous: node `worker`
+/// with two shards and node `worker-1` with one would both own `worker-1`. So a
+/// single-shard node is always named after itself (every node name stays reserved
+/// for it), and a multi-shard node keeps `<node>-<index>` only when none of those
+/// names is another node's name and all fit [`MAX_NAME_LEN`]. Otherwise it uses
+/// the stem `<node>-<hash>` (the first 8 hex digits of SHA-256 of the node name;
+/// a very long node name is cut to fit first), re-hashed with a salt in the
+/// unlikely case that stem is itself a node name, could collide with a node name,
+/// or is already another node's stem.
+///
+/// Why that is collision-free: indexes are decimal and contain no `-`, so
+/// `<a>-<i>` equals `<b>-<j>` only when `a == b`. Plain stems are node names
+/// (distinct); a disambiguated stem is never a node name nor another node's stem;
+/// and no multi-shard name is a node name. Nodes are visited in name order, so the
+/// result depends only on `nodes`, not on how they were built.
+pub fn disambiguated_stems<T>(
+    nodes: &BTreeMap<String, T>,
+    count_of: impl Fn(&T) -> u32,
+) -> BTreeMap<String, String> {
+    let mut stems = BTreeMap::new();
+    let mut taken: BTreeSet<String> = BTreeSet::new();
+    for (node, value) in nodes {
+        let count = count_of(value);
+        if count <= 1 || plain_names_are_free(node, count, nodes) {
+            continue;
+        }
+        let stem = (1..=u32::MAX)
+            .map(|salt| hashed_stem(node, salt))
+            .find(|stem| {
+                !nodes.contains_key(stem)
+                    && !taken.contains(stem)
+                    && !names_a_node(stem, count, nodes)
+            })
+            // Unreachable: only finitely many stems are ever excluded.
+            .unwrap_or_else(|| hashed_stem(node, 1));
+        taken.insert(stem.clone());
+        stems.insert(node.clone(), stem);
+    }
+    stems
+}
+
+/// The stem a node's shards would use with `count` shards, judged against the
+/// node names alone (not against other nodes' stems). For naming shards whose
+/// real names the resolver never saw (a layout seeded from existing objects).
+pub fn stem_alone<T>(node: &str, count: u32, nodes: &BTreeMap<String, T>) -> String {
+    if count <= 1 || plain_names_are_free(node, count, nodes) {
+        return node.to_owned();
+    }
+    (1..=u32::MAX)
+        .map(|salt| hashed_stem(node, salt))
+        .find(|stem| !nodes.contains_key(stem) && !names_a_node(stem, count, nodes))
+        .unwrap_or_else(|| hashed_stem(node, 1))
+}
+
+fn plain_names_are_free<T>(node: &str, count: u32, nodes: &BTreeMap<String, T>) -> bool {
+    let longest = shard_name(node, count.saturating_sub(1), count);
+    longest.len() <= MAX_NAME_LEN && !names_a_node(node, count, nodes)
+}
+
+/// Whether some `<stem>-<index>` with `index < count` is the name of a node.
+fn names_a_node<T>(stem: &str, count: u32, nodes: &BTreeMap<String, T>) -> bool {
+    let prefix = format!("{stem}-");
+    nodes
+        .range::<str, _>((Bound::Included(prefix.as_str()), Bound::Unbounded))
+        .map(|(name, _)| name)
+        .take_while(|name| name.starts_with(&prefix))
+        .any(|name| {
+            let suffix = &name[prefix.len()..];
+            suffix
+                .parse::<u32>()
+                .is_ok_and(|index| index < count && index.to_string() == suffix)
+        })
+}
+
+/// `<node, cut to fit>-<8 hex digits>`: salt 1 hashes the node name alone.
+fn hashed_stem(node: &str, salt: u32) -> String {
+    let input = if salt == 1 {
         node.to_owned()
     } else {
-        format!("{node}-{index}")
+        format!("{node}#{salt}")
+    };
+    let digest = Sha256::digest(input.as_bytes());
+    let hash: String = digest[..STEM_HASH_LEN / 2]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut cut = node.len().min(MAX_STEM_PREFIX_LEN);
+    while !node.is_char_boundary(cut) {
+        cut -= 1;
     }
+    // A DNS label may not end in `-`, nor may a name have an empty label.
+    let prefix = node[..cut].trim_end_matches(['-', '.']);
+    format!("{prefix}-{hash}")
 }
 
 /// The size and contents of a built shard, as the count decision needs them.
@@ -155,6 +268,53 @@ mod tests {
     fn shard_names_carry_the_index_only_when_split() {
         assert_eq!(shard_name("worker-1", 0, 1), "worker-1");
         assert_eq!(shard_name("worker-1", 3, 4), "worker-1-3");
+    }
+
+    fn nodes(names: &[&str], count: u32) -> BTreeMap<String, u32> {
+        names.iter().map(|n| ((*n).to_owned(), count)).collect()
+    }
+
+    #[test]
+    fn only_a_split_node_whose_shard_names_are_node_names_is_disambiguated() {
+        let mut cluster = nodes(&["worker", "worker-1", "other"], 1);
+        assert!(disambiguated_stems(&cluster, |c| *c).is_empty());
+        cluster.insert("worker".into(), 2);
+        cluster.insert("other".into(), 2);
+        let stems = disambiguated_stems(&cluster, |c| *c);
+        assert_eq!(stems.keys().collect::<Vec<_>>(), ["worker"]);
+        assert_eq!(stems["worker"], hashed_stem("worker", 1));
+        // Two shards never reach `worker-2`'s name; four do.
+        let mut cluster = nodes(&["worker", "worker-2"], 1);
+        cluster.insert("worker".into(), 2);
+        assert!(disambiguated_stems(&cluster, |c| *c).is_empty());
+        cluster.insert("worker".into(), 4);
+        assert!(disambiguated_stems(&cluster, |c| *c).contains_key("worker"));
+    }
+
+    #[test]
+    fn a_disambiguated_stem_never_takes_a_node_name() {
+        // A node already named like worker's hashed stem: the stem is re-salted.
+        let hashed = hashed_stem("worker", 1);
+        let mut cluster = nodes(&["worker-0", hashed.as_str()], 1);
+        cluster.insert("worker".into(), 2);
+        let stems = disambiguated_stems(&cluster, |c| *c);
+        assert_eq!(stems["worker"], hashed_stem("worker", 2));
+        assert_ne!(stems["worker"], hashed);
+    }
+
+    #[test]
+    fn shard_names_of_very_long_node_names_are_cut_to_fit_and_stay_distinct() {
+        let a = format!("{}.example", "a".repeat(245));
+        let b = format!("{}.other", "a".repeat(247));
+        assert_eq!((a.len(), b.len()), (MAX_NAME_LEN, MAX_NAME_LEN));
+        let cluster = nodes(&[a.as_str(), b.as_str()], MAX_SHARDS);
+        let stems = disambiguated_stems(&cluster, |c| *c);
+        assert_ne!(stems[&a], stems[&b]);
+        for stem in stems.values() {
+            let longest = shard_name(stem, MAX_SHARDS - 1, MAX_SHARDS);
+            assert!(longest.len() <= MAX_NAME_LEN, "{}", longest.len());
+            assert!(!stem.contains("--") && !stem.contains(".-"), "{stem}");
+        }
     }
 
     #[test]

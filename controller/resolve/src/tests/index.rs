@@ -170,3 +170,42 @@ fn policy_reports_are_emitted_when_they_change() {
     assert_eq!(second.policies["web"].matched_services, 1);
     assert!(index.flush().policies.is_empty());
 }
+
+#[test]
+fn a_node_joining_with_another_nodes_shard_name_renames_that_nodes_shards() {
+    let names = |index: &Index, node: &str| -> Vec<String> {
+        index.resolution().plans[node]
+            .iter()
+            .map(|s| s.name.clone())
+            .collect()
+    };
+    let mut index = index_with(100, 1, 2048);
+    index.flush();
+    let plain = names(&index, "n0");
+    assert!(plain.len() > 1, "the test needs a split plan");
+    assert_eq!(plain[1], "n0-1");
+
+    // Node names stay reserved for single-shard plans, so n0 moves off `n0-1`
+    // even though the new node's plan is split too.
+    index.apply_node(mk_node("n0-1", Some("a"), &[]));
+    let changes = index.flush();
+    let renamed = names(&index, "n0");
+    let newcomer = names(&index, "n0-1");
+    assert!(renamed.iter().all(|n| !plain.contains(n)), "{renamed:?}");
+    assert_eq!(changes.deletes, plain, "every old name of n0 goes");
+    let mut written: Vec<String> = changes.upserts.iter().map(|s| s.name.clone()).collect();
+    written.sort();
+    let mut expected = [renamed.clone(), newcomer.clone()].concat();
+    expected.sort();
+    assert_eq!(
+        written, expected,
+        "n0's shards under new names, and the new node's"
+    );
+
+    // When it leaves, n0 gets its plain names back.
+    index.delete_node("n0-1");
+    let changes = index.flush();
+    assert_eq!(changes.deletes, [renamed, newcomer].concat());
+    let written: Vec<&str> = changes.upserts.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(written, plain);
+}

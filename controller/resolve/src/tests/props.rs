@@ -130,8 +130,12 @@ fn cluster() -> impl Strategy<Value = GenCluster> {
         })
 }
 
+/// Node names that collide when split naively: `node` with two shards would own
+/// `node-1`, and `node-1` with two would own `node-1-0`.
+const NODE_NAMES: [&str; 4] = ["node", "node-1", "node-1-0", "node-0"];
+
 fn node_name(n: u8) -> String {
-    format!("node-{n}")
+    NODE_NAMES[n as usize].to_owned()
 }
 
 fn build_service(
@@ -392,27 +396,89 @@ proptest! {
         let mut index = Index::new(small_shards());
         let mut previous = Snapshot::default();
         let mut layouts = index.layouts().clone();
+        // The ProxyPlan objects the controller would hold after writing every
+        // flush's changes: name → spec hash.
+        let mut objects: BTreeMap<String, String> = BTreeMap::new();
         for (g, flush_midway, reverse) in &steps {
             let next = build(g, small_shards());
-            apply_transition(&mut index, &previous, &next, *reverse, *flush_midway);
+            if let Some(changes) = apply_transition(&mut index, &previous, &next, *reverse, *flush_midway) {
+                write(&mut objects, changes)?;
+            }
             layouts = index.layouts().clone();
-            index.flush();
+            write(&mut objects, index.flush())?;
             previous = next;
         }
         let mut expected_input = previous;
         expected_input.layouts = layouts;
-        prop_assert_eq!(index.resolution(), resolve(&expected_input));
+        let resolution = index.resolution();
+        prop_assert_eq!(&resolution, &resolve(&expected_input));
+        let held: BTreeMap<String, String> = resolution
+            .plans
+            .values()
+            .flatten()
+            .map(|s| (s.name.clone(), s.hash.clone()))
+            .collect();
+        prop_assert_eq!(objects, held, "the writes and deletes of every flush add up to the plans");
+    }
+
+    #[test]
+    fn plan_object_names_are_unique_across_nodes_and_valid(g in cluster()) {
+        let res = resolve(&build(&g, small_shards()));
+        let mut owner: BTreeMap<&str, &str> = BTreeMap::new();
+        for (node, shards) in &res.plans {
+            for shard in shards {
+                prop_assert!(is_dns_subdomain(&shard.name), "{}", shard.name);
+                if let Some(other) = owner.insert(&shard.name, node) {
+                    prop_assert!(false, "{} and {} both own {}", other, node, shard.name);
+                }
+            }
+        }
     }
 }
 
-/// Feeds the index the deletes and applies that turn `from` into `to`.
+/// A valid object name: at most 253 characters, dot-separated labels of lowercase
+/// letters, digits and `-`, each starting and ending with a letter or digit.
+pub(super) fn is_dns_subdomain(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+            label.chars().all(|c| alnum(c) || c == '-')
+                && label.starts_with(alnum)
+                && label.ends_with(alnum)
+        })
+}
+
+/// Applies one flush's changes to the objects the controller holds, checking that
+/// no name is both written and deleted, or written twice.
+fn write(
+    objects: &mut BTreeMap<String, String>,
+    changes: crate::Changes,
+) -> Result<(), TestCaseError> {
+    let written: BTreeSet<&str> = changes.upserts.iter().map(|s| s.name.as_str()).collect();
+    prop_assert_eq!(written.len(), changes.upserts.len(), "a name written twice");
+    for name in &changes.deletes {
+        prop_assert!(
+            !written.contains(name.as_str()),
+            "{} written and deleted",
+            name
+        );
+        objects.remove(name);
+    }
+    for shard in changes.upserts {
+        objects.insert(shard.name, shard.hash);
+    }
+    Ok(())
+}
+
+/// Feeds the index the deletes and applies that turn `from` into `to`; returns the
+/// changes of the flush it makes midway, if it makes one.
 fn apply_transition(
     index: &mut Index,
     from: &Snapshot,
     to: &Snapshot,
     reverse: bool,
     flush_midway: bool,
-) {
+) -> Option<crate::Changes> {
     let name = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
         m.name.clone().unwrap_or_default()
     };
@@ -454,9 +520,7 @@ fn apply_transition(
             index.delete_service("default", &name(&s.metadata));
         }
     }
-    if flush_midway {
-        index.flush();
-    }
+    let midway = flush_midway.then(|| index.flush());
     for n in &from.nodes {
         if !kept_nodes.contains(&name(&n.metadata)) {
             index.delete_node(&name(&n.metadata));
@@ -484,4 +548,5 @@ fn apply_transition(
     for s in to.services {
         index.apply_service(s);
     }
+    midway
 }

@@ -192,3 +192,58 @@ fn every_shard_stays_under_the_hard_cap() {
     }
     assert!(res.problems.is_empty());
 }
+
+#[test]
+fn a_node_named_like_another_nodes_shard_gets_distinct_plan_names() {
+    // n1 needs several shards; a node named like n1's second one proxies nothing,
+    // so its plan is one shard named after it.
+    let mut s = small_shards(cluster(200), 4096);
+    let mut lookalike = mk_node("n1-1", Some("a"), &["192.168.0.2"]);
+    lookalike
+        .metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert("role".into(), "edge".into());
+    s.nodes.push(lookalike);
+    s.policies.push(mk_policy(
+        "edge",
+        planproxy_crds::ProxyPolicySpec {
+            node_selector: selector(&[("role", "edge")]),
+            proxy_services: Some(false),
+            ..Default::default()
+        },
+    ));
+    let res = resolve(&s);
+    let split = &res.plans["n1"];
+    assert!(split.len() > 1, "the test needs a split plan");
+    assert_eq!(res.plans["n1-1"].len(), 1);
+    // The single-shard node keeps its own name…
+    assert_eq!(res.plans["n1-1"][0].name, "n1-1");
+    // …and n1's shards move to `<node>-<hash>-<index>`, none of them `n1-1`.
+    let stem = split[0]
+        .name
+        .rsplit_once('-')
+        .map(|(stem, _)| stem)
+        .unwrap();
+    assert!(
+        stem.starts_with("n1-") && stem.len() == "n1-".len() + 8,
+        "{stem}"
+    );
+    for (i, shard) in split.iter().enumerate() {
+        assert_eq!(shard.name, format!("{stem}-{i}"));
+    }
+    // The same input names the same way, in any order.
+    s.nodes.reverse();
+    assert_eq!(resolve(&s).plans["n1"], *split);
+}
+
+#[test]
+fn split_plans_of_nodes_without_lookalikes_keep_node_dash_index_names() {
+    // `n1-x` is no shard name of n1, so nothing changes for n1.
+    let mut s = small_shards(cluster(200), 4096);
+    s.nodes.push(mk_node("n1-x", Some("a"), &["192.168.0.2"]));
+    let res = resolve(&s);
+    for (i, shard) in res.plans["n1"].iter().enumerate() {
+        assert_eq!(shard.name, format!("n1-{i}"));
+    }
+}
