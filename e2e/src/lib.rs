@@ -58,8 +58,21 @@
 //! API-level scenarios (plans, status, policies) are written against the
 //! [`Workloads`] trait and also run against a real cluster with planproxy
 //! installed: set `PLANPROXY_E2E_TARGET=kubeconfig` (and `KUBECONFIG`); see
-//! [`target`]. Scenarios that check traffic need the namespace cluster and
-//! return early on a real one.
+//! [`target`]. Scenarios that check traffic always build a namespace cluster
+//! (they need root), whatever the target.
+//!
+//! # Running
+//!
+//! ```sh
+//! cargo build --bins && cargo test -p planproxy-e2e          # as root
+//! cargo run -p planproxy-e2e --example harness_costs            # what the harness costs
+//! PLANPROXY_E2E_TARGET=kubeconfig cargo test -p planproxy-e2e --test user_story any_cluster
+//! ```
+//!
+//! `tests/harness.rs` checks the harness itself; `tests/user_story.rs` holds
+//! the user stories (ClusterIP from every node, NodePort from outside,
+//! scaling, deletion, policies on selected nodes, invalid policies, status,
+//! Local traffic policy, no-endpoints behaviour).
 
 pub mod binaries;
 pub mod cluster;
