@@ -106,9 +106,12 @@
 //! The `load` example builds a cluster of 1 000 Nodes, 10 000 Services and
 //! 10 000 EndpointSlices (times SCALE), lists them in pages, and applies 5 000
 //! ProxyPlans while WATCHES label-filtered plan watches (one per node, like
-//! agents) follow them; it prints one table row per phase. A watch whose
-//! selector pins a name or requires a label value is woken only by events that
-//! can match it, so plan writes cost the same whatever the number of agents.
+//! agents) follow them; it prints one table row per phase. Each watch has its
+//! own event queue; a watch whose selector pins a name or requires a label
+//! value is sent only the events that can match it, so a plan write costs the
+//! same whatever the number of agents. A watch more than
+//! [`store::WATCH_QUEUE`] events behind catches up from the event log (or gets
+//! 410 when the log moved past it).
 
 pub mod admin;
 pub mod api;

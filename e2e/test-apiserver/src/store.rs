@@ -4,6 +4,9 @@
 //! Each table keeps its last `event_window` events (like kube-apiserver's
 //! watch cache); a watch or continued list from a resourceVersion whose
 //! events were already dropped gets 410 Expired.
+//!
+//! Writes push each event to the queues of the watches it can concern
+//! ([`WatchRoute`]), so a write never scans every watch.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
