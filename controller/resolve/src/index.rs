@@ -63,6 +63,8 @@ enum ProblemSource {
     Orphans(ObjectKey),
     /// Shards over the hard size cap.
     Plan(String),
+    /// A node's settings (node addresses a policy needs).
+    Settings(String),
 }
 
 /// A proxied service with the policies (indexes into the precedence order) that
@@ -92,8 +94,9 @@ struct NodePlan {
     stem: String,
 }
 
-/// A node's plan with every shard it was built from.
-type BuiltPlan = (NodePlan, Vec<PlanShard>);
+/// A node's plan with every shard it was built from, and the problems resolving
+/// its settings found.
+type BuiltPlan = (NodePlan, Vec<PlanShard>, Vec<Problem>);
 
 #[derive(Debug, Clone)]
 struct ShardState {
@@ -465,7 +468,8 @@ impl Index {
             .filter(|(_, p)| policy::matches_node(p, &node))
             .map(|(i, _)| i)
             .collect();
-        let settings = policy::node_settings(&node, policies.iter().map(|i| &self.precedence[*i]));
+        let (settings, problems) =
+            policy::node_settings(&node, policies.iter().map(|i| &self.precedence[*i]));
         let mut plan = NodePlan {
             node,
             settings,
@@ -482,7 +486,7 @@ impl Index {
                 .map_or_else(|| name.to_owned(), |p| p.stem.clone()),
         };
         let shards = self.build_plan(&mut plan, previous);
-        Some((plan, shards))
+        Some((plan, shards, problems))
     }
 
     /// Replaces a node's plan, recording the shards to write; the names it had
@@ -502,11 +506,13 @@ impl Index {
                 (Some(plan), None) => NamesBefore::Named(plan.stem.clone(), plan.layout.count),
                 (None, None) => NamesBefore::Nothing,
             });
-        let Some((plan, shards)) = computed else {
+        let Some((plan, shards, problems)) = computed else {
             self.layouts.remove(name);
             self.set_problems(ProblemSource::Plan(name.to_owned()), Vec::new());
+            self.set_problems(ProblemSource::Settings(name.to_owned()), Vec::new());
             return;
         };
+        self.set_problems(ProblemSource::Settings(name.to_owned()), problems);
         // With an unchanged count, shard `i` holds the same services as before and
         // is rewritten only when its content changed.
         let old_hashes: Vec<&str> = old

@@ -179,11 +179,11 @@ pub fn service_settings<'a>(
 }
 
 /// Resolves the node-wide settings from the policies matching the node, given in
-/// precedence order.
+/// precedence order, with the problems resolving them found in the node.
 pub fn node_settings<'a>(
     node: &NodeModel,
     matching: impl Iterator<Item = &'a PolicyInForce> + Clone,
-) -> NodeSettings {
+) -> (NodeSettings, Vec<Problem>) {
     // Only policies selecting every service may set node-scoped fields; validation
     // enforces it, and filtering here keeps that true even for a hand-built spec.
     let node_scoped = matching.filter(|p| p.service_selector.is_everything());
@@ -219,10 +219,15 @@ pub fn node_settings<'a>(
             }
         }
     };
+    let mut problems = Vec::new();
     let node_port_addresses = node_scoped
         .clone()
-        .find_map(|p| p.spec.node_port_addresses.clone())
-        .map(|addresses| resolve_node_port_addresses(node, &addresses))
+        .find_map(|p| p.spec.node_port_addresses.as_ref().map(|a| (p, a)))
+        .map(|(policy, addresses)| {
+            let (resolved, problem) = resolve_node_port_addresses(node, &policy.name, addresses);
+            problems.extend(problem);
+            resolved
+        })
         .unwrap_or_default();
     let sync_field = |f: &dyn Fn(&planproxy_crds::v1alpha1::SyncSettings) -> Option<String>| {
         node_scoped
@@ -243,7 +248,7 @@ pub fn node_settings<'a>(
             node_ips.push(ip);
         }
     }
-    NodeSettings {
+    let settings = NodeSettings {
         masquerade_bit,
         local_traffic_detector,
         node_port_addresses,
@@ -251,34 +256,65 @@ pub fn node_settings<'a>(
         min_sync_period,
         sync_period,
         node_terminating: node.terminating,
-    }
+    };
+    (settings, problems)
 }
 
-/// CIDRs stay (canonical); `primary` becomes the node's first InternalIP of each
+/// CIDRs stay (canonical); `primary` becomes the node's primary address of each
 /// family as a host route.
-fn resolve_node_port_addresses(node: &NodeModel, addresses: &[String]) -> Vec<String> {
+///
+/// The primary address of a family is the node's first InternalIP of that family,
+/// else its first ExternalIP of it: the addresses kube-proxy takes as the node's
+/// IPs (InternalIPs first, then ExternalIPs, one per family). A node with neither
+/// gives `primary` nothing, which is reported: when nothing else is listed the
+/// result is empty, meaning every local address. That is what kube-proxy does when
+/// it cannot learn the node's IPs, and it keeps NodePorts working on a node whose
+/// addresses are not published yet; the alternative, answering on no address,
+/// would silently break every NodePort of the node.
+fn resolve_node_port_addresses(
+    node: &NodeModel,
+    policy: &str,
+    addresses: &[String],
+) -> (Vec<String>, Option<Problem>) {
     let mut out: Vec<String> = Vec::new();
     let mut push = |s: String| {
         if !out.contains(&s) {
             out.push(s);
         }
     };
+    let mut primary_unknown = false;
     for address in addresses {
         if address == "primary" {
+            let mut found = false;
             for family in [Family::V4, Family::V6] {
-                if let Some(ip) = node.internal_ips.iter().find(|ip| Family::of(ip) == family) {
-                    let host = match ip {
-                        IpAddr::V4(_) => format!("{ip}/32"),
-                        IpAddr::V6(_) => format!("{ip}/128"),
-                    };
-                    push(host);
+                let of_family =
+                    |ips: &[IpAddr]| ips.iter().find(|ip| Family::of(ip) == family).copied();
+                if let Some(ip) =
+                    of_family(&node.internal_ips).or_else(|| of_family(&node.external_ips))
+                {
+                    found = true;
+                    push(IpNet::from(ip).to_string());
                 }
             }
+            primary_unknown |= !found;
         } else if let Ok(net) = validate::cidr(address, "") {
             push(net.to_string());
         }
     }
-    out
+    let problem = primary_unknown.then(|| Problem {
+        object: format!("Node {}", node.name),
+        field: "status.addresses".to_owned(),
+        message: format!(
+            "no InternalIP or ExternalIP, so ProxyPolicy {policy}'s nodePortAddresses `primary` names no address; {}",
+            if out.is_empty() {
+                "node ports answer on every address of the node until it has one"
+            } else {
+                "node ports answer only on the other listed CIDRs until it has one"
+            }
+        ),
+        kind: ProblemKind::InvalidValue,
+    });
+    (out, problem)
 }
 
 /// Policy reports: how many nodes and services each policy in force selects.

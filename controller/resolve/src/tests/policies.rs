@@ -334,3 +334,121 @@ fn only_nodes_with_a_node_object_get_a_plan() {
     let res = resolve(&snapshot(vec![web(&[])], vec![slice], nodes(), vec![]));
     assert_eq!(res.plans.keys().collect::<Vec<_>>(), ["edge", "n1"]);
 }
+
+/// A policy answering node ports on `addresses` only, on every node.
+fn node_ports_on(addresses: &[&str]) -> planproxy_crds::ProxyPolicy {
+    mk_policy(
+        "node-ports",
+        ProxyPolicySpec {
+            node_port_addresses: Some(addresses.iter().map(|a| (*a).to_owned()).collect()),
+            ..Default::default()
+        },
+    )
+}
+
+/// A node with these `(type, address)` pairs in `status.addresses`.
+fn node_with_addresses(name: &str, addresses: &[(&str, &str)]) -> k8s_openapi::api::core::v1::Node {
+    let mut node = mk_node(name, Some("a"), &[]);
+    node.status.get_or_insert_with(Default::default).addresses = Some(
+        addresses
+            .iter()
+            .map(|(kind, address)| k8s_openapi::api::core::v1::NodeAddress {
+                type_: (*kind).to_owned(),
+                address: (*address).to_owned(),
+            })
+            .collect(),
+    );
+    node
+}
+
+#[test]
+fn primary_falls_back_to_the_external_ip_of_a_family_without_an_internal_ip() {
+    let node = node_with_addresses(
+        "n1",
+        &[
+            ("Hostname", "n1"),
+            ("ExternalIP", "203.0.113.7"),
+            ("ExternalIP", "2001:db8::7"),
+            ("InternalIP", "fd00::1"),
+        ],
+    );
+    let res = resolve(&snapshot(
+        vec![web(&[])],
+        vec![],
+        vec![node],
+        vec![node_ports_on(&["primary"])],
+    ));
+    // IPv4 has only an ExternalIP; IPv6's InternalIP wins over its ExternalIP.
+    assert_eq!(
+        res.plans["n1"][0].spec.settings.node_port_addresses,
+        ["203.0.113.7/32", "fd00::1/128"]
+    );
+    assert!(res.problems.is_empty(), "{:?}", res.problems);
+}
+
+#[test]
+fn primary_on_a_node_without_addresses_is_reported_and_answers_on_every_address() {
+    let node = node_with_addresses("n1", &[("Hostname", "n1")]);
+    let res = resolve(&snapshot(
+        vec![web(&[])],
+        vec![],
+        vec![node.clone()],
+        vec![node_ports_on(&["primary"])],
+    ));
+    assert!(
+        res.plans["n1"][0]
+            .spec
+            .settings
+            .node_port_addresses
+            .is_empty(),
+        "empty means every local address, as kube-proxy does without node IPs"
+    );
+    assert_eq!(res.problems.len(), 1, "{:?}", res.problems);
+    let problem = &res.problems[0];
+    assert_eq!(
+        (
+            problem.object.as_str(),
+            problem.field.as_str(),
+            problem.kind
+        ),
+        (
+            "Node n1",
+            "status.addresses",
+            crate::ProblemKind::InvalidValue
+        )
+    );
+    assert!(
+        problem.message.contains("node-ports"),
+        "{}",
+        problem.message
+    );
+
+    // Other listed CIDRs still narrow the node ports.
+    let res = resolve(&snapshot(
+        vec![web(&[])],
+        vec![],
+        vec![node],
+        vec![node_ports_on(&["primary", "10.0.0.0/8"])],
+    ));
+    assert_eq!(
+        res.plans["n1"][0].spec.settings.node_port_addresses,
+        ["10.0.0.0/8"]
+    );
+    assert_eq!(res.problems.len(), 1);
+}
+
+#[test]
+fn the_missing_primary_address_problem_clears_once_the_node_has_one() {
+    let mut index = crate::Index::new(crate::ResolveOptions::default());
+    index.apply_policy(node_ports_on(&["primary"]));
+    index.apply_node(node_with_addresses("n1", &[]));
+    let first = index.flush();
+    assert_eq!(first.problems.len(), 1);
+    index.apply_node(node_with_addresses("n1", &[("InternalIP", "192.168.0.1")]));
+    let second = index.flush();
+    assert!(index.problems().is_empty(), "{:?}", index.problems());
+    assert_eq!(
+        second.upserts[0].spec.settings.node_port_addresses,
+        ["192.168.0.1/32"]
+    );
+}
