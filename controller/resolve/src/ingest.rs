@@ -1,13 +1,13 @@
 //! Parsing API objects into the resolver's own models.
 //!
-//! Every user-written address goes through `planproxy_crds::validate`; a value that
-//! does not parse is skipped and reported as a [`Problem`], never trusted and never
-//! a panic. What comes out of here is known-good: later stages do not re-check it.
+//! Every user-written address goes through `planproxy_crds::validate` (IPv4 with
+//! leading zeros gets kube-proxy's sloppy, decimal reading); a value that does not
+//! parse is skipped and reported as a [`Problem`], never trusted and never a panic. What comes out of here is known-good: later stages do not re-check it.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -252,6 +252,51 @@ fn namespace_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMet
         .unwrap_or(DEFAULT_NAMESPACE)
 }
 
+/// Parses an address as kube-proxy does (`ParseIPSloppy`): an IPv4 address may
+/// also carry leading zeros, read as decimal (`10.180.00.001` is `10.180.0.1`).
+/// The API server accepted such addresses before it validated IPs strictly, and
+/// objects written then still hold them; kube-proxy serves them, so skipping them
+/// would drop endpoints and frontends that work today. The result is canonical
+/// either way.
+fn parse_ip(raw: &str, field: &str) -> Result<IpAddr, validate::FieldError> {
+    validate::ip(raw, field).or_else(|e| sloppy_ipv4(raw).map(IpAddr::V4).ok_or(e))
+}
+
+/// Parses a CIDR as kube-proxy does (`ParseCIDRSloppy`, after trimming spaces):
+/// leading zeros in an IPv4 address are read as decimal.
+fn parse_cidr(raw: &str, field: &str) -> Result<IpNet, validate::FieldError> {
+    validate::cidr(raw, field).or_else(|e| {
+        raw.trim()
+            .split_once('/')
+            .and_then(|(ip, bits)| Some((sloppy_ipv4(ip)?, bits.parse::<u8>().ok()?)))
+            .and_then(|(ip, bits)| Ipv4Net::new(ip, bits).ok())
+            .map(|net| IpNet::V4(net.trunc()))
+            .ok_or(e)
+    })
+}
+
+/// Four dot-separated decimal octets, each of at most three significant digits
+/// and at most 255, leading zeros allowed.
+fn sloppy_ipv4(raw: &str) -> Option<Ipv4Addr> {
+    let mut octets = [0u8; 4];
+    let mut parts = raw.split('.');
+    for octet in &mut octets {
+        let part = parts.next()?;
+        if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let significant = part.trim_start_matches('0');
+        *octet = if significant.is_empty() {
+            0
+        } else if significant.len() > 3 {
+            return None;
+        } else {
+            significant.parse().ok()?
+        };
+    }
+    parts.next().is_none().then_some(Ipv4Addr::from(octets))
+}
+
 /// Converts an API port number, rejecting 0 and out-of-range values.
 fn port_number(value: i32) -> Option<u16> {
     u16::try_from(value).ok().filter(|p| *p != 0)
@@ -311,7 +356,7 @@ pub fn service(svc: &Service) -> (Option<ServiceModel>, Vec<Problem>) {
         } else {
             ips_field.to_owned()
         };
-        match validate::ip(raw, &field) {
+        match parse_ip(raw, &field) {
             // One cluster IP per family: a second one of a family would be ignored by
             // kube-proxy's per-family proxiers too.
             Ok(ip)
@@ -384,7 +429,7 @@ pub fn service(svc: &Service) -> (Option<ServiceModel>, Vec<Problem>) {
     }
 
     for (i, raw) in spec.external_ips.iter().flatten().enumerate() {
-        match validate::ip(raw, &format!("spec.externalIPs[{i}]")) {
+        match parse_ip(raw, &format!("spec.externalIPs[{i}]")) {
             Ok(ip) if in_families(&ip) => model.external_ips.push(ip),
             Ok(_) => {}
             Err(e) => reporter.invalid(e, "this external IP is ignored"),
@@ -405,7 +450,7 @@ pub fn service(svc: &Service) -> (Option<ServiceModel>, Vec<Problem>) {
         let Some(raw) = ingress.ip.as_deref().filter(|ip| !ip.is_empty()) else {
             continue;
         };
-        match validate::ip(raw, &format!("status.loadBalancer.ingress[{i}].ip")) {
+        match parse_ip(raw, &format!("status.loadBalancer.ingress[{i}].ip")) {
             Ok(ip) if in_families(&ip) => model.load_balancer_ips.push(ip),
             Ok(_) => {}
             Err(e) => reporter.invalid(e, "this load-balancer IP is ignored"),
@@ -418,7 +463,7 @@ pub fn service(svc: &Service) -> (Option<ServiceModel>, Vec<Problem>) {
         .unwrap_or_default();
     let mut invalid_ranges = 0;
     for (i, raw) in ranges.iter().enumerate() {
-        match validate::cidr(raw, &format!("spec.loadBalancerSourceRanges[{i}]")) {
+        match parse_cidr(raw, &format!("spec.loadBalancerSourceRanges[{i}]")) {
             Ok(net) if in_families(&net.addr()) => model.source_ranges.push(net),
             Ok(_) => {}
             Err(e) => {
@@ -579,7 +624,7 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> (Option<SliceModel>, Vec<Problem
             let Some(raw) = endpoint.addresses.first() else {
                 continue;
             };
-            let ip = match validate::ip(raw, &field) {
+            let ip = match parse_ip(raw, &field) {
                 Ok(ip) if Some(Family::of(&ip)) == family => ip,
                 Ok(_) => {
                     reporter.report(
@@ -647,7 +692,7 @@ pub fn node(node: &Node) -> (Option<NodeModel>, Vec<Problem>) {
             "ExternalIP" => &mut external_ips,
             _ => continue,
         };
-        match validate::ip(&address.address, &format!("status.addresses[{i}].address")) {
+        match parse_ip(&address.address, &format!("status.addresses[{i}].address")) {
             Ok(ip) => target.push(ip),
             Err(e) => reporter.invalid(e, "this address is ignored"),
         }
@@ -670,7 +715,7 @@ pub fn node(node: &Node) -> (Option<NodeModel>, Vec<Problem>) {
         } else {
             cidrs_field.to_owned()
         };
-        match validate::cidr(raw, &field) {
+        match parse_cidr(raw, &field) {
             Ok(net) => pod_cidrs.push(net),
             Err(e) => reporter.invalid(e, "this pod CIDR is ignored"),
         }

@@ -274,3 +274,57 @@ fn a_service_without_an_allocated_cluster_ip_is_reported() {
     assert_eq!(res.problems.len(), 1);
     assert_eq!(res.problems[0].field, "spec.clusterIP");
 }
+
+#[test]
+fn ipv4_addresses_with_leading_zeros_are_read_as_decimal_like_kube_proxy() {
+    let mut svc = mk_service("default", "web", "10.96.0.9", &[("http", 80)]);
+    spec(&mut svc).type_ = Some("LoadBalancer".into());
+    spec(&mut svc).external_ips = Some(vec!["203.0.113.010".into()]);
+    spec(&mut svc).load_balancer_source_ranges = Some(vec![" 192.168.001.0/24 ".into()]);
+    let svc = with_ingress(svc, &[("192.0.2.01", None)]);
+    let slice = mk_slice(
+        "default",
+        "web-1",
+        "web",
+        &[("http", 8080)],
+        vec![ep("10.180.00.001", "n1"), ep("10.180.0.2", "n2")],
+    );
+    let res = resolve_two_nodes(vec![svc], vec![slice]);
+    assert!(res.problems.is_empty(), "{:?}", res.problems);
+    let port = port_on(&res, "n1", "default", "web", "http");
+    assert_eq!(port.external_ips, ["203.0.113.10"]);
+    assert_eq!(port.load_balancer_ips, ["192.0.2.1"]);
+    assert_eq!(port.load_balancer_source_ranges, ["192.168.1.0/24"]);
+    assert_eq!(
+        addrs(&port.cluster_endpoints),
+        ["10.180.0.1:8080", "10.180.0.2:8080"]
+    );
+}
+
+#[test]
+fn octets_beyond_255_or_four_digits_are_still_invalid() {
+    let slice = mk_slice(
+        "default",
+        "web-1",
+        "web",
+        &[("http", 8080)],
+        vec![
+            ep("10.180.0.0256", "n1"),
+            ep("10.180.0.1.1", "n1"),
+            ep("10.180..1", "n1"),
+            ep("10.180.0.2", "n2"),
+        ],
+    );
+    let res = resolve_two_nodes(
+        vec![mk_service("default", "web", "10.96.0.9", &[("http", 80)])],
+        vec![slice],
+    );
+    let port = port_on(&res, "n1", "default", "web", "http");
+    assert_eq!(addrs(&port.cluster_endpoints), ["10.180.0.2:8080"]);
+    assert_eq!(res.problems.len(), 3, "{:?}", res.problems);
+    assert!(
+        res.problems
+            .iter()
+            .all(|p| p.kind == ProblemKind::InvalidValue)
+    );
+}
