@@ -443,8 +443,9 @@ pub fn service(svc: &Service) -> (Option<ServiceModel>, Vec<Problem>) {
         .and_then(|lb| lb.ingress.as_ref());
     for (i, ingress) in ingress.into_iter().flatten().enumerate() {
         // Proxy-mode load balancers deliver traffic to the node address, not to the
-        // VIP, so the node must not capture the VIP.
-        if ingress.ip_mode.as_deref() == Some("Proxy") {
+        // VIP, so the node must not capture the VIP. As in kube-proxy, only an unset
+        // mode or `VIP` is a VIP: a mode this version does not know is not captured.
+        if ingress.ip_mode.as_deref().is_some_and(|mode| mode != "VIP") {
             continue;
         }
         let Some(raw) = ingress.ip.as_deref().filter(|ip| !ip.is_empty()) else {

@@ -519,3 +519,37 @@ fn local_policies_never_select_remote_endpoints() {
     let on_n2 = port_on(&res, "n2", "shop", "front", "https");
     assert_eq!(addrs(&on_n2.local_endpoints), ["10.0.2.1:8443"]);
 }
+
+#[test]
+fn slice_ports_without_a_name_or_number_join_no_service_port() {
+    // The service's single port is unnamed (""); a slice port whose name is
+    // missing altogether is not that port, and one without a number is unusable.
+    let svc = mk_service("default", "web", "10.96.0.10", &[("", 80)]);
+    let mut unnamed = mk_slice(
+        "default",
+        "web-1",
+        "web",
+        &[("", 8080)],
+        vec![ep("10.0.1.1", "n1")],
+    );
+    unnamed.ports.as_mut().unwrap()[0].name = None;
+    let mut numberless = mk_slice(
+        "default",
+        "web-2",
+        "web",
+        &[("", 8080)],
+        vec![ep("10.0.1.2", "n1")],
+    );
+    numberless.ports.as_mut().unwrap()[0].port = None;
+    let named = mk_slice(
+        "default",
+        "web-3",
+        "web",
+        &[("", 8081)],
+        vec![ep("10.0.1.3", "n1")],
+    );
+    let res = resolve_two_nodes(vec![svc], vec![unnamed, numberless, named]);
+    let port = port_on(&res, "n1", "default", "web", "");
+    assert_eq!(addrs(&port.cluster_endpoints), ["10.0.1.3:8081"]);
+    assert!(res.problems.is_empty(), "{:?}", res.problems);
+}

@@ -46,6 +46,7 @@ fn proxy_mode_load_balancer_ingress_is_excluded() {
             ("192.0.2.1", Some("VIP")),
             ("192.0.2.2", Some("Proxy")),
             ("192.0.2.3", None),
+            ("192.0.2.4", Some("Tunnel")),
         ],
     );
     let res = resolve_two_nodes(vec![svc], vec![]);
@@ -53,6 +54,30 @@ fn proxy_mode_load_balancer_ingress_is_excluded() {
         port_on(&res, "n1", "default", "lb", "http").load_balancer_ips,
         ["192.0.2.1", "192.0.2.3"]
     );
+}
+
+#[test]
+fn load_balancer_ingress_without_an_ip_is_ignored_silently() {
+    let mut svc = mk_service("default", "lb", "10.96.0.9", &[("http", 80)]);
+    spec(&mut svc).type_ = Some("LoadBalancer".into());
+    let mut svc = with_ingress(svc, &[("", None), ("192.0.2.1", None)]);
+    // A hostname-only ingress point (as some clouds publish) has no IP at all.
+    let ingress = svc
+        .status
+        .as_mut()
+        .and_then(|s| s.load_balancer.as_mut())
+        .and_then(|lb| lb.ingress.as_mut())
+        .unwrap();
+    ingress.push(k8s_openapi::api::core::v1::LoadBalancerIngress {
+        hostname: Some("lb.example.com".into()),
+        ..Default::default()
+    });
+    let res = resolve_two_nodes(vec![svc], vec![]);
+    assert_eq!(
+        port_on(&res, "n1", "default", "lb", "http").load_balancer_ips,
+        ["192.0.2.1"]
+    );
+    assert!(res.problems.is_empty(), "{:?}", res.problems);
 }
 
 #[test]
