@@ -9,7 +9,9 @@
 //! * a changed ProxyPolicy: everything.
 //!
 //! The work for one changed service therefore grows with the number of nodes and
-//! the shard size, never with the number of services. Derived state (resolved
+//! the shard size, never with the number of services. Shard names are settled at
+//! the end of a flush that added, removed or re-split a node, because one node's
+//! names can depend on the other nodes' (see [`shard::disambiguated_stems`]). Derived state (resolved
 //! services, node plans, reports) always describes the last flush.
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -8,6 +8,10 @@
 //! The count follows the plan's size with hysteresis: it grows when shards average
 //! more than the target size and shrinks only when they average under a quarter of
 //! it, so a plan near a boundary does not flap between layouts.
+//!
+//! A node's shards are the objects `<node>` (one shard) or `<node>-<index>`, unless
+//! that would reuse another node's name; then `<node>-<hash>-<index>`
+//! ([`disambiguated_stems`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::{Bound, RangeInclusive};
