@@ -21,6 +21,8 @@ pub mod duration;
 pub mod hash;
 pub mod labels;
 pub mod selector;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod v1alpha1;
 pub mod validate;
 
