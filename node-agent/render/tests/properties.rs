@@ -3,10 +3,10 @@
 use std::collections::BTreeSet;
 
 use planproxy_crds::ProxyPlanSpec;
+use planproxy_crds::testing::{NodeSettingsExt, mk_plan, mk_settings};
 use planproxy_crds::v1alpha1::{
     ClientIpAffinity, EndpointPlan, EndpointSelection, EndpointSet, LocalTrafficDetectorMode,
-    NoEndpointsAction, NodeSettings, Protocol, ResolvedLocalTrafficDetector, ServicePortPlan,
-    ShardInfo, TrafficPolicy,
+    NoEndpointsAction, Protocol, ResolvedLocalTrafficDetector, ServicePortPlan, TrafficPolicy,
 };
 use planproxy_render::restore::{apply, contents};
 use planproxy_render::{
@@ -165,33 +165,16 @@ fn service_port() -> impl Strategy<Value = ServicePortPlan> {
 
 fn plan() -> impl Strategy<Value = ProxyPlanSpec> {
     (prop::collection::vec(service_port(), 0..8), any::<bool>()).prop_map(
-        |(service_ports, detector)| ProxyPlanSpec {
-            node_name: "node-a".into(),
-            shard: ShardInfo {
-                index: 0,
-                count: 1,
-                generation: 1,
-            },
-            settings: NodeSettings {
-                masquerade_bit: 14,
-                local_traffic_detector: ResolvedLocalTrafficDetector {
-                    mode: if detector {
-                        LocalTrafficDetectorMode::ClusterCidr
-                    } else {
-                        LocalTrafficDetectorMode::None
-                    },
-                    cidrs: if detector {
-                        vec!["10.244.0.0/16".into(), "fd00:244::/48".into()]
-                    } else {
-                        vec![]
-                    },
-                },
-                node_ips: vec!["203.0.113.5".into()],
-                min_sync_period: "1s".into(),
-                sync_period: "30s".into(),
-                ..Default::default()
-            },
-            service_ports,
+        |(service_ports, detector)| {
+            let mut settings =
+                mk_settings(&["10.244.0.0/16", "fd00:244::/48"]).with_node_ips(&["203.0.113.5"]);
+            if !detector {
+                settings.local_traffic_detector = ResolvedLocalTrafficDetector {
+                    mode: LocalTrafficDetectorMode::None,
+                    cidrs: vec![],
+                };
+            }
+            mk_plan("node-a", settings, service_ports)
         },
     )
 }

@@ -1,10 +1,13 @@
 //! Rendering behaviour, one kube-proxy semantic per test.
 
 use planproxy_crds::ProxyPlanSpec;
+use planproxy_crds::testing::{
+    EndpointExt, NodeSettingsExt, mk_endpoint, mk_endpoint_set, mk_plan, mk_service_port,
+    mk_settings,
+};
 use planproxy_crds::v1alpha1::{
-    ClientIpAffinity, EndpointPlan, EndpointSelection, EndpointSet, LocalTrafficDetectorMode,
-    NoEndpointsAction, NodeSettings, ProgrammedSummary, Protocol, ResolvedLocalTrafficDetector,
-    ServicePortPlan, ShardInfo, TrafficPolicy,
+    ClientIpAffinity, EndpointPlan, EndpointSet, LocalTrafficDetectorMode, NoEndpointsAction,
+    ProgrammedSummary, ResolvedLocalTrafficDetector, ServicePortPlan, ShardInfo, TrafficPolicy,
 };
 use planproxy_render::hash::service_port_hash;
 use planproxy_render::{
@@ -12,64 +15,20 @@ use planproxy_render::{
 };
 
 fn ep(ip: &str, local: bool) -> EndpointPlan {
-    EndpointPlan {
-        ip: ip.into(),
-        port: 8080,
-        local,
-        ready: true,
-        serving: true,
-        terminating: false,
-    }
+    mk_endpoint(ip, 8080).local(local)
 }
 
 fn set(endpoints: Vec<EndpointPlan>) -> Option<EndpointSet> {
-    Some(EndpointSet {
-        selection: if endpoints.is_empty() {
-            EndpointSelection::None
-        } else {
-            EndpointSelection::Ready
-        },
-        endpoints,
-    })
+    Some(mk_endpoint_set(endpoints))
 }
 
 fn svc(name: &str, cluster_ip: &str, endpoints: Vec<EndpointPlan>) -> ServicePortPlan {
-    ServicePortPlan {
-        namespace: "ns1".into(),
-        name: name.into(),
-        protocol: Protocol::Tcp,
-        cluster_ips: vec![cluster_ip.into()],
-        port: 80,
-        external_traffic_policy: TrafficPolicy::Cluster,
-        internal_traffic_policy: TrafficPolicy::Cluster,
-        no_endpoints_action: NoEndpointsAction::Reject,
-        has_endpoints: !endpoints.is_empty(),
-        cluster_endpoints: set(endpoints),
-        ..Default::default()
-    }
+    mk_service_port("ns1", name, &[cluster_ip], endpoints)
 }
 
 fn spec(service_ports: Vec<ServicePortPlan>) -> ProxyPlanSpec {
-    ProxyPlanSpec {
-        node_name: "node-a".into(),
-        shard: ShardInfo {
-            index: 0,
-            count: 1,
-            generation: 1,
-        },
-        settings: NodeSettings {
-            masquerade_bit: 14,
-            local_traffic_detector: ResolvedLocalTrafficDetector {
-                mode: LocalTrafficDetectorMode::ClusterCidr,
-                cidrs: vec!["10.244.0.0/16".into()],
-            },
-            node_ips: vec!["192.168.1.10".into()],
-            min_sync_period: "1s".into(),
-            sync_period: "30s".into(),
-            ..Default::default()
-        },
-        service_ports,
-    }
+    let settings = mk_settings(&["10.244.0.0/16"]).with_node_ips(&["192.168.1.10"]);
+    mk_plan("node-a", settings, service_ports)
 }
 
 /// Renders with the flat layout, so every service keeps its own policy chain
