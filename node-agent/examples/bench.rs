@@ -15,11 +15,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use planproxy_crds::ProxyPlanSpec;
-use planproxy_crds::v1alpha1::{
-    EndpointPlan, EndpointSelection, EndpointSet, LocalTrafficDetectorMode, NoEndpointsAction,
-    NodeSettings, Protocol, ResolvedLocalTrafficDetector, ServicePortPlan, ShardInfo,
-    TrafficPolicy,
-};
+use planproxy_crds::testing::{mk_endpoint, mk_plan, mk_service_port, mk_settings};
+use planproxy_crds::v1alpha1::ServicePortPlan;
 use planproxy_netns::{Attempt, ConnectOpts, EchoConfig, Topology, TopologySpec};
 use planproxy_node_agent::dataplane::{Backend, DataPlane, DataPlaneConfig, Family};
 use planproxy_render::Layout;
@@ -72,32 +69,12 @@ fn cluster_ip(i: usize) -> Ipv4Addr {
 }
 
 fn service(i: usize, endpoints: &[Ipv4Addr]) -> ServicePortPlan {
-    ServicePortPlan {
-        namespace: "bench".into(),
-        name: format!("svc-{i:06}"),
-        protocol: Protocol::Tcp,
-        cluster_ips: vec![cluster_ip(i).to_string()],
-        port: 80,
-        external_traffic_policy: TrafficPolicy::Cluster,
-        internal_traffic_policy: TrafficPolicy::Cluster,
-        no_endpoints_action: NoEndpointsAction::Reject,
-        has_endpoints: true,
-        cluster_endpoints: Some(EndpointSet {
-            selection: EndpointSelection::Ready,
-            endpoints: endpoints
-                .iter()
-                .map(|ip| EndpointPlan {
-                    ip: ip.to_string(),
-                    port: PORT,
-                    local: false,
-                    ready: true,
-                    serving: true,
-                    terminating: false,
-                })
-                .collect(),
-        }),
-        ..Default::default()
-    }
+    mk_service_port(
+        "bench",
+        &format!("svc-{i:06}"),
+        &[&cluster_ip(i).to_string()],
+        endpoints.iter().map(|ip| mk_endpoint(ip, PORT)).collect(),
+    )
 }
 
 fn plan(n: usize, endpoints: &[Ipv4Addr], changed: bool) -> ProxyPlanSpec {
@@ -108,25 +85,7 @@ fn plan(n: usize, endpoints: &[Ipv4Addr], changed: bool) -> ProxyPlanSpec {
             eps.endpoints[0].ip = "10.244.2.250".into();
         }
     }
-    ProxyPlanSpec {
-        node_name: "bench".into(),
-        shard: ShardInfo {
-            index: 0,
-            count: 1,
-            generation: 1,
-        },
-        settings: NodeSettings {
-            masquerade_bit: 14,
-            local_traffic_detector: ResolvedLocalTrafficDetector {
-                mode: LocalTrafficDetectorMode::ClusterCidr,
-                cidrs: vec!["10.244.0.0/16".into()],
-            },
-            min_sync_period: "1s".into(),
-            sync_period: "30s".into(),
-            ..Default::default()
-        },
-        service_ports,
-    }
+    mk_plan("bench", mk_settings(&["10.244.0.0/16"]), service_ports)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

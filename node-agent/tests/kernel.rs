@@ -35,7 +35,7 @@ fn cluster_ip_reaches_endpoints_from_pods_and_from_the_node() {
     let (client, backend) = (&n1.pods[0], &n2.pods[0]);
     let _echo = serve_all([(backend, "backend")]);
     let web = service("web", &["10.96.0.10"], vec![endpoint(backend, 1, false)]);
-    apply(n1, &plan(n1, vec![web.clone(), udp(web)]));
+    apply(n1, &plan(n1, vec![web.clone(), web.udp()]));
 
     let from_pod = client.ns.connect_tcp(sa(CLUSTER_IP, 80), &quick());
     assert_eq!(from_pod.server(), Some("backend"), "{from_pod:?}");
@@ -126,7 +126,7 @@ fn client_ip_affinity_pins_each_client_to_one_endpoint_and_spreads_clients() {
         (&n2.pods[2], "b3"),
     ]);
     let eps = n2.pods.iter().map(|p| endpoint(p, 1, false)).collect();
-    let mut svc = with_affinity(service("sticky", &["10.96.0.10"], eps));
+    let mut svc = service("sticky", &["10.96.0.10"], eps).with_affinity();
     svc.external_ips = vec!["192.0.2.30".into()];
     apply(n1, &plan(n1, vec![svc]));
     t.route_to_node("192.0.2.30".parse().expect("valid"), 1)
@@ -175,7 +175,7 @@ fn local_external_policy_reaches_only_local_pods_and_preserves_the_client_addres
         ],
     );
     svc.node_port = Some(30081);
-    let svc = external_local(svc);
+    let svc = svc.external_local();
     apply(n1, &plan(n1, vec![svc]));
 
     let client = &t.clients[0];
@@ -289,7 +289,10 @@ fn stale_udp_flows_are_removed_when_endpoints_go_and_when_the_first_arrives() {
     ];
     apply(
         n1,
-        &plan(n1, vec![udp(service("dns", &["10.96.0.53"], both.clone()))]),
+        &plan(
+            n1,
+            vec![service("dns", &["10.96.0.53"], both.clone()).udp()],
+        ),
     );
     let dns = sa([10, 96, 0, 53], 80);
     let first = udp_exchange(&socket, dns).expect("the service must answer");
@@ -310,7 +313,7 @@ fn stale_udp_flows_are_removed_when_endpoints_go_and_when_the_first_arrives() {
     let other = if first == "a" { "b" } else { "a" };
     apply(
         n1,
-        &plan(n1, vec![udp(service("dns", &["10.96.0.53"], remaining))]),
+        &plan(n1, vec![service("dns", &["10.96.0.53"], remaining).udp()]),
     );
     // The flow to the removed endpoint is gone, so the same client moves on
     // (its old endpoint still answers, so without cleanup it would stay).
@@ -325,16 +328,18 @@ fn stale_udp_flows_are_removed_when_endpoints_go_and_when_the_first_arrives() {
         &plan(
             n1,
             vec![
-                udp(service(
+                service(
                     "dns",
                     &["10.96.0.53"],
                     vec![endpoint(&n2.pods[0], 1, false)],
-                )),
-                udp(service(
+                )
+                .udp(),
+                service(
                     "late",
                     &["10.96.0.54"],
                     vec![endpoint(&n2.pods[1], 1, false)],
-                )),
+                )
+                .udp(),
             ],
         ),
     );

@@ -2,18 +2,64 @@
 //! against the test API server, programming the real kernel inside the node's
 //! own network namespace.
 
-mod run_support;
+mod support;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use planproxy_crds::ProxyPlanSpec;
 use planproxy_test_apiserver::faults::OutageMode;
-use run_support::*;
+use support::cluster::*;
+use support::{echo_endpoint, service};
 
 const CLUSTER_IP: &str = "10.96.0.10";
 
 fn cluster_ip_addr() -> SocketAddr {
     SocketAddr::new(CLUSTER_IP.parse().expect("valid ip"), 80)
+}
+
+/// The node's plan: `default/web` on [`CLUSTER_IP`] reaching the node's pod,
+/// fully resynced every `sync_period`.
+fn web_plan(cluster: &Cluster, sync_period: &str) -> ProxyPlanSpec {
+    plan(
+        vec![service(
+            "web",
+            &[CLUSTER_IP],
+            vec![echo_endpoint(cluster.pod_ip(), true)],
+        )],
+        sync_period,
+    )
+}
+
+/// [`web_plan`] with a second service, `default/api` on 10.96.0.11.
+fn web_and_api_plan(cluster: &Cluster) -> ProxyPlanSpec {
+    plan(
+        vec![
+            service(
+                "web",
+                &[CLUSTER_IP],
+                vec![echo_endpoint(cluster.pod_ip(), true)],
+            ),
+            service(
+                "api",
+                &["10.96.0.11"],
+                vec![echo_endpoint(cluster.pod_ip(), true)],
+            ),
+        ],
+        "30s",
+    )
+}
+
+/// Stores `spec` as the node's plan, starts the agent and waits until the
+/// plan's status says it is programmed.
+fn start_agent_until_programmed(cluster: &mut Cluster, spec: &ProxyPlanSpec, what: &str) {
+    cluster.put_plan(spec);
+    cluster.start_agent();
+    must(
+        wait_for(Duration::from_secs(20), || cluster.programmed_hash(spec)),
+        what,
+        cluster,
+    );
 }
 
 fn must(ok: bool, what: &str, cluster: &Cluster) {
@@ -56,14 +102,7 @@ fn assert_no_duplicate_rules(dump: &[String]) {
 #[test]
 fn agent_programs_its_plan_reports_programmed_and_survives_sigkill_without_duplicates() {
     let mut cluster = Cluster::start();
-    let spec = plan(
-        vec![service(
-            "web",
-            CLUSTER_IP,
-            vec![endpoint(cluster.pod_ip(), true)],
-        )],
-        "30s",
-    );
+    let spec = web_plan(&cluster, "30s");
     cluster.put_plan(&spec);
     cluster.start_agent();
 
@@ -91,13 +130,7 @@ fn agent_programs_its_plan_reports_programmed_and_survives_sigkill_without_dupli
     assert!(status["lastSyncTime"].is_string(), "{status}");
 
     // A change, then SIGKILL while it may be mid-sync.
-    let changed = plan(
-        vec![
-            service("web", CLUSTER_IP, vec![endpoint(cluster.pod_ip(), true)]),
-            service("api", "10.96.0.11", vec![endpoint(cluster.pod_ip(), true)]),
-        ],
-        "30s",
-    );
+    let changed = web_and_api_plan(&cluster);
     cluster.put_plan(&changed);
     cluster.agent = None; // dropping the guard SIGKILLs the agent
     assert_eq!(
@@ -138,21 +171,8 @@ fn agent_programs_its_plan_reports_programmed_and_survives_sigkill_without_dupli
 #[test]
 fn api_server_outage_keeps_traffic_flowing_and_the_agent_converges_after() {
     let mut cluster = Cluster::start();
-    let spec = plan(
-        vec![service(
-            "web",
-            CLUSTER_IP,
-            vec![endpoint(cluster.pod_ip(), true)],
-        )],
-        "30s",
-    );
-    cluster.put_plan(&spec);
-    cluster.start_agent();
-    must(
-        wait_for(Duration::from_secs(20), || cluster.programmed_hash(&spec)),
-        "the agent must program the plan",
-        &cluster,
-    );
+    let spec = web_plan(&cluster, "30s");
+    start_agent_until_programmed(&mut cluster, &spec, "the agent must program the plan");
 
     cluster
         .server
@@ -167,13 +187,7 @@ fn api_server_outage_keeps_traffic_flowing_and_the_agent_converges_after() {
         std::thread::sleep(Duration::from_millis(500));
     }
     // Written while the agent cannot see it; it must pick it up after the outage.
-    let changed = plan(
-        vec![
-            service("web", CLUSTER_IP, vec![endpoint(cluster.pod_ip(), true)]),
-            service("api", "10.96.0.11", vec![endpoint(cluster.pod_ip(), true)]),
-        ],
-        "30s",
-    );
+    let changed = web_and_api_plan(&cluster);
     cluster.put_plan(&changed);
     must(
         wait_for(Duration::from_secs(40), || {
@@ -201,14 +215,7 @@ fn api_server_outage_keeps_traffic_flowing_and_the_agent_converges_after() {
 #[test]
 fn restore_the_kernel_refuses_is_reported_degraded_and_the_old_rules_keep_serving() {
     let mut cluster = Cluster::start();
-    let old = plan(
-        vec![service(
-            "web",
-            CLUSTER_IP,
-            vec![endpoint(cluster.pod_ip(), true)],
-        )],
-        "30s",
-    );
+    let old = web_plan(&cluster, "30s");
     cluster.put_plan(&old);
     cluster.start_agent();
     must(
@@ -237,8 +244,8 @@ fn restore_the_kernel_refuses_is_reported_degraded_and_the_old_rules_keep_servin
     let new = plan(
         vec![service(
             "api",
-            "10.96.0.11",
-            vec![endpoint(cluster.pod_ip(), true)],
+            &["10.96.0.11"],
+            vec![echo_endpoint(cluster.pod_ip(), true)],
         )],
         "30s",
     );
@@ -301,21 +308,8 @@ fn restore_the_kernel_refuses_is_reported_degraded_and_the_old_rules_keep_servin
 #[test]
 fn flushed_nat_table_is_restored_within_the_sync_period() {
     let mut cluster = Cluster::start();
-    let spec = plan(
-        vec![service(
-            "web",
-            CLUSTER_IP,
-            vec![endpoint(cluster.pod_ip(), true)],
-        )],
-        "2s",
-    );
-    cluster.put_plan(&spec);
-    cluster.start_agent();
-    must(
-        wait_for(Duration::from_secs(20), || cluster.programmed_hash(&spec)),
-        "programmed",
-        &cluster,
-    );
+    let spec = web_plan(&cluster, "2s");
+    start_agent_until_programmed(&mut cluster, &spec, "programmed");
 
     cluster
         .node_ns()
@@ -348,14 +342,7 @@ fn flushed_nat_table_is_restored_within_the_sync_period() {
 #[test]
 fn healthz_fails_while_the_node_terminates_and_livez_does_not() {
     let mut cluster = Cluster::start();
-    let spec = plan(
-        vec![service(
-            "web",
-            CLUSTER_IP,
-            vec![endpoint(cluster.pod_ip(), true)],
-        )],
-        "30s",
-    );
+    let spec = web_plan(&cluster, "30s");
     cluster.put_plan(&spec);
     cluster.start_agent();
     let healthz: SocketAddr = HEALTHZ.parse().expect("address");
@@ -424,7 +411,11 @@ fn healthz_fails_while_the_node_terminates_and_livez_does_not() {
 #[test]
 fn health_check_node_port_answers_as_local_endpoints_come_and_go() {
     let mut cluster = Cluster::start();
-    let mut web = service("web", CLUSTER_IP, vec![endpoint(cluster.pod_ip(), true)]);
+    let mut web = service(
+        "web",
+        &[CLUSTER_IP],
+        vec![echo_endpoint(cluster.pod_ip(), true)],
+    );
     web.node_port = Some(30080);
     web.external_traffic_policy = planproxy_crds::v1alpha1::TrafficPolicy::Local;
     web.health_check_node_port = Some(31999);
@@ -481,7 +472,7 @@ fn health_check_node_port_answers_as_local_endpoints_come_and_go() {
     );
 
     // The service leaves the plan: the port closes.
-    cluster.put_plan(&plan(vec![service("api", "10.96.0.11", vec![])], "30s"));
+    cluster.put_plan(&plan(vec![service("api", &["10.96.0.11"], vec![])], "30s"));
     must(
         wait_for(Duration::from_secs(10), || {
             cluster.http_get(hc, "/").is_none()
@@ -494,21 +485,8 @@ fn health_check_node_port_answers_as_local_endpoints_come_and_go() {
 #[test]
 fn sigterm_exits_zero_and_leaves_the_rules_serving() {
     let mut cluster = Cluster::start();
-    let spec = plan(
-        vec![service(
-            "web",
-            CLUSTER_IP,
-            vec![endpoint(cluster.pod_ip(), true)],
-        )],
-        "30s",
-    );
-    cluster.put_plan(&spec);
-    cluster.start_agent();
-    must(
-        wait_for(Duration::from_secs(20), || cluster.programmed_hash(&spec)),
-        "programmed",
-        &cluster,
-    );
+    let spec = web_plan(&cluster, "30s");
+    start_agent_until_programmed(&mut cluster, &spec, "programmed");
     let before = rules_only(&cluster.iptables_save());
     let status = cluster
         .agent
@@ -533,21 +511,8 @@ fn sigterm_exits_zero_and_leaves_the_rules_serving() {
 fn steady_state_writes_no_status_heartbeats() {
     let mut cluster = Cluster::start();
     // Full resyncs every second: none of them may rewrite the status.
-    let spec = plan(
-        vec![service(
-            "web",
-            CLUSTER_IP,
-            vec![endpoint(cluster.pod_ip(), true)],
-        )],
-        "1s",
-    );
-    cluster.put_plan(&spec);
-    cluster.start_agent();
-    must(
-        wait_for(Duration::from_secs(20), || cluster.programmed_hash(&spec)),
-        "programmed",
-        &cluster,
-    );
+    let spec = web_plan(&cluster, "1s");
+    start_agent_until_programmed(&mut cluster, &spec, "programmed");
     std::thread::sleep(Duration::from_millis(500));
     assert!(
         cluster
@@ -575,14 +540,7 @@ fn steady_state_writes_no_status_heartbeats() {
 #[test]
 fn explain_shows_the_services_rules_with_the_kernels_packet_counters() {
     let mut cluster = Cluster::start();
-    let spec = plan(
-        vec![service(
-            "web",
-            CLUSTER_IP,
-            vec![endpoint(cluster.pod_ip(), true)],
-        )],
-        "30s",
-    );
+    let spec = web_plan(&cluster, "30s");
     cluster.put_plan(&spec);
     cluster.start_agent();
     must(
@@ -633,21 +591,8 @@ fn explain_shows_the_services_rules_with_the_kernels_packet_counters() {
 #[test]
 fn agent_started_while_the_api_server_is_unreachable_keeps_the_rules_and_serves_health() {
     let mut cluster = Cluster::start();
-    let spec = plan(
-        vec![service(
-            "web",
-            CLUSTER_IP,
-            vec![endpoint(cluster.pod_ip(), true)],
-        )],
-        "30s",
-    );
-    cluster.put_plan(&spec);
-    cluster.start_agent();
-    must(
-        wait_for(Duration::from_secs(20), || cluster.programmed_hash(&spec)),
-        "programmed",
-        &cluster,
-    );
+    let spec = web_plan(&cluster, "30s");
+    start_agent_until_programmed(&mut cluster, &spec, "programmed");
     let before = rules_only(&cluster.iptables_save());
     cluster.agent = None; // SIGKILL
 
@@ -673,13 +618,7 @@ fn agent_started_while_the_api_server_is_unreachable_keeps_the_rules_and_serves_
         "nothing flushed on start"
     );
 
-    let changed = plan(
-        vec![
-            service("web", CLUSTER_IP, vec![endpoint(cluster.pod_ip(), true)]),
-            service("api", "10.96.0.11", vec![endpoint(cluster.pod_ip(), true)]),
-        ],
-        "30s",
-    );
+    let changed = web_and_api_plan(&cluster);
     cluster.put_plan(&changed);
     must(
         wait_for(Duration::from_secs(40), || {

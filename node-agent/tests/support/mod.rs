@@ -1,23 +1,33 @@
-//! Plan builders and helpers for the kernel tests: every test builds its own
-//! isolated topology with `planproxy-netns` and programs it with the agent's own
-//! binary, inside the node's namespace only.
+//! Plan builders and helpers for the node agent's kernel and runtime tests:
+//! every test builds its own isolated topology with `planproxy-netns` and
+//! programs it with the agent's own binary, inside the node's namespace only.
+//! [`cluster`] adds the test API server and `planproxy-agent run`.
 
 #![allow(dead_code)]
+
+pub mod cluster;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Output;
 
 use planproxy_crds::ProxyPlanSpec;
-use planproxy_crds::v1alpha1::{
-    ClientIpAffinity, EndpointPlan, EndpointSelection, EndpointSet, LocalTrafficDetectorMode,
-    NoEndpointsAction, NodeSettings, Protocol, ResolvedLocalTrafficDetector, ServicePortPlan,
-    ShardInfo, TrafficPolicy,
+// Not every test binary chains every builder.
+#[allow(unused_imports)]
+pub use planproxy_crds::testing::{
+    EndpointExt, NodeSettingsExt, ServicePortExt, mk_endpoint, mk_plan, mk_service_port,
+    mk_settings,
 };
+use planproxy_crds::v1alpha1::{EndpointPlan, ServicePortPlan};
 use planproxy_netns::{Attempt, Netns, Node, Pod};
 
 /// The port every echo server listens on.
 pub const ECHO_PORT: u16 = 8080;
+
+/// A ready endpoint at `ip` on [`ECHO_PORT`], local when it runs on the plan's node.
+pub fn echo_endpoint(ip: impl Into<IpAddr>, local: bool) -> EndpointPlan {
+    mk_endpoint(ip.into(), ECHO_PORT).local(local)
+}
 
 /// A ready endpoint on `pod`, local when the pod runs on `node`.
 pub fn endpoint(pod: &Pod, node: u8, ipv6: bool) -> EndpointPlan {
@@ -26,98 +36,20 @@ pub fn endpoint(pod: &Pod, node: u8, ipv6: bool) -> EndpointPlan {
     } else {
         pod.ipv4.into()
     };
-    EndpointPlan {
-        ip: ip.to_string(),
-        port: ECHO_PORT,
-        local: pod.node == node,
-        ready: true,
-        serving: true,
-        terminating: false,
-    }
+    echo_endpoint(ip, pod.node == node)
 }
 
 /// A TCP ClusterIP service `default/<name>` on `cluster_ip:80` with these
 /// endpoints (cluster-wide set; eTP and iTP Cluster).
 pub fn service(name: &str, cluster_ips: &[&str], endpoints: Vec<EndpointPlan>) -> ServicePortPlan {
-    ServicePortPlan {
-        namespace: "default".into(),
-        name: name.into(),
-        protocol: Protocol::Tcp,
-        cluster_ips: cluster_ips.iter().map(|s| (*s).to_owned()).collect(),
-        port: 80,
-        external_traffic_policy: TrafficPolicy::Cluster,
-        internal_traffic_policy: TrafficPolicy::Cluster,
-        no_endpoints_action: NoEndpointsAction::Reject,
-        has_endpoints: !endpoints.is_empty(),
-        cluster_endpoints: Some(EndpointSet {
-            selection: if endpoints.is_empty() {
-                EndpointSelection::None
-            } else {
-                EndpointSelection::Ready
-            },
-            endpoints,
-        }),
-        ..Default::default()
-    }
-}
-
-/// The same service over UDP.
-pub fn udp(mut sp: ServicePortPlan) -> ServicePortPlan {
-    sp.protocol = Protocol::Udp;
-    sp
-}
-
-/// ClientIP affinity with the API's default timeout.
-pub fn with_affinity(mut sp: ServicePortPlan) -> ServicePortPlan {
-    sp.session_affinity = Some(ClientIpAffinity {
-        timeout_seconds: 10800,
-    });
-    sp
-}
-
-/// externalTrafficPolicy Local: the local endpoint set is the local subset.
-pub fn external_local(mut sp: ServicePortPlan) -> ServicePortPlan {
-    sp.external_traffic_policy = TrafficPolicy::Local;
-    let local: Vec<EndpointPlan> = sp
-        .cluster_endpoints
-        .iter()
-        .flat_map(|s| s.endpoints.iter())
-        .filter(|e| e.local)
-        .cloned()
-        .collect();
-    sp.local_endpoints = Some(EndpointSet {
-        selection: if local.is_empty() {
-            EndpointSelection::None
-        } else {
-            EndpointSelection::Ready
-        },
-        endpoints: local,
-    });
-    sp
+    mk_service_port("default", name, cluster_ips, endpoints)
 }
 
 /// The single-shard plan of `node` holding `service_ports`.
 pub fn plan(node: &Node, service_ports: Vec<ServicePortPlan>) -> ProxyPlanSpec {
-    ProxyPlanSpec {
-        node_name: format!("node{}", node.index),
-        shard: ShardInfo {
-            index: 0,
-            count: 1,
-            generation: 1,
-        },
-        settings: NodeSettings {
-            masquerade_bit: 14,
-            local_traffic_detector: ResolvedLocalTrafficDetector {
-                mode: LocalTrafficDetectorMode::ClusterCidr,
-                cidrs: vec!["10.244.0.0/16".into(), "fd00:244::/32".into()],
-            },
-            node_ips: vec![node.ipv4.to_string(), node.ipv6.to_string()],
-            min_sync_period: "1s".into(),
-            sync_period: "30s".into(),
-            ..Default::default()
-        },
-        service_ports,
-    }
+    let settings = mk_settings(&["10.244.0.0/16", "fd00:244::/32"])
+        .with_node_ips(&[&node.ipv4.to_string(), &node.ipv6.to_string()]);
+    mk_plan(&format!("node{}", node.index), settings, service_ports)
 }
 
 /// A plan file in a temporary directory, for `planproxy-agent apply --plan`.

@@ -3,18 +3,13 @@
 //! namespace (the server on the namespace's loopback), a pod with an echo
 //! server behind the node's bridge. Nothing touches the root namespace.
 
-#![allow(dead_code)]
-
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use planproxy_crds::ProxyPlanSpec;
-use planproxy_crds::v1alpha1::{
-    EndpointPlan, EndpointSelection, EndpointSet, LocalTrafficDetectorMode, NoEndpointsAction,
-    NodeSettings, Protocol, ResolvedLocalTrafficDetector, ServicePortPlan, ShardInfo,
-    TrafficPolicy,
-};
+use planproxy_crds::testing::{NodeSettingsExt, mk_plan, mk_settings};
+use planproxy_crds::v1alpha1::ServicePortPlan;
 use planproxy_netns::{
     Attempt, ChildGuard, ConnectOpts, EchoConfig, EchoGuard, Topology, TopologySpec,
 };
@@ -22,7 +17,8 @@ use planproxy_test_apiserver::api::Target;
 use planproxy_test_apiserver::{Config, TestApiServer};
 use serde_json::{Value, json};
 
-pub const ECHO_PORT: u16 = 8080;
+use super::ECHO_PORT;
+
 pub const HEALTHZ: &str = "127.0.0.1:10256";
 pub const METRICS: &str = "127.0.0.1:10249";
 pub const NODE: &str = "node1";
@@ -207,63 +203,12 @@ pub fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     }
 }
 
-pub fn endpoint(ip: IpAddr, local: bool) -> EndpointPlan {
-    EndpointPlan {
-        ip: ip.to_string(),
-        port: ECHO_PORT,
-        local,
-        ready: true,
-        serving: true,
-        terminating: false,
-    }
-}
-
-/// A TCP ClusterIP service `default/<name>` on `<cluster_ip>:80`.
-pub fn service(name: &str, cluster_ip: &str, endpoints: Vec<EndpointPlan>) -> ServicePortPlan {
-    ServicePortPlan {
-        namespace: "default".into(),
-        name: name.into(),
-        protocol: Protocol::Tcp,
-        cluster_ips: vec![cluster_ip.into()],
-        port: 80,
-        external_traffic_policy: TrafficPolicy::Cluster,
-        internal_traffic_policy: TrafficPolicy::Cluster,
-        no_endpoints_action: NoEndpointsAction::Reject,
-        has_endpoints: !endpoints.is_empty(),
-        cluster_endpoints: Some(EndpointSet {
-            selection: if endpoints.is_empty() {
-                EndpointSelection::None
-            } else {
-                EndpointSelection::Ready
-            },
-            endpoints,
-        }),
-        ..Default::default()
-    }
-}
-
 /// The node's single-shard plan.
 pub fn plan(service_ports: Vec<ServicePortPlan>, sync_period: &str) -> ProxyPlanSpec {
-    ProxyPlanSpec {
-        node_name: NODE.into(),
-        shard: ShardInfo {
-            index: 0,
-            count: 1,
-            generation: 1,
-        },
-        settings: NodeSettings {
-            masquerade_bit: 14,
-            local_traffic_detector: ResolvedLocalTrafficDetector {
-                mode: LocalTrafficDetectorMode::ClusterCidr,
-                cidrs: vec!["10.244.0.0/16".into()],
-            },
-            node_ips: vec![planproxy_netns::topology::node_ipv4(1).to_string()],
-            min_sync_period: "100ms".into(),
-            sync_period: sync_period.into(),
-            ..Default::default()
-        },
-        service_ports,
-    }
+    let settings = mk_settings(&["10.244.0.0/16"])
+        .with_node_ips(&[&planproxy_netns::topology::node_ipv4(1).to_string()])
+        .with_sync_periods("100ms", sync_period);
+    mk_plan(NODE, settings, service_ports)
 }
 
 /// The lines of an iptables-save dump that describe rules and chains (no
