@@ -165,17 +165,33 @@ impl StatusSink for KubeStatusSink {
     }
 }
 
+/// A status a shard must carry, and the `metadata.resourceVersion` of the object
+/// seen not to carry it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DesiredStatus {
+    /// The status to write.
+    pub status: ProxyPlanStatus,
+    /// The version of the shard whose status differs from `status`.
+    pub differs_at: Option<String>,
+}
+
 /// The writer task: writes the statuses published on `desired` (shard name →
 /// status; only shards whose status must change), at most one round per
-/// `min_interval`, skipping statuses it already wrote. Failed writes are retried
-/// at the next round. Returns when `desired`'s sender is dropped, after a last round.
+/// `min_interval`. Failed writes are retried at the next round. Returns when
+/// `desired`'s sender is dropped, after a last round.
+///
+/// A status is skipped only when it was already written against the same
+/// version of the shard: then the watch just has not shown our write yet. A
+/// newer version that still differs means the server lost or replaced what we
+/// wrote (the shard was recreated, or its status reset), so it is written again;
+/// comparing with what we last wrote alone would leave it stale forever.
 pub async fn write_statuses<S: StatusSink>(
     sink: S,
-    mut desired: watch::Receiver<BTreeMap<String, ProxyPlanStatus>>,
+    mut desired: watch::Receiver<BTreeMap<String, DesiredStatus>>,
     min_interval: Duration,
     metrics: AgentMetrics,
 ) {
-    let mut written: BTreeMap<String, ProxyPlanStatus> = BTreeMap::new();
+    let mut written: BTreeMap<String, DesiredStatus> = BTreeMap::new();
     let mut retry = false;
     loop {
         let closed = if retry {
@@ -186,19 +202,19 @@ pub async fn write_statuses<S: StatusSink>(
         let round = desired.borrow_and_update().clone();
         written.retain(|name, _| round.contains_key(name));
         retry = false;
-        for (name, status) in &round {
-            if written.get(name) == Some(status) {
+        for (name, wanted) in &round {
+            if written.get(name) == Some(wanted) {
                 continue;
             }
-            match sink.patch_status(name, status).await {
+            match sink.patch_status(name, &wanted.status).await {
                 Ok(()) => {
                     metrics.status_write("ok");
-                    written.insert(name.clone(), status.clone());
+                    written.insert(name.clone(), wanted.clone());
                 }
                 Err(kube::Error::Api(response)) if response.code == 404 => {
                     // The controller deleted the shard; nothing to report on.
                     metrics.status_write("gone");
-                    written.insert(name.clone(), status.clone());
+                    written.insert(name.clone(), wanted.clone());
                 }
                 Err(error) => {
                     metrics.status_write("error");
@@ -396,6 +412,27 @@ mod tests {
         }
     }
 
+    /// `n1` must carry applied hash `hash`; the server's object is at `version`.
+    fn desired(hash: &str, version: &str) -> BTreeMap<String, DesiredStatus> {
+        BTreeMap::from([(
+            "n1".to_owned(),
+            DesiredStatus {
+                status: status_with_hash(hash),
+                differs_at: Some(version.to_owned()),
+            },
+        )])
+    }
+
+    fn written_hashes(recorder: &Recorder) -> Vec<String> {
+        recorder
+            .writes
+            .lock()
+            .expect("recorder lock must not be poisoned")
+            .iter()
+            .filter_map(|(_, s)| s.applied_hash.clone())
+            .collect()
+    }
+
     #[tokio::test(start_paused = true)]
     async fn writer_coalesces_changes_within_the_min_interval_and_skips_repeats() {
         let recorder = Recorder::default();
@@ -408,29 +445,47 @@ mod tests {
             metrics,
         ));
 
-        tx.send_replace(BTreeMap::from([("n1".to_owned(), status_with_hash("a"))]));
+        tx.send_replace(desired("a", "1"));
         tokio::time::sleep(Duration::from_millis(10)).await;
         // Three updates inside one interval: only the last is written.
-        for hash in ["b", "c", "d"] {
-            tx.send_replace(BTreeMap::from([("n1".to_owned(), status_with_hash(hash))]));
+        for (hash, version) in [("b", "2"), ("c", "3"), ("d", "4")] {
+            tx.send_replace(desired(hash, version));
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
-        // The same status again: no write.
-        tx.send_replace(BTreeMap::from([("n1".to_owned(), status_with_hash("d"))]));
+        // The same status against the same object (our write not seen yet): no write.
+        tx.send_replace(desired("d", "4"));
         tokio::time::sleep(Duration::from_secs(2)).await;
         drop(tx);
         task.await.expect("writer must not panic");
 
-        let writes = recorder
-            .writes
-            .lock()
-            .expect("recorder lock must not be poisoned")
-            .clone();
-        let hashes: Vec<_> = writes
-            .iter()
-            .filter_map(|(_, s)| s.applied_hash.clone())
-            .collect();
-        assert_eq!(hashes, ["a", "d"]);
+        assert_eq!(written_hashes(&recorder), ["a", "d"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writer_rewrites_a_status_the_server_lost_after_it_was_written() {
+        let recorder = Recorder::default();
+        let (tx, rx) = watch::channel(BTreeMap::new());
+        let metrics = AgentMetrics::new(&mut prometheus_client::registry::Registry::default());
+        let task = tokio::spawn(write_statuses(
+            recorder.clone(),
+            rx,
+            Duration::from_secs(1),
+            metrics,
+        ));
+
+        tx.send_replace(desired("a", "1"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // Inside one interval the server shows our write (nothing to do), then a
+        // newer object without it (the shard was recreated): the writer only
+        // sees the last state, which equals what it wrote, yet must write again.
+        tx.send_replace(BTreeMap::new());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tx.send_replace(desired("a", "3"));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        drop(tx);
+        task.await.expect("writer must not panic");
+
+        assert_eq!(written_hashes(&recorder), ["a", "a"]);
     }
 }

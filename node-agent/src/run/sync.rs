@@ -18,7 +18,7 @@ use std::sync::Arc;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use planproxy_crds::v1alpha1::TrafficPolicy;
-use planproxy_crds::{ProxyPlan, ProxyPlanSpec, ProxyPlanStatus, spec_hash};
+use planproxy_crds::{ProxyPlan, ProxyPlanSpec, spec_hash};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -28,13 +28,13 @@ use super::kernel::{Applied, ApplyError, Kernel};
 use super::metrics::AgentMetrics;
 use super::plan_set::{DEFAULT_MIN_SYNC_PERIOD, DEFAULT_SYNC_PERIOD, NodePlan, assemble};
 use super::schedule::{Due, SyncSchedule};
-use super::status::{AppliedShard, ShardState, shard_status};
+use super::status::{AppliedShard, DesiredStatus, ShardState, shard_status};
 
 /// The node's ProxyPlans as the watch sees them; `None` until the first list.
 pub type PlanSnapshot = Option<Vec<Arc<ProxyPlan>>>;
 
 /// Shard name → the status it should carry (only shards whose status must change).
-pub type DesiredStatuses = BTreeMap<String, ProxyPlanStatus>;
+pub type DesiredStatuses = BTreeMap<String, DesiredStatus>;
 
 /// Why the sync loop stopped.
 #[derive(Debug, thiserror::Error)]
@@ -433,7 +433,13 @@ impl<K: Kernel> SyncLoop<K> {
             };
             let status = shard_status(shard.status.as_ref(), &state, &now);
             if Some(&status) != shard.status.as_ref() {
-                desired.insert(name.to_owned(), status);
+                desired.insert(
+                    name.to_owned(),
+                    DesiredStatus {
+                        status,
+                        differs_at: shard.metadata.resource_version.clone(),
+                    },
+                );
             }
         }
         self.statuses.send_if_modified(|current| {
@@ -662,7 +668,7 @@ mod tests {
         );
 
         let statuses = h.statuses.borrow_and_update().clone();
-        let status = &statuses["n1-0"];
+        let status = &statuses["n1-0"].status;
         let programmed = condition::find(&status.conditions, condition::PROGRAMMED)
             .expect("Programmed condition");
         assert_eq!(programmed.status, "False");
@@ -700,7 +706,7 @@ mod tests {
         h.publish(vec![mk_shard("n1", 0, 1, 1)]);
         settle().await;
         let statuses = h.statuses.borrow_and_update().clone();
-        let degraded = condition::find(&statuses["n1"].conditions, condition::DEGRADED)
+        let degraded = condition::find(&statuses["n1"].status.conditions, condition::DEGRADED)
             .expect("Degraded condition");
         assert_eq!(degraded.status, "True");
         assert!(degraded.message.contains("nat"), "{}", degraded.message);
@@ -715,7 +721,7 @@ mod tests {
         assert!(calls.iter().all(|call| call.full), "retries are full syncs");
 
         let statuses = h.statuses.borrow_and_update().clone();
-        let status = &statuses["n1"];
+        let status = &statuses["n1"].status;
         assert_eq!(
             condition::find(&status.conditions, condition::DEGRADED).map(|c| c.status.as_str()),
             Some("False")
