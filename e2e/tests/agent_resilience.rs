@@ -43,16 +43,14 @@ fn cluster_with_web(spec: ClusterSpec, policy: Option<serde_json::Value>) -> Clu
         })
         .unwrap();
     let vip = cluster.service_addr("default", "web", 80, false).unwrap();
-    let pods = cluster.ready_pod_names("default", "web");
-    wait_servers(
-        &cluster.probe_pod(1).ns,
-        vip,
-        Protocol::Tcp,
-        &pods,
-        CONVERGE,
-    )
-    .unwrap();
+    wait_every_web_pod_answers(&cluster, vip, CONVERGE);
     cluster
+}
+
+/// Waits until every ready `web` pod answers TCP on `vip` from node1's probe pod.
+fn wait_every_web_pod_answers(cluster: &Cluster, vip: SocketAddr, timeout: Duration) {
+    let pods = cluster.ready_pod_names("default", "web");
+    wait_servers(&cluster.probe_pod(1).ns, vip, Protocol::Tcp, &pods, timeout).unwrap();
 }
 
 fn quick() -> ConnectOpts {
@@ -199,15 +197,7 @@ fn agent_killed_mid_sync_restarts_and_converges_without_duplicate_rules() {
                 .unwrap();
         })
         .unwrap();
-    let pods = cluster.ready_pod_names("default", "web");
-    wait_servers(
-        &cluster.probe_pod(1).ns,
-        vip,
-        Protocol::Tcp,
-        &pods,
-        CONVERGE,
-    )
-    .unwrap();
+    wait_every_web_pod_answers(&cluster, vip, CONVERGE);
     let converged = rules_only(&cluster.node(1).ns.iptables_save());
     assert_no_duplicate_rules(&converged);
 
@@ -368,15 +358,7 @@ fn nat_table_flushed_inside_a_node_is_repaired_within_the_sync_period() {
         .unwrap();
     let flushed = Instant::now();
     assert!(!after_flush.contains("-A PPX-SERVICES"), "{after_flush}");
-    let pods = cluster.ready_pod_names("default", "web");
-    wait_servers(
-        &cluster.probe_pod(1).ns,
-        vip,
-        Protocol::Tcp,
-        &pods,
-        Duration::from_secs(10),
-    )
-    .unwrap();
+    wait_every_web_pod_answers(&cluster, vip, Duration::from_secs(10));
     assert!(
         flushed.elapsed() < Duration::from_secs(8),
         "repaired after {:?}",

@@ -12,7 +12,7 @@ use planproxy_e2e::traffic::{wait_attempt, wait_peer_ip, wait_servers, wait_unan
 use planproxy_e2e::{
     AppDef, Cluster, ClusterSpec, Protocol, RealCluster, ServiceDef, Target, Workloads,
 };
-use planproxy_netns::Attempt;
+use planproxy_netns::{Attempt, Netns};
 use serde_json::json;
 
 /// How long the control loop (controller coalescing, agent sync) may take.
@@ -199,6 +199,38 @@ fn masquerade_all_on_node1(name: &str) -> serde_json::Value {
     })
 }
 
+/// Applies [`masquerade_all_on_node1`] as `name` and waits until the
+/// controller has accepted it.
+fn apply_accepted_masquerade_all_on_node1(cluster: &Cluster, name: &str) {
+    let name = name.to_owned();
+    cluster
+        .run(|api| async move {
+            api.apply_policy(masquerade_all_on_node1(&name))
+                .await
+                .expect("applying the policy");
+            let (_, accepted) = api
+                .wait_policy_judged(&name, CONVERGE)
+                .await
+                .expect("the controller judges the policy");
+            assert_eq!(accepted.status, TRUE, "{accepted:?}");
+        })
+        .expect("running in the control plane namespace");
+}
+
+/// Waits until the backend behind `vip` sees connections from `client` come
+/// from `source` (`what` names the expectation in the failure).
+fn wait_until_backend_sees(client: &Netns, vip: SocketAddr, source: IpAddr, what: &str) {
+    planproxy_e2e::wait::eventually_sync(what, CONVERGE, || {
+        let seen = wait_peer_ip(client, vip, CONVERGE).map_err(|e| e.to_string())?;
+        if seen == source {
+            Ok(())
+        } else {
+            Err(format!("backend saw {seen}"))
+        }
+    })
+    .expect("the backend sees the expected source");
+}
+
 /// web on node2 only, so that from either node's probe pod the backend's
 /// view of the source is the probe pod (not masqueraded) or a node address.
 fn start_with_remote_web() -> Cluster {
@@ -226,28 +258,9 @@ fn masquerade_all_policy_changes_the_source_on_the_selected_node_only() {
         IpAddr::from(probe1.ipv4)
     );
 
-    cluster
-        .run(|api| async move {
-            api.apply_policy(masquerade_all_on_node1("masquerade-node1"))
-                .await
-                .unwrap();
-            let (_, accepted) = api
-                .wait_policy_judged("masquerade-node1", CONVERGE)
-                .await
-                .unwrap();
-            assert_eq!(accepted.status, TRUE, "{accepted:?}");
-        })
-        .unwrap();
+    apply_accepted_masquerade_all_on_node1(&cluster, "masquerade-node1");
     let node1 = IpAddr::from(cluster.node(1).ipv4);
-    planproxy_e2e::wait::eventually_sync("node1 masquerades", CONVERGE, || {
-        let seen = wait_peer_ip(&probe1.ns, vip, CONVERGE).map_err(|e| e.to_string())?;
-        if seen == node1 {
-            Ok(())
-        } else {
-            Err(format!("backend saw {seen}"))
-        }
-    })
-    .unwrap();
+    wait_until_backend_sees(&probe1.ns, vip, node1, "node1 masquerades");
     assert_eq!(
         wait_peer_ip(&probe2.ns, vip, CONVERGE).unwrap(),
         IpAddr::from(probe2.ipv4)
@@ -263,27 +276,8 @@ fn invalid_policy_edit_is_rejected_naming_the_field_and_the_previous_behaviour_s
     let vip = cluster.service_addr("default", "web", 80, false).unwrap();
     let node1 = IpAddr::from(cluster.node(1).ipv4);
     let probe1 = cluster.probe_pod(1);
-    cluster
-        .run(|api| async move {
-            api.apply_policy(masquerade_all_on_node1("masquerade"))
-                .await
-                .unwrap();
-            let (_, accepted) = api
-                .wait_policy_judged("masquerade", CONVERGE)
-                .await
-                .unwrap();
-            assert_eq!(accepted.status, TRUE, "{accepted:?}");
-        })
-        .unwrap();
-    planproxy_e2e::wait::eventually_sync("node1 masquerades", CONVERGE, || {
-        let seen = wait_peer_ip(&probe1.ns, vip, CONVERGE).map_err(|e| e.to_string())?;
-        if seen == node1 {
-            Ok(())
-        } else {
-            Err(format!("backend saw {seen}"))
-        }
-    })
-    .unwrap();
+    apply_accepted_masquerade_all_on_node1(&cluster, "masquerade");
+    wait_until_backend_sees(&probe1.ns, vip, node1, "node1 masquerades");
 
     cluster
         .run(|api| async move {
