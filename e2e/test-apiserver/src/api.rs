@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use base64::Engine as _;
 use serde_json::{Value, json};
@@ -272,7 +272,7 @@ impl Api {
         store
             .get(target.res, &target.key())
             .map(|e| e.object.clone())
-            .ok_or_else(|| ApiError::not_found(self.subject(target.res, &target.name)))
+            .ok_or_else(|| self.not_found(target))
     }
 
     /// Creates an object (409 AlreadyExists when the name is taken).
@@ -342,17 +342,12 @@ impl Api {
         body: Value,
         dry_run: bool,
     ) -> Result<Arc<Value>, ApiError> {
-        self.check_namespace(target.res, target.namespace.as_deref())?;
-        self.faults
-            .injected_write_failure(&self.resource_name(target.res, target.status), || {
-                self.conflict(target)
-            })?;
-        let mut store = lock(&self.store);
+        let mut store = self.begin_write(target)?;
         let key = target.key();
         let entry = store
             .get(target.res, &key)
             .cloned()
-            .ok_or_else(|| ApiError::not_found(self.subject(target.res, &target.name)))?;
+            .ok_or_else(|| self.not_found(target))?;
         if let Some(rv) = body
             .pointer("/metadata/resourceVersion")
             .and_then(Value::as_str)
@@ -406,6 +401,21 @@ impl Api {
         }
     }
 
+    /// The checks every write to an existing or named object passes first
+    /// (namespace, injected failures), then the store, locked for the write.
+    fn begin_write(&self, target: &Target) -> Result<MutexGuard<'_, Store>, ApiError> {
+        self.check_namespace(target.res, target.namespace.as_deref())?;
+        self.faults
+            .injected_write_failure(&self.resource_name(target.res, target.status), || {
+                self.conflict(target)
+            })?;
+        Ok(lock(&self.store))
+    }
+
+    fn not_found(&self, target: &Target) -> ApiError {
+        ApiError::not_found(self.subject(target.res, &target.name))
+    }
+
     fn conflict(&self, target: &Target) -> ApiError {
         ApiError::conflict(
             self.subject(target.res, &target.name),
@@ -420,12 +430,7 @@ impl Api {
         body: PatchBody,
         dry_run: bool,
     ) -> Result<(Arc<Value>, bool), ApiError> {
-        self.check_namespace(target.res, target.namespace.as_deref())?;
-        self.faults
-            .injected_write_failure(&self.resource_name(target.res, target.status), || {
-                self.conflict(target)
-            })?;
-        let mut store = lock(&self.store);
+        let mut store = self.begin_write(target)?;
         let key = target.key();
         let entry = store.get(target.res, &key).cloned();
         let rt = self.registry.get(target.res);
@@ -435,7 +440,7 @@ impl Api {
                 PatchBody::Apply { .. } if !target.status => {
                     (Value::Object(Default::default()), BTreeMap::new())
                 }
-                _ => return Err(ApiError::not_found(self.subject(target.res, &target.name))),
+                _ => return Err(self.not_found(target)),
             },
         };
         let mut patched = live;
@@ -533,17 +538,12 @@ impl Api {
         options: &DeleteOptions,
         dry_run: bool,
     ) -> Result<Arc<Value>, ApiError> {
-        self.check_namespace(target.res, target.namespace.as_deref())?;
-        self.faults
-            .injected_write_failure(&self.resource_name(target.res, target.status), || {
-                self.conflict(target)
-            })?;
-        let mut store = lock(&self.store);
+        let mut store = self.begin_write(target)?;
         let key = target.key();
         let object = store
             .get(target.res, &key)
             .map(|e| e.object.clone())
-            .ok_or_else(|| ApiError::not_found(self.subject(target.res, &target.name)))?;
+            .ok_or_else(|| self.not_found(target))?;
         let meta = |f: &str| {
             object
                 .pointer(f)

@@ -51,6 +51,13 @@ fn config_map(name: &str, labels: &[(&str, &str)]) -> ConfigMap {
     .expect("a config map must decode")
 }
 
+/// Creates `config_map(name, labels)`, which must succeed.
+async fn create_config_map(cms: &Api<ConfigMap>, name: &str, labels: &[(&str, &str)]) -> ConfigMap {
+    cms.create(&PostParams::default(), &config_map(name, labels))
+        .await
+        .expect("creating the config map")
+}
+
 #[tokio::test]
 async fn requests_without_a_known_token_are_unauthorized() {
     let (server, _) = server().await;
@@ -72,10 +79,7 @@ async fn requests_without_a_known_token_are_unauthorized() {
 async fn create_get_delete_and_already_exists() {
     let (_server, client) = server().await;
     let cms: Api<ConfigMap> = Api::namespaced(client, "default");
-    let created = cms
-        .create(&PostParams::default(), &config_map("a", &[]))
-        .await
-        .unwrap();
+    let created = create_config_map(&cms, "a", &[]).await;
     assert!(created.metadata.uid.is_some());
     assert!(created.metadata.creation_timestamp.is_some());
     let rv = created.resource_version().unwrap();
@@ -98,10 +102,7 @@ async fn create_get_delete_and_already_exists() {
 async fn replace_with_a_stale_resource_version_conflicts() {
     let (_server, client) = server().await;
     let cms: Api<ConfigMap> = Api::namespaced(client, "default");
-    let first = cms
-        .create(&PostParams::default(), &config_map("a", &[]))
-        .await
-        .unwrap();
+    let first = create_config_map(&cms, "a", &[]).await;
     let mut second = first.clone();
     second.data = Some([("k".to_string(), "second".to_string())].into());
     let updated = cms
@@ -285,9 +286,7 @@ async fn lists_paginate_consistently_at_the_first_pages_version() {
     assert_eq!(first.metadata.remaining_item_count, Some(15));
     // Changes after the first page do not show up in later pages.
     cms.delete("cm-20", &DeleteParams::default()).await.unwrap();
-    cms.create(&PostParams::default(), &config_map("cm-99", &[]))
-        .await
-        .unwrap();
+    create_config_map(&cms, "cm-99", &[]).await;
     let mut names: Vec<String> = first.items.iter().map(|c| c.name_any()).collect();
     let mut token = first.metadata.continue_;
     while let Some(t) = token.filter(|t| !t.is_empty()) {
@@ -316,12 +315,8 @@ async fn label_and_field_selectors_filter_lists() {
     )
     .await
     .unwrap();
-    cms.create(&PostParams::default(), &config_map("db", &[("app", "db")]))
-        .await
-        .unwrap();
-    cms.create(&PostParams::default(), &config_map("none", &[]))
-        .await
-        .unwrap();
+    create_config_map(&cms, "db", &[("app", "db")]).await;
+    create_config_map(&cms, "none", &[]).await;
     let names = |list: kube::core::ObjectList<ConfigMap>| {
         list.items.iter().map(|c| c.name_any()).collect::<Vec<_>>()
     };
@@ -397,10 +392,7 @@ async fn watch_from_a_version_older_than_the_window_gets_410() {
     })
     .await;
     let cms: Api<ConfigMap> = Api::namespaced(client, "default");
-    let first = cms
-        .create(&PostParams::default(), &config_map("a", &[]))
-        .await
-        .unwrap();
+    let first = create_config_map(&cms, "a", &[]).await;
     let mut current = first.clone();
     for i in 0..5 {
         current.data = Some([("k".to_string(), i.to_string())].into());
@@ -439,10 +431,7 @@ async fn watch_from_a_version_older_than_the_window_gets_410() {
 async fn watches_turn_selector_transitions_into_added_and_deleted() {
     let (_server, client) = server().await;
     let cms: Api<ConfigMap> = Api::namespaced(client, "default");
-    let start = cms
-        .create(&PostParams::default(), &config_map("a", &[]))
-        .await
-        .unwrap();
+    let start = create_config_map(&cms, "a", &[]).await;
     let stream = cms
         .watch(
             &WatchParams::default().labels("app=web").timeout(2),
@@ -567,9 +556,7 @@ async fn injected_write_failures_and_restarts_are_survivable() {
     );
     assert_eq!(status.code, 409);
     server.faults().clear();
-    cms.create(&PostParams::default(), &config_map("a", &[]))
-        .await
-        .unwrap();
+    create_config_map(&cms, "a", &[]).await;
     server.faults().restart();
     assert_eq!(
         cms.get("a").await.unwrap().name_any(),
@@ -657,10 +644,7 @@ async fn watches_that_allow_bookmarks_get_the_latest_resource_version() {
     .await;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
     let services: Api<Service> = Api::namespaced(client, "default");
-    let start = cms
-        .create(&PostParams::default(), &config_map("a", &[]))
-        .await
-        .unwrap();
+    let start = create_config_map(&cms, "a", &[]).await;
     // Writes to another type move the global version; the bookmark follows it.
     services
         .create(&PostParams::default(), &service("s"))
@@ -690,12 +674,8 @@ async fn watches_that_allow_bookmarks_get_the_latest_resource_version() {
 async fn send_initial_events_ends_the_initial_state_with_an_annotated_bookmark() {
     let (_server, client) = server().await;
     let cms: Api<ConfigMap> = Api::namespaced(client, "default");
-    cms.create(&PostParams::default(), &config_map("a", &[]))
-        .await
-        .unwrap();
-    cms.create(&PostParams::default(), &config_map("b", &[]))
-        .await
-        .unwrap();
+    create_config_map(&cms, "a", &[]).await;
+    create_config_map(&cms, "b", &[]).await;
     let stream = cms
         .watch(&WatchParams::streaming_lists().timeout(5), "")
         .await
