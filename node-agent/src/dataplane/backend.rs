@@ -102,7 +102,7 @@ pub(crate) fn detect() -> Result<Backend, Error> {
 pub(crate) fn supports(backend: Backend, family: Family) -> bool {
     let programs = backend.programs(family);
     Command::new(programs.iptables)
-        .args(["-w", "-t", "nat", "-S", "POSTROUTING"])
+        .args(["--wait=5", "-t", "nat", "-S", "POSTROUTING"])
         .output()
         .is_ok_and(|o| o.status.success())
 }

@@ -15,30 +15,58 @@ fn xtables_lock_path() -> String {
     std::env::var("XTABLES_LOCKFILE").unwrap_or_else(|_| "/run/xtables.lock".to_owned())
 }
 
-/// Waits until the xtables lock is free and returns how long that took. The lock
-/// is released again at once: iptables-restore takes it itself (with `-w`), so
-/// this measures how long other holders kept the node waiting. nf_tables has no
-/// such lock (the kernel serialises transactions).
+/// How long a restore waits for the legacy xtables lock, as kube-proxy does. The
+/// lock is one file for the whole host (all network namespaces), so a stuck
+/// holder must cost a failed, retried and reported sync rather than hang the
+/// sync loop (and its status reports) forever.
+pub(crate) const XTABLES_LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// How often the lock is probed while someone else holds it.
+const XTABLES_LOCK_POLL: Duration = Duration::from_millis(50);
+
+/// Waits (at most [`XTABLES_LOCK_WAIT`]) until the xtables lock is free and
+/// returns how long that took. The lock is released again at once:
+/// iptables-restore takes it itself (with `--wait`), so this measures how long
+/// other holders kept the node waiting. nf_tables has no such lock (the kernel
+/// serialises transactions).
 pub(crate) fn wait_for_xtables_lock(backend: Backend) -> Duration {
     if backend != Backend::Legacy {
         return Duration::ZERO;
     }
+    wait_for_lock_file(
+        std::path::Path::new(&xtables_lock_path()),
+        XTABLES_LOCK_WAIT,
+    )
+}
+
+/// Waits at most `limit` until nobody holds `path`'s flock; returns how long it took.
+fn wait_for_lock_file(path: &std::path::Path, limit: Duration) -> Duration {
     let start = Instant::now();
     let Ok(file) = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(xtables_lock_path())
+        .open(path)
     else {
         return Duration::ZERO;
     };
-    if file.lock().is_ok() {
-        let _ = file.unlock();
+    loop {
+        match file.try_lock() {
+            Ok(()) => {
+                let _ = file.unlock();
+                break;
+            }
+            Err(std::fs::TryLockError::WouldBlock) if start.elapsed() < limit => {
+                std::thread::sleep(XTABLES_LOCK_POLL);
+            }
+            // Still held (iptables-restore will time out and say so), or not lockable at all.
+            Err(_) => break,
+        }
     }
     start.elapsed()
 }
 
-/// Feeds `input` to `iptables-restore -w --noflush`. The kernel applies all of it or
+/// Feeds `input` to `iptables-restore --wait=5 --noflush`. The kernel applies all of it or
 /// none of it; on failure the error names the line iptables-restore complained
 /// about and its text.
 pub(crate) fn restore(
@@ -48,7 +76,8 @@ pub(crate) fn restore(
     input: &RestoreInput,
 ) -> Result<(), Error> {
     let mut child = Command::new(programs.restore)
-        .args(["-w", "--noflush"])
+        .arg(format!("--wait={}", XTABLES_LOCK_WAIT.as_secs()))
+        .arg("--noflush")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -152,6 +181,30 @@ mod tests {
         assert_eq!(
             failed_line("iptables-restore: unable to initialize table 'nat'"),
             None
+        );
+    }
+
+    #[test]
+    fn a_held_xtables_lock_is_waited_for_only_up_to_the_limit() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("xtables.lock");
+        let holder = std::fs::File::create(&path).expect("lock file");
+        holder.lock().expect("the test must hold the lock");
+        let waited = wait_for_lock_file(&path, Duration::from_millis(300));
+        assert!(
+            waited >= Duration::from_millis(300),
+            "gave up after {waited:?}, before the limit"
+        );
+        assert!(
+            waited < Duration::from_secs(30),
+            "a held lock must not block forever (waited {waited:?})"
+        );
+
+        holder.unlock().expect("unlock");
+        let waited = wait_for_lock_file(&path, Duration::from_secs(30));
+        assert!(
+            waited < Duration::from_secs(5),
+            "a free lock is taken at once (waited {waited:?})"
         );
     }
 

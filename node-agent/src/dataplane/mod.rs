@@ -385,7 +385,7 @@ impl DataPlane {
             let programs = self.backend.programs(*family);
             for table in Table::ALL {
                 let out = std::process::Command::new(programs.iptables)
-                    .args(["-w", "-t", table.as_str(), "-S", chains::CANARY])
+                    .args(["--wait=5", "-t", table.as_str(), "-S", chains::CANARY])
                     .output()
                     .map_err(|source| Error::Spawn {
                         program: programs.iptables.to_owned(),
