@@ -24,6 +24,11 @@ fn topology(nodes: u8, pods_per_node: u8, clients: u8) -> Topology {
     .expect("the test topology must build")
 }
 
+/// Waits long enough that a dropped SYN shows as a timeout (a REJECT fails at once).
+fn long_enough_to_time_out() -> ConnectOpts {
+    ConnectOpts::with_timeout(Duration::from_millis(800))
+}
+
 fn quick() -> ConnectOpts {
     ConnectOpts::with_timeout(Duration::from_secs(2))
 }
@@ -221,10 +226,8 @@ fn services_without_endpoints_reject_or_drop_as_the_plan_says() {
         "from the node"
     );
     assert_eq!(
-        pod.ns.connect_tcp(
-            sa([10, 96, 0, 21], 80),
-            &ConnectOpts::with_timeout(Duration::from_millis(800))
-        ),
+        pod.ns
+            .connect_tcp(sa([10, 96, 0, 21], 80), &long_enough_to_time_out()),
         Attempt::Timeout
     );
 }
@@ -733,10 +736,9 @@ fn internal_local_policy_without_local_endpoints_drops() {
     });
     apply(n1, &plan(n1, vec![svc]));
     assert_eq!(
-        n1.pods[0].ns.connect_tcp(
-            sa([10, 96, 0, 12], 80),
-            &ConnectOpts::with_timeout(Duration::from_millis(800))
-        ),
+        n1.pods[0]
+            .ns
+            .connect_tcp(sa([10, 96, 0, 12], 80), &long_enough_to_time_out()),
         Attempt::Timeout
     );
 }

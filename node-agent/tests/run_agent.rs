@@ -62,6 +62,20 @@ fn start_agent_until_programmed(cluster: &mut Cluster, spec: &ProxyPlanSpec, wha
     );
 }
 
+/// Stores `spec` as the node's plan, starts the agent and waits until the
+/// cluster IP reaches the backend.
+fn start_agent_until_served(cluster: &mut Cluster, spec: &ProxyPlanSpec, what: &str) {
+    cluster.put_plan(spec);
+    cluster.start_agent();
+    must(
+        wait_for(Duration::from_secs(20), || {
+            cluster.connect(cluster_ip_addr()).server() == Some("backend")
+        }),
+        what,
+        cluster,
+    );
+}
+
 fn must(ok: bool, what: &str, cluster: &Cluster) {
     assert!(ok, "{what}\n--- agent log ---\n{}", cluster.agent_log());
 }
@@ -103,15 +117,10 @@ fn assert_no_duplicate_rules(dump: &[String]) {
 fn agent_programs_its_plan_reports_programmed_and_survives_sigkill_without_duplicates() {
     let mut cluster = Cluster::start();
     let spec = web_plan(&cluster, "30s");
-    cluster.put_plan(&spec);
-    cluster.start_agent();
-
-    must(
-        wait_for(Duration::from_secs(20), || {
-            cluster.connect(cluster_ip_addr()).server() == Some("backend")
-        }),
+    start_agent_until_served(
+        &mut cluster,
+        &spec,
         "traffic to the cluster IP must reach the backend",
-        &cluster,
     );
     must(
         wait_for(Duration::from_secs(10), || cluster.programmed_hash(&spec)),
@@ -541,15 +550,7 @@ fn steady_state_writes_no_status_heartbeats() {
 fn explain_shows_the_services_rules_with_the_kernels_packet_counters() {
     let mut cluster = Cluster::start();
     let spec = web_plan(&cluster, "30s");
-    cluster.put_plan(&spec);
-    cluster.start_agent();
-    must(
-        wait_for(Duration::from_secs(20), || {
-            cluster.connect(cluster_ip_addr()).server() == Some("backend")
-        }),
-        "traffic flows",
-        &cluster,
-    );
+    start_agent_until_served(&mut cluster, &spec, "traffic flows");
     for _ in 0..3 {
         assert!(cluster.connect(cluster_ip_addr()).is_ok());
     }
