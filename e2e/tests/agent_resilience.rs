@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use planproxy_crds::ProxyPlan;
 use planproxy_e2e::traffic::wait_servers;
-use planproxy_e2e::{AppDef, Cluster, ClusterSpec, Protocol, ServiceDef};
+use planproxy_e2e::{AppDef, Cluster, ClusterApi, ClusterSpec, Protocol, ServiceDef};
 use planproxy_netns::{ConnectOpts, Netns};
 use planproxy_test_apiserver::OutageMode;
 use serde_json::json;
@@ -32,6 +32,19 @@ fn api_service() -> ServiceDef {
     ServiceDef::cluster_ip("default", "api", "api").tcp("http", 80, 8080)
 }
 
+/// Deploys `app` behind `service` (named like the app) and waits until every
+/// node has programmed the service with endpoints.
+async fn deploy_until_programmed(api: &ClusterApi<'_>, app: AppDef, service: ServiceDef) {
+    let name = format!("{}/{}", app.namespace, app.name);
+    api.deploy(&app).await.expect("deploying the app");
+    api.create_service(&service)
+        .await
+        .expect("creating the service");
+    api.wait_programmed(Some((&name, true)), CONVERGE)
+        .await
+        .expect("every node programs the service");
+}
+
 /// A cluster with `web` (2 replicas) served and programmed on every node.
 fn cluster_with_web(spec: ClusterSpec, policy: Option<serde_json::Value>) -> Cluster {
     let cluster = Cluster::start(spec).unwrap();
@@ -40,11 +53,7 @@ fn cluster_with_web(spec: ClusterSpec, policy: Option<serde_json::Value>) -> Clu
             if let Some(policy) = policy {
                 api.apply_policy(policy).await.unwrap();
             }
-            api.deploy(&AppDef::new("web", 2, 8080)).await.unwrap();
-            api.create_service(&web_service()).await.unwrap();
-            api.wait_programmed(Some(("default/web", true)), CONVERGE)
-                .await
-                .unwrap();
+            deploy_until_programmed(&api, AppDef::new("web", 2, 8080), web_service()).await;
         })
         .unwrap();
     let vip = cluster.service_addr("default", "web", 80, false).unwrap();
@@ -224,11 +233,7 @@ fn restore_refused_by_the_kernel_is_reported_degraded_while_old_rules_serve() {
     let cluster = cluster_with_web(ClusterSpec::default(), None);
     cluster
         .run(|api| async move {
-            api.deploy(&AppDef::new("api", 1, 8080)).await.unwrap();
-            api.create_service(&api_service()).await.unwrap();
-            api.wait_programmed(Some(("default/api", true)), CONVERGE)
-                .await
-                .unwrap();
+            deploy_until_programmed(&api, AppDef::new("api", 1, 8080), api_service()).await;
         })
         .unwrap();
     let web_vip = cluster.service_addr("default", "web", 80, false).unwrap();
