@@ -4,13 +4,14 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use planproxy_crds::ProxyPlan;
 use planproxy_crds::condition::{FALSE, TRUE};
 use planproxy_crds::labels::SPEC_HASH_ANNOTATION;
 use planproxy_e2e::plans::services_of;
 use planproxy_e2e::target::RUN_LABEL;
 use planproxy_e2e::traffic::{wait_attempt, wait_peer_ip, wait_servers, wait_unanswered};
 use planproxy_e2e::{
-    AppDef, Cluster, ClusterSpec, Protocol, RealCluster, ServiceDef, Target, Workloads,
+    AppDef, Cluster, ClusterApi, ClusterSpec, Protocol, RealCluster, ServiceDef, Target, Workloads,
 };
 use planproxy_netns::{Attempt, Netns};
 use serde_json::json;
@@ -28,16 +29,33 @@ fn start() -> Cluster {
     Cluster::start(ClusterSpec::default()).expect("the namespace cluster must start (as root)")
 }
 
+/// Deploys `web` (two pods) behind [`web_service`] and waits until every node
+/// has programmed it with endpoints; returns the plans.
+async fn deploy_web_until_programmed(api: &ClusterApi<'_>) -> Vec<ProxyPlan> {
+    api.deploy(&AppDef::new("web", 2, 8080))
+        .await
+        .expect("deploying web");
+    api.create_service(&web_service())
+        .await
+        .expect("creating default/web");
+    api.wait_programmed(Some(("default/web", true)), CONVERGE)
+        .await
+        .expect("every node programs default/web")
+}
+
+/// Neither the controller nor any agent has exited (crashed) during the test.
+fn assert_controller_and_agents_running(cluster: &Cluster) {
+    cluster
+        .processes_running()
+        .expect("controller and agents still running");
+}
+
 #[test]
 fn cluster_ip_service_reaches_its_pods_from_every_node() {
     let cluster = start();
     cluster
         .run(|api| async move {
-            api.deploy(&AppDef::new("web", 2, 8080)).await.unwrap();
-            api.create_service(&web_service()).await.unwrap();
-            api.wait_programmed(Some(("default/web", true)), CONVERGE)
-                .await
-                .unwrap();
+            deploy_web_until_programmed(&api).await;
         })
         .unwrap();
     let pods = cluster.ready_pod_names("default", "web");
@@ -50,9 +68,7 @@ fn cluster_ip_service_reaches_its_pods_from_every_node() {
             wait_servers(probe, dns, Protocol::Udp, &pods, CONVERGE).unwrap();
         }
     }
-    cluster
-        .processes_running()
-        .expect("controller and agents still running");
+    assert_controller_and_agents_running(&cluster);
 }
 
 #[test]
@@ -89,9 +105,7 @@ fn node_port_is_reachable_from_a_client_outside_the_cluster_on_every_node() {
         .unwrap();
         assert_ne!(seen, IpAddr::from(client.ipv4));
     }
-    cluster
-        .processes_running()
-        .expect("controller and agents still running");
+    assert_controller_and_agents_running(&cluster);
 }
 
 #[test]
@@ -125,9 +139,7 @@ fn scaling_endpoints_up_and_down_moves_traffic_with_them() {
         .run(|api| async move { api.scale("default", "web", 0).await.unwrap() })
         .unwrap();
     wait_attempt(probe, vip, &Attempt::Refused, CONVERGE).unwrap();
-    cluster
-        .processes_running()
-        .expect("controller and agents still running");
+    assert_controller_and_agents_running(&cluster);
 }
 
 #[test]
@@ -182,9 +194,7 @@ fn deleting_a_service_removes_its_rules_from_every_node() {
             "node{node} lost default/keep:\n{rules}"
         );
     }
-    cluster
-        .processes_running()
-        .expect("controller and agents still running");
+    assert_controller_and_agents_running(&cluster);
 }
 
 fn masquerade_all_on_node1(name: &str) -> serde_json::Value {
@@ -265,9 +275,7 @@ fn masquerade_all_policy_changes_the_source_on_the_selected_node_only() {
         wait_peer_ip(&probe2.ns, vip, CONVERGE).unwrap(),
         IpAddr::from(probe2.ipv4)
     );
-    cluster
-        .processes_running()
-        .expect("controller and agents still running");
+    assert_controller_and_agents_running(&cluster);
 }
 
 #[test]
@@ -308,9 +316,7 @@ fn invalid_policy_edit_is_rejected_naming_the_field_and_the_previous_behaviour_s
         wait_peer_ip(&probe2.ns, vip, CONVERGE).unwrap(),
         IpAddr::from(probe2.ipv4)
     );
-    cluster
-        .processes_running()
-        .expect("controller and agents still running");
+    assert_controller_and_agents_running(&cluster);
 }
 
 #[test]
@@ -372,22 +378,14 @@ fn proxy_services_false_leaves_labelled_services_alone_on_the_selected_node() {
         CONVERGE,
     )
     .unwrap();
-    cluster
-        .processes_running()
-        .expect("controller and agents still running");
+    assert_controller_and_agents_running(&cluster);
 }
 
 #[test]
 fn every_node_reports_programmed_with_the_current_spec_hash() {
     let cluster = start();
     let plans = cluster
-        .run(|api| async move {
-            api.deploy(&AppDef::new("web", 2, 8080)).await.unwrap();
-            api.create_service(&web_service()).await.unwrap();
-            api.wait_programmed(Some(("default/web", true)), CONVERGE)
-                .await
-                .unwrap()
-        })
+        .run(|api| async move { deploy_web_until_programmed(&api).await })
         .unwrap();
     for node in cluster.node_names() {
         let shards: Vec<_> = plans.iter().filter(|p| p.spec.node_name == node).collect();
@@ -406,9 +404,7 @@ fn every_node_reports_programmed_with_the_current_spec_hash() {
             assert!(programmed.rules > 0);
         }
     }
-    cluster
-        .processes_running()
-        .expect("controller and agents still running");
+    assert_controller_and_agents_running(&cluster);
 }
 
 #[test]
@@ -444,9 +440,7 @@ fn local_external_traffic_policy_keeps_the_client_source_address() {
     // A node without a local endpoint does not forward external traffic.
     let without = SocketAddr::new(cluster.node(1).ipv4.into(), node_port);
     wait_unanswered(&client.ns, without, CONVERGE).unwrap();
-    cluster
-        .processes_running()
-        .expect("controller and agents still running");
+    assert_controller_and_agents_running(&cluster);
 }
 
 #[test]
@@ -637,7 +631,5 @@ fn no_endpoints_action_drop_makes_clients_of_an_empty_service_time_out() {
         wait_unanswered(probe, quiet, CONVERGE).unwrap(),
         Attempt::Timeout
     );
-    cluster
-        .processes_running()
-        .expect("controller and agents still running");
+    assert_controller_and_agents_running(&cluster);
 }
