@@ -277,18 +277,30 @@ async fn run_scale(nodes: usize, services: usize, budget: u32) -> Result<Row, Bo
     server.reset_request_counts();
     let started = Instant::now();
     let child = Command::new(binaries::locate(CONTROLLER)?)
-        .args(["run", "--leader-elect", "false", "--log-level", "warn"])
+        .args(["run", "--leader-elect", "false", "--log-level", "info"])
         .args(["--admin-bind-address", &admin.to_string()])
         .args(["--max-writes-per-second", &budget.to_string()])
         .env("KUBECONFIG", &kubeconfig)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()?;
-    let controller = Killed(child);
+    let mut controller = Killed(child);
     let pid = controller.0.id();
+    let log_tail = || {
+        let log = std::fs::read_to_string(dir.path().join("controller.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    };
     while !ready(admin) {
-        if started.elapsed() > Duration::from_secs(900) {
-            return Err("the controller did not become ready in 15 minutes".into());
+        if let Some(status) = controller.0.try_wait()? {
+            return Err(format!("the controller exited ({status}):\n{}", log_tail()).into());
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            return Err(format!(
+                "the controller did not become ready in 30 minutes:\n{}",
+                log_tail()
+            )
+            .into());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
