@@ -325,11 +325,11 @@ fn flushed_nat_table_is_restored_within_the_sync_period() {
         .exec_ok(&["iptables", "-t", "nat", "-F"])
         .expect("flushing nat inside the node namespace");
     assert!(
-        !cluster.connect(cluster_ip_addr()).is_ok(),
+        !cluster.connect_expecting_failure(cluster_ip_addr()).is_ok(),
         "the flush broke the service"
     );
     must(
-        wait_for(Duration::from_secs(5), || {
+        wait_for(Duration::from_secs(30), || {
             cluster.connect(cluster_ip_addr()).server() == Some("backend")
         }),
         "the next full resync must restore the rules",

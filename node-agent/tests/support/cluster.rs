@@ -157,7 +157,16 @@ impl Cluster {
                 .is_some_and(|(status, _, _)| status == "True")
     }
 
+    /// A connection expected to succeed: generous, since a loaded CI machine may be
+    /// slow to schedule the echo server, and success returns at once anyway.
     pub fn connect(&self, addr: SocketAddr) -> Attempt {
+        self.node_ns()
+            .connect_tcp(addr, &ConnectOpts::with_timeout(Duration::from_secs(10)))
+    }
+
+    /// A connection expected to fail: short, so the test does not wait out the
+    /// generous limit of [`Self::connect`].
+    pub fn connect_expecting_failure(&self, addr: SocketAddr) -> Attempt {
         self.node_ns()
             .connect_tcp(addr, &ConnectOpts::with_timeout(Duration::from_millis(500)))
     }
