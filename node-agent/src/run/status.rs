@@ -423,6 +423,25 @@ mod tests {
         )])
     }
 
+    /// A status writer over a recording client; the returned sender feeds it the
+    /// desired statuses and dropping it ends the task.
+    fn spawn_writer_with_one_second_interval() -> (
+        Recorder,
+        watch::Sender<BTreeMap<String, DesiredStatus>>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let recorder = Recorder::default();
+        let (tx, rx) = watch::channel(BTreeMap::new());
+        let metrics = AgentMetrics::new(&mut prometheus_client::registry::Registry::default());
+        let task = tokio::spawn(write_statuses(
+            recorder.clone(),
+            rx,
+            Duration::from_secs(1),
+            metrics,
+        ));
+        (recorder, tx, task)
+    }
+
     fn written_hashes(recorder: &Recorder) -> Vec<String> {
         recorder
             .writes
@@ -435,15 +454,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn writer_coalesces_changes_within_the_min_interval_and_skips_repeats() {
-        let recorder = Recorder::default();
-        let (tx, rx) = watch::channel(BTreeMap::new());
-        let metrics = AgentMetrics::new(&mut prometheus_client::registry::Registry::default());
-        let task = tokio::spawn(write_statuses(
-            recorder.clone(),
-            rx,
-            Duration::from_secs(1),
-            metrics,
-        ));
+        let (recorder, tx, task) = spawn_writer_with_one_second_interval();
 
         tx.send_replace(desired("a", "1"));
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -464,15 +475,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn writer_rewrites_a_status_the_server_lost_after_it_was_written() {
-        let recorder = Recorder::default();
-        let (tx, rx) = watch::channel(BTreeMap::new());
-        let metrics = AgentMetrics::new(&mut prometheus_client::registry::Registry::default());
-        let task = tokio::spawn(write_statuses(
-            recorder.clone(),
-            rx,
-            Duration::from_secs(1),
-            metrics,
-        ));
+        let (recorder, tx, task) = spawn_writer_with_one_second_interval();
 
         tx.send_replace(desired("a", "1"));
         tokio::time::sleep(Duration::from_millis(10)).await;
