@@ -225,13 +225,7 @@ fn api_server_outage_keeps_traffic_flowing_and_the_agent_converges_after() {
 fn restore_the_kernel_refuses_is_reported_degraded_and_the_old_rules_keep_serving() {
     let mut cluster = Cluster::start();
     let old = web_plan(&cluster, "30s");
-    cluster.put_plan(&old);
-    cluster.start_agent();
-    must(
-        wait_for(Duration::from_secs(20), || cluster.programmed_hash(&old)),
-        "first plan programmed",
-        &cluster,
-    );
+    start_agent_until_programmed(&mut cluster, &old, "first plan programmed");
 
     // Someone else's rule references one of web's chains, so the kernel refuses
     // to delete that chain when web leaves the plan (EBUSY): the whole restore fails.
@@ -600,11 +594,12 @@ fn agent_started_while_the_api_server_is_unreachable_keeps_the_rules_and_serves_
     cluster
         .server
         .faults()
-        .outage(Duration::from_secs(5), OutageMode::Refuse);
+        .outage(Duration::from_secs(15), OutageMode::Refuse);
     cluster.start_agent();
     let healthz: SocketAddr = HEALTHZ.parse().expect("address");
+    // Well inside the outage, with room for a slow start on a loaded machine.
     must(
-        wait_for(Duration::from_secs(3), || {
+        wait_for(Duration::from_secs(12), || {
             cluster
                 .http_get(healthz, "/healthz")
                 .is_some_and(|(code, _)| code == 200)
