@@ -29,8 +29,11 @@ fn long_enough_to_time_out() -> ConnectOpts {
     ConnectOpts::with_timeout(Duration::from_millis(800))
 }
 
-fn quick() -> ConnectOpts {
-    ConnectOpts::with_timeout(Duration::from_secs(2))
+/// For connections expected to be answered (or refused, which is immediate): a
+/// generous limit, since a loaded CI machine may be slow to schedule the echo
+/// server, and an answer returns at once anyway.
+fn answer_expected() -> ConnectOpts {
+    ConnectOpts::with_timeout(Duration::from_secs(10))
 }
 
 #[test]
@@ -42,16 +45,20 @@ fn cluster_ip_reaches_endpoints_from_pods_and_from_the_node() {
     let web = service("web", &["10.96.0.10"], vec![endpoint(backend, 1, false)]);
     apply(n1, &plan(n1, vec![web.clone(), web.udp()]));
 
-    let from_pod = client.ns.connect_tcp(sa(CLUSTER_IP, 80), &quick());
+    let from_pod = client
+        .ns
+        .connect_tcp(sa(CLUSTER_IP, 80), &answer_expected());
     assert_eq!(from_pod.server(), Some("backend"), "{from_pod:?}");
     // Pod traffic keeps its source: the backend sees the client pod.
     assert_eq!(from_pod.peer().map(|p| p.ip()), Some(client.ipv4.into()));
 
-    let udp_from_pod = client.ns.connect_udp(sa(CLUSTER_IP, 80), &quick());
+    let udp_from_pod = client
+        .ns
+        .connect_udp(sa(CLUSTER_IP, 80), &answer_expected());
     assert_eq!(udp_from_pod.server(), Some("backend"), "{udp_from_pod:?}");
 
     // The node's own traffic is masqueraded to the node's address.
-    let from_node = n1.ns.connect_tcp(sa(CLUSTER_IP, 80), &quick());
+    let from_node = n1.ns.connect_tcp(sa(CLUSTER_IP, 80), &answer_expected());
     assert_eq!(from_node.server(), Some("backend"), "{from_node:?}");
     assert_eq!(from_node.peer().map(|p| p.ip()), Some(n1.ipv4.into()));
 
@@ -89,7 +96,7 @@ fn node_port_external_ip_and_load_balancer_ip_reach_endpoints_from_outside_masqu
         sa([192, 0, 2, 10], 80),
         sa([198, 51, 100, 10], 80),
     ] {
-        let a = client.ns.connect_tcp(target, &quick());
+        let a = client.ns.connect_tcp(target, &answer_expected());
         assert_eq!(a.server(), Some("backend"), "{target}: {a:?}");
         // externalTrafficPolicy Cluster: masqueraded, so replies return via node 1.
         assert_eq!(a.peer().map(|p| p.ip()), Some(n1.ipv4.into()), "{target}");
@@ -109,7 +116,7 @@ fn load_balancer_source_ranges_admit_one_client_and_drop_another() {
         .expect("route");
 
     let vip = sa([198, 51, 100, 20], 80);
-    let admitted = t.clients[0].ns.connect_tcp(vip, &quick());
+    let admitted = t.clients[0].ns.connect_tcp(vip, &answer_expected());
     assert_eq!(admitted.server(), Some("backend"), "{admitted:?}");
     let refused = t.clients[1]
         .ns
@@ -149,7 +156,7 @@ fn client_ip_affinity_pins_each_client_to_one_endpoint_and_spreads_clients() {
     for s in &sources {
         let opts = ConnectOpts {
             source: Some((*s).into()),
-            ..quick()
+            ..answer_expected()
         };
         let got = servers(&client.ns.connect_many(sa([192, 0, 2, 30], 80), 10, &opts));
         assert!(
@@ -184,7 +191,9 @@ fn local_external_policy_reaches_only_local_pods_and_preserves_the_client_addres
     apply(n1, &plan(n1, vec![svc]));
 
     let client = &t.clients[0];
-    let got = client.ns.connect_many(sa(n1.ipv4, 30081), 20, &quick());
+    let got = client
+        .ns
+        .connect_many(sa(n1.ipv4, 30081), 20, &answer_expected());
     for a in &got {
         assert_eq!(a.server(), Some("local"), "{a:?}");
         assert_eq!(
@@ -194,7 +203,11 @@ fn local_external_policy_reaches_only_local_pods_and_preserves_the_client_addres
         );
     }
     // Pods are short-circuited to every endpoint, as for the cluster IP.
-    let from_pod = servers(&n1.pods[0].ns.connect_many(sa(n1.ipv4, 30081), 30, &quick()));
+    let from_pod = servers(
+        &n1.pods[0]
+            .ns
+            .connect_many(sa(n1.ipv4, 30081), 30, &answer_expected()),
+    );
     assert!(
         from_pod.iter().any(|s| s == "remote"),
         "pods must reach all endpoints: {from_pod:?}"
@@ -213,7 +226,8 @@ fn services_without_endpoints_reject_or_drop_as_the_plan_says() {
     let pod = &n1.pods[0];
     let started = std::time::Instant::now();
     assert_eq!(
-        pod.ns.connect_tcp(sa([10, 96, 0, 20], 80), &quick()),
+        pod.ns
+            .connect_tcp(sa([10, 96, 0, 20], 80), &answer_expected()),
         Attempt::Refused
     );
     assert!(
@@ -221,7 +235,8 @@ fn services_without_endpoints_reject_or_drop_as_the_plan_says() {
         "a REJECT must fail at once"
     );
     assert_eq!(
-        n1.ns.connect_tcp(sa([10, 96, 0, 20], 80), &quick()),
+        n1.ns
+            .connect_tcp(sa([10, 96, 0, 20], 80), &answer_expected()),
         Attempt::Refused,
         "from the node"
     );
@@ -250,7 +265,7 @@ fn a_pod_reaching_itself_through_its_service_is_masqueraded() {
             )],
         ),
     );
-    let a = pod.ns.connect_tcp(sa(CLUSTER_IP, 80), &quick());
+    let a = pod.ns.connect_tcp(sa(CLUSTER_IP, 80), &answer_expected());
     assert_eq!(a.server(), Some("self"), "{a:?}");
     assert_eq!(
         a.peer().map(|p| p.ip()),
@@ -390,7 +405,10 @@ fn incremental_updates_while_traffic_flows_fail_no_connection() {
             let mut failures = Vec::new();
             let mut total = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                for a in n1.pods[0].ns.connect_many(sa(CLUSTER_IP, 80), 20, &quick()) {
+                for a in n1.pods[0]
+                    .ns
+                    .connect_many(sa(CLUSTER_IP, 80), 20, &answer_expected())
+                {
                     total += 1;
                     if !a.is_ok() {
                         failures.push(a);
@@ -451,7 +469,7 @@ fn three_equal_endpoints_share_3000_connections_evenly() {
     let got = servers(
         &n1.pods[0]
             .ns
-            .connect_many(sa(CLUSTER_IP, 80), 3000, &quick()),
+            .connect_many(sa(CLUSTER_IP, 80), 3000, &answer_expected()),
     );
     let mut counts: BTreeMap<String, f64> = BTreeMap::new();
     for s in got {
@@ -571,11 +589,13 @@ fn ipv6_cluster_ip_and_node_port_work() {
         "fd00:96::10".parse::<std::net::Ipv6Addr>().expect("valid"),
         80,
     );
-    let a = pod.ns.connect_tcp(cluster_ip6, &quick());
+    let a = pod.ns.connect_tcp(cluster_ip6, &answer_expected());
     assert_eq!(a.server(), Some("backend6"), "{a:?}");
     assert_eq!(a.peer().map(|p| p.ip()), Some(pod.ipv6.into()));
     let client = &t.clients[0];
-    let np = client.ns.connect_tcp(sa(n1.ipv6, 30083), &quick());
+    let np = client
+        .ns
+        .connect_tcp(sa(n1.ipv6, 30083), &answer_expected());
     assert_eq!(np.server(), Some("backend6"), "{np:?}");
     assert_eq!(np.peer().map(|p| p.ip()), Some(n1.ipv6.into()));
 }
@@ -623,7 +643,9 @@ fn a_failed_restore_keeps_the_old_rules_and_names_table_and_line() {
     );
 
     // The old rules still serve; the new service was not half-programmed.
-    let old = n1.pods[0].ns.connect_tcp(sa(CLUSTER_IP, 80), &quick());
+    let old = n1.pods[0]
+        .ns
+        .connect_tcp(sa(CLUSTER_IP, 80), &answer_expected());
     assert_eq!(old.server(), Some("backend"), "{old:?}");
     let save = n1.ns.iptables_save();
     let new_chain = format!(
@@ -679,7 +701,9 @@ fn a_flush_of_our_chains_is_detected_and_repaired_by_a_full_sync() {
     n1.ns
         .run_in(|| dataplane.verify())
         .expect("the kernel holds the plan again");
-    let a = n1.pods[0].ns.connect_tcp(sa(CLUSTER_IP, 80), &quick());
+    let a = n1.pods[0]
+        .ns
+        .connect_tcp(sa(CLUSTER_IP, 80), &answer_expected());
     assert_eq!(a.server(), Some("backend"), "{a:?}");
 }
 
@@ -702,10 +726,14 @@ fn the_legacy_backend_and_the_flat_layout_program_the_same_behaviour() {
     apply_with(n1, &spec, &["--backend", "legacy", "--layout", "flat"]);
     let legacy = n1.ns.exec_ok(&["iptables-legacy-save"]).expect("save");
     assert!(legacy.contains("PPX-SERVICES"), "{legacy}");
-    let a = n1.pods[0].ns.connect_tcp(sa(CLUSTER_IP, 80), &quick());
+    let a = n1.pods[0]
+        .ns
+        .connect_tcp(sa(CLUSTER_IP, 80), &answer_expected());
     assert_eq!(a.server(), Some("backend"), "{a:?}");
     assert_eq!(
-        n1.pods[0].ns.connect_tcp(sa([10, 96, 0, 11], 80), &quick()),
+        n1.pods[0]
+            .ns
+            .connect_tcp(sa([10, 96, 0, 11], 80), &answer_expected()),
         Attempt::Refused
     );
 
