@@ -1,13 +1,13 @@
-//! `planproxy-controller run` in-process against the test API server: plans follow
+//! `planproxy-controller run` in-process against a real kube-apiserver: plans follow
 //! nodes and services, writes stay minimal, policies get their status.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
+use planproxy_control_plane::{ControlPlane, ControlPlaneConfig, MASTERS};
 use planproxy_controller::run::{RunArgs, run_with};
 use planproxy_crds::labels::{NODE_LABEL, SHARD_LABEL, SPEC_HASH_ANNOTATION};
-use planproxy_test_apiserver::{Config, TestApiServer};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -33,7 +33,7 @@ struct Controller {
 }
 
 impl Controller {
-    async fn start(server: &TestApiServer, extra: &[&str]) -> Self {
+    async fn start(server: &ControlPlane, extra: &[&str]) -> Self {
         let admin = free_port();
         let admin_flag = admin.to_string();
         let mut flags = vec![
@@ -47,7 +47,10 @@ impl Controller {
         ];
         flags.extend_from_slice(extra);
         let args = Cli::parse_from(flags).run;
-        let client = server.client("controller").await.expect("client");
+        let client = server
+            .client("controller", Some(MASTERS))
+            .await
+            .expect("client");
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
             run_with(client, args, stopped)
@@ -143,11 +146,11 @@ fn slice(service: &str, ips: &[&str]) -> Value {
     })
 }
 
-fn plans(server: &TestApiServer) -> Vec<Value> {
+fn plans(server: &ControlPlane) -> Vec<Value> {
     server.list("planproxy.dev/v1alpha1", "ProxyPlan")
 }
 
-fn plans_of(server: &TestApiServer, node: &str) -> Vec<Value> {
+fn plans_of(server: &ControlPlane, node: &str) -> Vec<Value> {
     plans(server)
         .into_iter()
         .filter(|p| p.pointer("/spec/nodeName").and_then(Value::as_str) == Some(node))
@@ -172,10 +175,19 @@ fn endpoint_ips(plan: &Value) -> Vec<String> {
     ips
 }
 
-async fn cluster(nodes: usize) -> TestApiServer {
-    let server = TestApiServer::start(Config::default())
-        .await
-        .expect("server starts");
+async fn cluster(nodes: usize) -> ControlPlane {
+    // Plans are owned by their Node: the garbage collector deletes them with it.
+    let server = ControlPlane::start(ControlPlaneConfig {
+        controllers: vec!["garbage-collector-controller".into()],
+        ..ControlPlaneConfig::default()
+    })
+    .expect("control plane starts");
+    server
+        .apply_file(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../charts/planproxy/crds/planproxy.dev.yaml"),
+        )
+        .expect("the CRDs install");
     for i in 0..nodes {
         server
             .create(node(&format!("node-{i}"), &format!("10.0.0.{}", i + 1)))
@@ -188,13 +200,20 @@ async fn cluster(nodes: usize) -> TestApiServer {
     server
 }
 
-async fn put(server: &TestApiServer, path: &str, object: &Value) {
-    let client = server.client("test").await.expect("client");
+async fn put(server: &ControlPlane, path: &str, object: &Value) {
+    try_put(server, path, object).await.expect("update");
+}
+
+async fn try_put(server: &ControlPlane, path: &str, object: &Value) -> Result<Value, String> {
+    let client = server.client("test", Some(MASTERS)).await.expect("client");
     let request = http::Request::put(path)
         .header("content-type", "application/json")
         .body(serde_json::to_vec(object).expect("json"))
         .expect("request");
-    client.request::<Value>(request).await.expect("update");
+    client
+        .request::<Value>(request)
+        .await
+        .map_err(|e| format!("{e:?}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -238,7 +257,7 @@ async fn every_node_gets_a_labelled_owned_plan_and_loses_it_with_the_node() {
         "/readyz turns 200 once the first resolution is written"
     );
 
-    let client = server.client("test").await.expect("client");
+    let client = server.client("test", Some(MASTERS)).await.expect("client");
     let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
     nodes
         .delete("node-1", &Default::default())
@@ -330,9 +349,27 @@ async fn an_invalid_policy_edit_is_reported_and_the_accepted_spec_stays() {
         accepted["metadata"]["generation"]
     );
 
-    // The schema cannot tell a bad CIDR; the controller must.
+    // A malformed CIDR never gets past the API server: the CRD's CEL rule
+    // (isCIDR) rejects the write, naming the field.
+    let mut bad_cidr = accepted.clone();
+    bad_cidr["spec"]["nodePortAddresses"] = json!(["10.0.0.0/33"]);
+    bad_cidr["status"] = Value::Null;
+    let refused = try_put(
+        &server,
+        "/apis/planproxy.dev/v1alpha1/proxypolicies/drop",
+        &bad_cidr,
+    )
+    .await
+    .expect_err("the API server validates CIDRs");
+    assert!(
+        refused.contains("spec.nodePortAddresses") && refused.contains("422"),
+        "{refused}"
+    );
+
+    // What no schema rule expresses (one duration longer than another) the
+    // controller must reject.
     let mut edited = accepted.clone();
-    edited["spec"]["nodePortAddresses"] = json!(["10.0.0.0/33"]);
+    edited["spec"]["sync"] = json!({"minSyncPeriod": "10s", "syncPeriod": "5s"});
     edited["status"] = Value::Null;
     put(
         &server,
@@ -348,7 +385,7 @@ async fn an_invalid_policy_edit_is_reported_and_the_accepted_spec_stays() {
     let condition = &rejected["status"]["conditions"][0];
     assert_eq!(condition["reason"], json!("Invalid"));
     let message = condition["message"].as_str().unwrap_or_default();
-    assert!(message.contains("spec.nodePortAddresses[0]"), "{message}");
+    assert!(message.contains("spec.sync.minSyncPeriod"), "{message}");
     assert_eq!(
         rejected["status"]["acceptedSpec"]["noEndpointsAction"],
         json!("Drop")

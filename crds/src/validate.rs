@@ -1,5 +1,5 @@
 //! Validation of user-written values: one parser shared by the controller, the
-//! agent and the e2e test API server.
+//! agent and the `plan` command.
 //!
 //! The CRD schema (patterns, ranges, CEL) rejects most bad input at admission; these
 //! checks repeat it for API servers and clients that skip it, and add what a schema

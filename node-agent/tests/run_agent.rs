@@ -1,5 +1,5 @@
 //! The agent runtime end to end on one node: the real `planproxy-agent run`
-//! against the test API server, programming the real kernel inside the node's
+//! against a real kube-apiserver, programming the real kernel inside the node's
 //! own network namespace.
 
 mod support;
@@ -7,8 +7,8 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use planproxy_control_plane::OutageMode;
 use planproxy_crds::ProxyPlanSpec;
-use planproxy_test_apiserver::faults::OutageMode;
 use support::cluster::*;
 use support::{echo_endpoint, service};
 
@@ -185,7 +185,6 @@ fn api_server_outage_keeps_traffic_flowing_and_the_agent_converges_after() {
 
     cluster
         .server
-        .faults()
         .outage(Duration::from_secs(4), OutageMode::Refuse);
     for _ in 0..6 {
         assert_eq!(
@@ -593,7 +592,6 @@ fn agent_started_while_the_api_server_is_unreachable_keeps_the_rules_and_serves_
 
     cluster
         .server
-        .faults()
         .outage(Duration::from_secs(15), OutageMode::Refuse);
     cluster.start_agent();
     let healthz: SocketAddr = HEALTHZ.parse().expect("address");

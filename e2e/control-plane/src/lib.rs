@@ -404,6 +404,54 @@ impl ControlPlane {
         })
     }
 
+    /// Merge-patches the status subresource of an object.
+    pub fn patch_status(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+        status: Value,
+    ) -> Result<Value> {
+        let client = self.admin();
+        let (api_version, kind, name) = (api_version.to_owned(), kind.to_owned(), name.to_owned());
+        let namespace = namespace.map(str::to_owned);
+        self.block(async move {
+            let api = resource_api(&client, &api_version, &kind, namespace.as_deref()).await?;
+            let patched = api
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+                .await?;
+            Ok(serde_json::to_value(patched).unwrap_or_default())
+        })
+    }
+
+    /// Deletes an object, with a grace period if given (a pod nobody's
+    /// kubelet stops then stays terminating); absent is fine.
+    pub fn delete(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+        grace_period_seconds: Option<u32>,
+    ) -> Result<()> {
+        let client = self.admin();
+        let (api_version, kind, name) = (api_version.to_owned(), kind.to_owned(), name.to_owned());
+        let namespace = namespace.map(str::to_owned);
+        self.block(async move {
+            let api = resource_api(&client, &api_version, &kind, namespace.as_deref()).await?;
+            let params = kube::api::DeleteParams {
+                grace_period_seconds,
+                ..Default::default()
+            };
+            match api.delete(&name, &params).await {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        })
+    }
+
     /// The object, or None if it does not exist.
     pub fn get(
         &self,

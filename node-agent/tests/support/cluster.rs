@@ -1,20 +1,20 @@
-//! A one-node cluster for the agent runtime tests: the test API server and the
-//! real `planproxy-agent run` binary, both inside the node's own network
-//! namespace (the server on the namespace's loopback), a pod with an echo
-//! server behind the node's bridge. Nothing touches the root namespace.
+//! A one-node cluster for the agent runtime tests: a real etcd and
+//! kube-apiserver and the real `planproxy-agent run` binary, all inside the
+//! node's own network namespace (the API server on the namespace's loopback,
+//! reached through the control plane's fault proxy), a pod with an echo server
+//! behind the node's bridge. Nothing touches the root namespace.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use planproxy_control_plane::{ControlPlane, ControlPlaneConfig, MASTERS};
 use planproxy_crds::ProxyPlanSpec;
 use planproxy_crds::testing::{NodeSettingsExt, mk_plan, mk_settings};
 use planproxy_crds::v1alpha1::ServicePortPlan;
 use planproxy_netns::{
     Attempt, ChildGuard, ConnectOpts, EchoConfig, EchoGuard, Topology, TopologySpec,
 };
-use planproxy_test_apiserver::api::Target;
-use planproxy_test_apiserver::{Config, TestApiServer};
 use serde_json::{Value, json};
 
 use super::ECHO_PORT;
@@ -24,7 +24,7 @@ pub const METRICS: &str = "127.0.0.1:10249";
 pub const NODE: &str = "node1";
 
 pub struct Cluster {
-    pub server: TestApiServer,
+    pub server: ControlPlane,
     pub kubeconfig: tempfile::NamedTempFile,
     pub agent: Option<ChildGuard>,
     pub echo: EchoGuard,
@@ -43,14 +43,31 @@ impl Cluster {
             .ns
             .serve_echo("backend", EchoConfig::tcp(&[ECHO_PORT]))
             .expect("the echo server must start");
+        // The agent tests write plans themselves: no controller-manager.
         let server = topology
             .node(1)
             .ns
-            .run_in(|| TestApiServer::start_on_thread(Config::default()))
-            .expect("the test API server must start");
+            .run_in(|| {
+                ControlPlane::start(ControlPlaneConfig {
+                    controllers: Vec::new(),
+                    ..ControlPlaneConfig::default()
+                })
+            })
+            .expect("the control plane must start");
+        server
+            .apply_file(
+                &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../charts/planproxy/crds/planproxy.dev.yaml"),
+            )
+            .expect("the CRDs must install");
         let mut kubeconfig = tempfile::NamedTempFile::new().expect("a temp file");
         kubeconfig
-            .write_all(server.kubeconfig_for("agent").as_bytes())
+            .write_all(
+                server
+                    .kubeconfig("agent", Some(MASTERS))
+                    .expect("a kubeconfig")
+                    .as_bytes(),
+            )
             .expect("writing the kubeconfig");
         Self {
             server,
@@ -107,23 +124,7 @@ impl Cluster {
             },
             "spec": spec,
         });
-        let api = &self.server.shared().api;
-        let res = api
-            .registry
-            .find_kind("planproxy.dev/v1alpha1", "ProxyPlan")
-            .expect("ProxyPlan must be served");
-        let target = Target {
-            res,
-            namespace: None,
-            name: NODE.into(),
-            status: false,
-        };
-        if api.get(&target).is_ok() {
-            api.update(&target, object, false)
-                .expect("updating the plan");
-        } else {
-            self.server.create(object).expect("creating the plan");
-        }
+        self.server.apply(object).expect("writing the plan");
     }
 
     pub fn plan_object(&self) -> Value {

@@ -1,7 +1,7 @@
 //! Plan builders and helpers for the node agent's kernel and runtime tests:
 //! every test builds its own isolated topology with `planproxy-netns` and
 //! programs it with the agent's own binary, inside the node's namespace only.
-//! [`cluster`] adds the test API server and `planproxy-agent run`.
+//! [`cluster`] adds a real etcd and kube-apiserver and `planproxy-agent run`.
 
 #![allow(dead_code)]
 
