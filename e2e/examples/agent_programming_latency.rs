@@ -1,6 +1,7 @@
 //! End-to-end network-programming latency: from an EndpointSlice write to the
 //! new endpoint's DNAT rule being in every node's kernel, through the real
-//! controller, test API server and agents of a 3-node namespace cluster.
+//! controller, the real control plane and the agents of a 3-node namespace
+//! cluster.
 //!
 //! ```sh
 //! cargo build --bins && cargo run -p planproxy-e2e --example agent_programming_latency [-- <changes> [<minSyncPeriod> [<gap ms>]]]

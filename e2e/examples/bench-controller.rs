@@ -1,5 +1,5 @@
-//! Benchmark of `planproxy-controller run` against the test API server (in this
-//! process, on loopback; no agents, no netfilter).
+//! Benchmark of `planproxy-controller run` against a real kube-apiserver and
+//! etcd (on loopback; no agents, no netfilter).
 //!
 //! For each scale it stores Nodes, Services and one EndpointSlice per service,
 //! plus every node's ProxyPlans as the controller last wrote them (correct hash
@@ -23,7 +23,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use planproxy_crds::labels::{NODE_LABEL, SHARD_LABEL, SPEC_HASH_ANNOTATION};
 use planproxy_e2e::binaries::{self, CONTROLLER};
 use planproxy_resolve::{Index, PlanShard, ResolveOptions};
-use planproxy_test_apiserver::{Config, TestApiServer};
+use planproxy_control_plane::{ControlPlane, ControlPlaneConfig, MASTERS};
 use serde_json::{Value, json};
 
 const PLANS: &str = "proxyplans.planproxy.dev";
@@ -197,7 +197,7 @@ fn stored_plan(shard: &PlanShard, node_uid: &str) -> Value {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-fn populate(server: &TestApiServer, nodes: usize, services: usize) -> Result<usize, BoxError> {
+fn populate(server: &ControlPlane, nodes: usize, services: usize) -> Result<usize, BoxError> {
     let mut index = Index::new(ResolveOptions::default());
     for i in 0..services {
         let svc = server.create(service(i))?;
@@ -265,13 +265,17 @@ fn ready(admin: std::net::SocketAddr) -> bool {
 
 async fn run_scale(nodes: usize, services: usize, budget: u32) -> Result<Row, BoxError> {
     eprintln!("== {nodes} nodes, {services} services: populating the API server");
-    let server = TestApiServer::start(Config::default()).await?;
+    let server = ControlPlane::start(ControlPlaneConfig {
+        controllers: Vec::new(),
+        ..ControlPlaneConfig::default()
+    })?;
+    server.apply_file(&planproxy_e2e::cluster::chart_crds_path())?;
     let plans = populate(&server, nodes, services)?;
     eprintln!("   {plans} ProxyPlans stored; starting the controller");
 
     let dir = tempfile::tempdir()?;
     let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, server.kubeconfig_for("controller"))?;
+    std::fs::write(&kubeconfig, server.kubeconfig("controller", Some(MASTERS))?)?;
     let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let log = std::fs::File::create(dir.path().join("controller.log"))?;
     server.reset_request_counts();
@@ -309,7 +313,7 @@ async fn run_scale(nodes: usize, services: usize, budget: u32) -> Result<Row, Bo
     let startup_writes = server.write_count(PLANS);
 
     server.reset_request_counts();
-    let client = server.client("bench").await?;
+    let client = server.client("bench", Some(MASTERS)).await?;
     let slices: kube::Api<EndpointSlice> = kube::Api::namespaced(client, "default");
     let changed: EndpointSlice = serde_json::from_value(slice(0, 4, nodes))?;
     let change = Instant::now();

@@ -1,10 +1,11 @@
 //! The namespace cluster: nodes, pods, a client and a control plane, each a
-//! network namespace; the test API server, the controller and the agents
-//! running in them exactly as they would in a real cluster.
+//! network namespace; the real control plane, planproxy installed with its
+//! Helm chart, and the controller and agents running in them exactly as they
+//! would in a real cluster.
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -13,25 +14,25 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use planproxy_netns::{
     ChildGuard, Client, EchoConfig, EchoGuard, Host, Pod, Topology, TopologySpec,
 };
-use planproxy_test_apiserver::{Config as ApiServerConfig, TestApiServer};
+use planproxy_control_plane::{ControlPlane, ControlPlaneConfig, MASTERS};
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::binaries;
 use crate::control::Control;
 use crate::error::{E2eError, Result};
-use crate::objects::{self, EndpointDef, ServiceDef};
+use crate::install::{self, Launch};
+use crate::objects::{self, ServiceDef};
 
-/// The port the test API server listens on, on the control plane host.
+/// The port components reach the API server on, on the control plane host
+/// (the control plane's fault proxy; kube-apiserver itself listens on
+/// another port of the same host, which the `kubernetes` Service points at).
 pub const API_SERVER_PORT: u16 = 6443;
 /// The control plane host's number on the node network (172.30.0.2).
 const CONTROL_PLANE_HOST: u8 = 2;
-/// Where the harness allocates cluster IPs (as kube-apiserver would with
-/// `--service-cluster-ip-range=10.96.0.0/16,fd00:96::/112`).
+/// kube-apiserver's `--service-cluster-ip-range`.
 pub const SERVICE_CIDR_V4: &str = "10.96.0.0/16";
 pub const SERVICE_CIDR_V6: &str = "fd00:96::/112";
-/// First node port the harness hands out.
-pub const FIRST_NODE_PORT: u16 = 30000;
 
 /// How to build a namespace cluster.
 #[derive(Clone, Debug)]
@@ -144,8 +145,6 @@ struct ServiceRecord {
 struct State {
     apps: BTreeMap<(String, String), AppState>,
     services: BTreeMap<(String, String), ServiceRecord>,
-    next_service_ip: u16,
-    next_node_port: u16,
 }
 
 /// A running namespace cluster. Dropping it stops every process and deletes
@@ -158,7 +157,9 @@ pub struct Cluster {
     agents: Mutex<Vec<(String, ChildGuard)>>,
     controller: Mutex<Option<ChildGuard>>,
     state: Mutex<State>,
-    apiserver: TestApiServer,
+    controller_launch: Launch,
+    agent_launch: Launch,
+    apiserver: ControlPlane,
     kubeconfig_dir: tempfile::TempDir,
     control_plane: Host,
     /// One pod per node that belongs to no app: where "from a pod on node N"
@@ -178,9 +179,9 @@ impl std::fmt::Debug for Cluster {
 }
 
 impl Cluster {
-    /// Builds the network, starts the API server in the control plane
-    /// namespace, registers the Nodes, and starts the controller and agents
-    /// as the spec asks.
+    /// Builds the network, starts the control plane in the control plane
+    /// namespace, registers the Nodes, installs planproxy with `helm
+    /// install`, and starts the controller and agents as the spec asks.
     pub fn start(spec: ClusterSpec) -> Result<Cluster> {
         if !(1..=3).contains(&spec.nodes) {
             return Err(E2eError::Invalid(format!(
@@ -195,17 +196,18 @@ impl Cluster {
         })?;
         let control_plane = topology.add_host("control-plane", CONTROL_PLANE_HOST)?;
         let listen = SocketAddr::new(IpAddr::V4(control_plane.ipv4), API_SERVER_PORT);
-        let config = ApiServerConfig {
+        let config = ControlPlaneConfig {
             listen,
+            bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             advertise: Some(listen.ip()),
-            crds: chart_crds()?,
-            ..ApiServerConfig::default()
+            service_cidrs: format!("{SERVICE_CIDR_V4},{SERVICE_CIDR_V6}"),
+            ..ControlPlaneConfig::default()
         };
-        // The server's thread is started from inside the control plane
-        // namespace and inherits it, so it listens there.
+        // Started from inside the control plane namespace: its processes and
+        // its proxy live there.
         let apiserver = control_plane
             .ns
-            .try_run_in(move || TestApiServer::start_on_thread(config))?
+            .try_run_in(move || ControlPlane::start(config))?
             .map_err(|e| E2eError::ApiServer(e.to_string()))?;
         let kubeconfig_dir = tempfile::Builder::new()
             .prefix("planproxy-e2e-")
@@ -216,14 +218,25 @@ impl Cluster {
             .iter()
             .map(|node| node.add_pod("probe"))
             .collect::<Result<Vec<_>, _>>()?;
+        register_nodes(&apiserver, &topology, &spec)?;
+        install::install(
+            &control_plane.ns,
+            &apiserver,
+            &chart_values(control_plane.ipv4),
+            &[
+                format!("controller.extraArgs={}", json_strings(&spec.controller_args)),
+                format!("agent.extraArgs={}", json_strings(&spec.agent_args)),
+            ],
+        )?;
+        let controller_launch =
+            Launch::read(&apiserver, "Deployment", install::CONTROLLER_DEPLOYMENT)?;
+        let agent_launch = Launch::read(&apiserver, "DaemonSet", install::AGENT_DAEMONSET)?;
         let cluster = Cluster {
             agents: Mutex::new(Vec::new()),
             controller: Mutex::new(None),
-            state: Mutex::new(State {
-                next_service_ip: 10,
-                next_node_port: FIRST_NODE_PORT,
-                ..State::default()
-            }),
+            state: Mutex::new(State::default()),
+            controller_launch,
+            agent_launch,
             apiserver,
             kubeconfig_dir,
             control_plane,
@@ -231,7 +244,6 @@ impl Cluster {
             topology,
             spec,
         };
-        cluster.register_nodes()?;
         if cluster.spec.controller {
             cluster.start_controller()?;
         }
@@ -243,90 +255,77 @@ impl Cluster {
         Ok(cluster)
     }
 
-    fn register_nodes(&self) -> Result<()> {
-        for node in &self.topology.nodes {
-            let zone = self
-                .spec
-                .zones
-                .get((usize::from(node.index) - 1) % self.spec.zones.len().max(1))
-                .map(String::as_str);
-            let object = objects::node(
-                &node_name(node.index),
-                &[node.pod_cidr_v4.to_string(), node.pod_cidr_v6.to_string()],
-                &[node.ipv4.into(), node.ipv6.into()],
-                zone,
-            )?;
-            let value = serde_json::to_value(object)
-                .map_err(|e| E2eError::Invalid(format!("serialising a Node: {e}")))?;
-            self.apiserver
-                .create(value)
-                .map_err(|e| E2eError::ApiServer(format!("creating a Node: {e}")))?;
-        }
-        Ok(())
-    }
-
-    /// Writes a kubeconfig for `user` and returns its path.
-    pub fn write_kubeconfig(&self, user: &str) -> Result<PathBuf> {
+    /// Writes `contents` as a kubeconfig file called `name` and returns its path.
+    pub fn write_kubeconfig(&self, name: &str, contents: &str) -> Result<PathBuf> {
         let path = self
             .kubeconfig_dir
             .path()
             // KUBECONFIG is a colon-separated list: no colons in file names.
-            .join(format!("{}.kubeconfig", user.replace(':', "-")));
-        std::fs::write(&path, self.apiserver.kubeconfig_for(user))
+            .join(format!("{}.kubeconfig", name.replace(':', "-")));
+        std::fs::write(&path, contents)
             .map_err(|e| E2eError::io(format!("writing {}", path.display()), e))?;
         Ok(path)
     }
 
-    /// Starts `planproxy-controller run` in the control plane namespace (a
-    /// single replica, so without leader election).
+    /// Starts the chart's controller: its Deployment's pod (`planproxy-controller-0`,
+    /// bound to node1 as a scheduler might) runs in the control plane
+    /// namespace with the template's arguments, as its service account.
     pub fn start_controller(&self) -> Result<()> {
-        let binary = binaries::locate(binaries::CONTROLLER)?;
-        let kubeconfig = self.write_kubeconfig("planproxy-controller")?;
-        let mut args: Vec<String> = vec![
-            binary.display().to_string(),
-            "run".into(),
-            "--leader-elect=false".into(),
-            "--admin-bind-address=127.0.0.1:9090".into(),
-            "--coalesce-window=100ms".into(),
-        ];
-        args.extend(self.spec.controller_args.iter().cloned());
-        let kubeconfig = kubeconfig.display().to_string();
-        let process = self.control_plane.ns.spawn(
-            &args,
-            &[
-                ("KUBECONFIG", kubeconfig.as_str()),
-                ("PLANPROXY_LOG", "info,planproxy_controller=debug"),
-                ("NO_COLOR", "1"),
-            ],
-        )?;
+        let pod = "planproxy-controller-0";
+        let node = node_name(1);
+        let ip = self.control_plane.ipv4.to_string();
+        let host_ip = self.node(1).ipv4.to_string();
+        let process = self.run_workload(&self.controller_launch, pod, &node, &ip, &host_ip, &self.control_plane.ns, binaries::CONTROLLER)?;
         *lock(&self.controller) = Some(process);
         Ok(())
     }
 
-    /// Starts `planproxy-agent run --node-name nodeN` inside node N's
-    /// namespace, as a hostNetwork DaemonSet pod would run.
+    /// Starts the chart's agent on node N: its DaemonSet's pod for that node
+    /// runs in the node's namespace (hostNetwork) with the template's
+    /// arguments, as its service account, with a token bound to the pod.
     pub fn start_agent(&self, index: u8) -> Result<()> {
-        let binary = binaries::locate(binaries::AGENT)?;
         let name = node_name(index);
-        let kubeconfig = self.write_kubeconfig(&format!("system:node:{name}"))?;
-        let mut args: Vec<String> = vec![
-            binary.display().to_string(),
-            "run".into(),
-            format!("--node-name={name}"),
-            "--status-min-interval=100ms".into(),
-        ];
-        args.extend(self.spec.agent_args.iter().cloned());
-        let kubeconfig = kubeconfig.display().to_string();
-        let process = self.node(index).ns.spawn(
-            &args,
-            &[
-                ("KUBECONFIG", kubeconfig.as_str()),
-                ("PLANPROXY_LOG", "info,planproxy_node_agent=debug"),
-                ("NO_COLOR", "1"),
-            ],
-        )?;
+        let pod = format!("planproxy-agent-{name}");
+        let ip = self.node(index).ipv4.to_string();
+        let process = self.run_workload(&self.agent_launch, &pod, &name, &ip, &ip, &self.node(index).ns, binaries::AGENT)?;
         lock(&self.agents).push((name, process));
         Ok(())
+    }
+
+    /// Plays kubelet for one pod of a chart workload: the Pod object (made
+    /// afresh, as after a restart), a bound token, and the process.
+    #[allow(clippy::too_many_arguments)]
+    fn run_workload(
+        &self,
+        launch: &Launch,
+        pod: &str,
+        node: &str,
+        pod_ip: &str,
+        host_ip: &str,
+        ns: &planproxy_netns::Netns,
+        binary_name: &str,
+    ) -> Result<ChildGuard> {
+        self.apiserver
+            .delete("v1", "Pod", Some(install::NAMESPACE), pod, Some(0))
+            .map_err(|e| E2eError::ApiServer(e.to_string()))?;
+        let created = wait_until(Duration::from_secs(30), || {
+            launch.create_pod(&self.apiserver, pod, node, pod_ip, host_ip).ok()
+        })
+        .ok_or_else(|| E2eError::ApiServer(format!("creating pod {pod}")))?;
+        let kubeconfig = install::pod_kubeconfig(
+            &self.apiserver,
+            launch,
+            (&created.0, &created.1),
+            self.kubeconfig_dir.path(),
+        )?;
+        let binary = binaries::locate(binary_name)?;
+        let mut argv = vec![binary.display().to_string()];
+        argv.extend(launch.argv.iter().skip(1).cloned());
+        let mut env = launch.environment(pod, node)?;
+        env.push(("KUBECONFIG".into(), kubeconfig.display().to_string()));
+        env.push(("NO_COLOR".into(), "1".into()));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Ok(ns.spawn(&argv, &env)?)
     }
 
     /// `Ok` while the controller and every started agent are still running;
@@ -370,7 +369,8 @@ impl Cluster {
 
     // ---- accessors ------------------------------------------------------------
 
-    pub fn apiserver(&self) -> &TestApiServer {
+    /// The control plane (etcd, kube-apiserver, kube-controller-manager).
+    pub fn apiserver(&self) -> &ControlPlane {
         &self.apiserver
     }
 
@@ -448,7 +448,7 @@ impl Cluster {
             runtime.block_on(async move {
                 let client = self
                     .apiserver
-                    .client("e2e-test")
+                    .client("e2e-test", Some(MASTERS))
                     .await
                     .map_err(|e| E2eError::ApiServer(format!("building a client: {e}")))?;
                 Ok(scenario(ClusterApi {
@@ -461,15 +461,48 @@ impl Cluster {
     }
 
     /// Runs `check` inside node N's namespace with a kube client built from
-    /// a kubeconfig file the harness wrote, exactly as the node's agent
-    /// connects (for checks of what the agent can see).
+    /// a kubeconfig file the harness wrote for the node's own identity
+    /// (`system:node:<name>` in `system:nodes`, as its kubelet has), through
+    /// the same address the node's agent connects to.
     pub fn run_as_node<F, Fut, R>(&self, index: u8, check: F) -> Result<R>
     where
         F: FnOnce(kube::Client) -> Fut + Send,
         Fut: Future<Output = R>,
         R: Send,
     {
-        let path = self.write_kubeconfig(&format!("system:node:{}", node_name(index)))?;
+        let user = format!("system:node:{}", node_name(index));
+        let contents = self
+            .apiserver
+            .kubeconfig(&user, Some("system:nodes"))
+            .map_err(|e| E2eError::ApiServer(e.to_string()))?;
+        let path = self.write_kubeconfig(&user, &contents)?;
+        self.run_in_with_kubeconfig(index, path, check)
+    }
+
+    /// Runs `check` inside node N's namespace with the kubeconfig node N's
+    /// agent runs with: its service account, a token bound to its pod.
+    pub fn run_as_agent<F, Fut, R>(&self, index: u8, check: F) -> Result<R>
+    where
+        F: FnOnce(kube::Client) -> Fut + Send,
+        Fut: Future<Output = R>,
+        R: Send,
+    {
+        let path = self
+            .kubeconfig_dir
+            .path()
+            .join(format!("planproxy-agent-{}.kubeconfig", node_name(index)));
+        if !path.exists() {
+            return Err(E2eError::Invalid(format!("no agent was started on node {index}")));
+        }
+        self.run_in_with_kubeconfig(index, path, check)
+    }
+
+    fn run_in_with_kubeconfig<F, Fut, R>(&self, index: u8, path: PathBuf, check: F) -> Result<R>
+    where
+        F: FnOnce(kube::Client) -> Fut + Send,
+        Fut: Future<Output = R>,
+        R: Send,
+    {
         self.node(index).ns.run_in(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -490,97 +523,7 @@ impl Cluster {
         })
     }
 
-    // ---- services and workloads (harness-side state) ----------------------------
-
-    fn allocate_service(&self, def: &ServiceDef) -> (Vec<IpAddr>, Vec<u16>) {
-        let mut state = lock(&self.state);
-        let host = state.next_service_ip;
-        state.next_service_ip += 1;
-        let [high, low] = host.to_be_bytes();
-        let mut ips = vec![IpAddr::V4(Ipv4Addr::new(10, 96, high, low))];
-        if def.dual_stack {
-            ips.push(IpAddr::V6(Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, host)));
-        }
-        let node_ports = if def.type_ == objects::ServiceType::ClusterIp {
-            Vec::new()
-        } else {
-            def.ports
-                .iter()
-                .map(|p| {
-                    p.node_port.unwrap_or_else(|| {
-                        let port = state.next_node_port;
-                        state.next_node_port += 1;
-                        port
-                    })
-                })
-                .collect()
-        };
-        (ips, node_ports)
-    }
-
-    /// The endpoints the EndpointSlice controller would derive for `service`
-    /// from the apps whose labels its selector matches.
-    fn endpoints_for(&self, service: &ServiceDef) -> Vec<EndpointDef> {
-        let state = lock(&self.state);
-        let mut endpoints = Vec::new();
-        for app in state.apps.values() {
-            let selected = app.def.namespace == service.namespace
-                && !service.selector.is_empty()
-                && service
-                    .selector
-                    .iter()
-                    .all(|(k, v)| app.def.labels.get(k) == Some(v));
-            if !selected {
-                continue;
-            }
-            for pod in &app.pods {
-                let zone = self.zone_of(&pod.node_name);
-                for ip in [IpAddr::V4(pod.pod.ipv4), IpAddr::V6(pod.pod.ipv6)] {
-                    endpoints.push(EndpointDef {
-                        ip,
-                        pod_name: pod.name.clone(),
-                        node_name: pod.node_name.clone(),
-                        zone: zone.clone(),
-                        ready: pod.ready && !pod.terminating,
-                        serving: pod.ready,
-                        terminating: pod.terminating,
-                        // As the EndpointSlice controller does for
-                        // trafficDistribution: each endpoint is hinted for
-                        // its own zone.
-                        hint_zones: match (&service.traffic_distribution, &zone) {
-                            (Some(_), Some(zone)) => vec![zone.clone()],
-                            _ => Vec::new(),
-                        },
-                    });
-                }
-            }
-        }
-        endpoints
-    }
-
-    fn zone_of(&self, node: &str) -> Option<String> {
-        let index: usize = node.strip_prefix("node")?.parse().ok()?;
-        self.spec
-            .zones
-            .get((index - 1) % self.spec.zones.len().max(1))
-            .cloned()
-    }
-
-    fn services_selecting(&self, app: &AppDef) -> Vec<ServiceDef> {
-        lock(&self.state)
-            .services
-            .values()
-            .filter(|s| {
-                s.def.namespace == app.namespace
-                    && !s.def.selector.is_empty()
-                    && s.def
-                        .selector
-                        .iter()
-                        .all(|(k, v)| app.labels.get(k) == Some(v))
-            })
-            .map(|s| s.def.clone())
-            .collect()
-    }
+    // ---- workloads: pod namespaces, and the Pod objects a kubelet would report ----
 
     fn add_replicas(&self, key: &(String, String), count: usize) -> Result<()> {
         for _ in 0..count {
@@ -610,6 +553,20 @@ impl Cluster {
                     bind: Vec::new(),
                 },
             )?;
+            let node = node_name(node_index);
+            self.apiserver
+                .create(objects::app_pod(
+                    &def.namespace,
+                    &pod_name,
+                    &def.labels,
+                    &node,
+                    &def.tcp_ports,
+                    &def.udp_ports,
+                ))
+                .map_err(|e| E2eError::ApiServer(format!("creating pod {pod_name}: {e}")))?;
+            let (v4, v6) = (pod.ipv4.to_string(), pod.ipv6.to_string());
+            let host_ip = self.node(node_index).ipv4.to_string();
+            objects::mark_pod_running(&self.apiserver, &def.namespace, &pod_name, &[&v4, &v6], &host_ip, true)?;
             let mut state = lock(&self.state);
             if let Some(app) = state.apps.get_mut(key) {
                 app.pods.push(AppPod {
@@ -718,6 +675,7 @@ impl Cluster {
             out.push_str(&format!("===== iptables-save {} =====\n", node_name(index)));
             out.push_str(&self.node(index).ns.iptables_save());
         }
+        out.push_str(&self.apiserver.logs(60));
         out
     }
 }
@@ -742,27 +700,40 @@ pub struct ClusterApi<'a> {
 }
 
 impl ClusterApi<'_> {
-    /// Creates a Service with harness-allocated cluster IPs (and node
-    /// ports), then its EndpointSlices from the apps it selects.
+    /// Creates a Service; the API server allocates its cluster IPs and node
+    /// ports, and the EndpointSlice controller publishes the pods it selects.
     pub async fn create_service(&self, def: &ServiceDef) -> Result<()> {
-        let (ips, node_ports) = self.cluster.allocate_service(def);
-        let object = def.to_object(&ips, &node_ports)?;
+        let object = def.to_object(&[], &[])?;
         let api: kube::Api<k8s_openapi::api::core::v1::Service> =
             kube::Api::namespaced(self.client.clone(), &def.namespace);
-        api.create(&kube::api::PostParams::default(), &object)
+        let created = api
+            .create(&kube::api::PostParams::default(), &object)
             .await?;
+        let spec = created.spec.unwrap_or_default();
+        let cluster_ips = spec
+            .cluster_ips
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|ip| ip.parse().ok())
+            .collect();
+        let node_ports = spec
+            .ports
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| p.node_port.and_then(|n| u16::try_from(n).ok()))
+            .collect();
         lock(&self.cluster.state).services.insert(
             (def.namespace.clone(), def.name.clone()),
             ServiceRecord {
                 def: def.clone(),
-                cluster_ips: ips,
+                cluster_ips,
                 node_ports,
             },
         );
-        self.sync_slices(def).await
+        Ok(())
     }
 
-    /// Deletes a Service and its EndpointSlices.
+    /// Deletes a Service; the garbage collector removes its EndpointSlices.
     pub async fn delete_service(&self, namespace: &str, name: &str) -> Result<()> {
         let api: kube::Api<k8s_openapi::api::core::v1::Service> =
             kube::Api::namespaced(self.client.clone(), namespace);
@@ -771,26 +742,11 @@ impl ClusterApi<'_> {
         lock(&self.cluster.state)
             .services
             .remove(&(namespace.to_owned(), name.to_owned()));
-        let slices: kube::Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
-            kube::Api::namespaced(self.client.clone(), namespace);
-        for ipv6 in [false, true] {
-            match slices
-                .delete(
-                    &objects::slice_name(name, ipv6),
-                    &kube::api::DeleteParams::default(),
-                )
-                .await
-            {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
         Ok(())
     }
 
-    /// Starts an app's replicas and publishes them in the EndpointSlices of
-    /// the services that select it.
+    /// Starts an app's replicas: pod namespaces with echo servers, and their
+    /// Pod objects, running and ready.
     pub async fn deploy(&self, def: &AppDef) -> Result<()> {
         let key = (def.namespace.clone(), def.name.clone());
         lock(&self.cluster.state).apps.insert(
@@ -801,39 +757,68 @@ impl ClusterApi<'_> {
                 next_pod: 0,
             },
         );
-        self.cluster.add_replicas(&key, def.replicas)?;
-        self.sync_app(def).await
+        self.cluster.add_replicas(&key, def.replicas)
     }
 
     /// Scales an app: new replicas start ready; surplus replicas (newest
-    /// first) are removed at once, as after their termination completed.
+    /// first) are deleted at once (grace period 0, as after their termination
+    /// completed), and their namespaces stop once the EndpointSlices no
+    /// longer list them.
     pub async fn scale(&self, namespace: &str, app: &str, replicas: usize) -> Result<()> {
         let key = (namespace.to_owned(), app.to_owned());
-        let (def, current) = {
+        let current = {
             let state = lock(&self.cluster.state);
             let app = state
                 .apps
                 .get(&key)
                 .ok_or_else(|| E2eError::Invalid(format!("no app {namespace}/{app}")))?;
-            (app.def.clone(), app.pods.len())
+            app.pods.len()
         };
-        if replicas > current {
-            self.cluster.add_replicas(&key, replicas - current)?;
-        } else {
-            let removed: Vec<AppPod> = {
-                let mut state = lock(&self.cluster.state);
-                state
-                    .apps
-                    .get_mut(&key)
-                    .map(|app| app.pods.split_off(replicas))
-                    .unwrap_or_default()
-            };
-            // Unpublish first, then remove the pods, as a graceful shutdown would.
-            self.sync_app(&def).await?;
-            drop(removed);
-            return Ok(());
+        if replicas >= current {
+            return self.cluster.add_replicas(&key, replicas - current);
         }
-        self.sync_app(&def).await
+        let removed: Vec<AppPod> = {
+            let mut state = lock(&self.cluster.state);
+            state
+                .apps
+                .get_mut(&key)
+                .map(|app| app.pods.split_off(replicas))
+                .unwrap_or_default()
+        };
+        for pod in &removed {
+            self.cluster
+                .apiserver
+                .delete("v1", "Pod", Some(namespace), &pod.name, Some(0))
+                .map_err(|e| E2eError::ApiServer(e.to_string()))?;
+        }
+        let gone: Vec<String> = removed
+            .iter()
+            .flat_map(|p| [p.pod.ipv4.to_string(), p.pod.ipv6.to_string()])
+            .collect();
+        self.wait_unpublished(namespace, &gone).await;
+        drop(removed);
+        Ok(())
+    }
+
+    /// Waits (up to 30 s) until no EndpointSlice in `namespace` lists any of `ips`.
+    async fn wait_unpublished(&self, namespace: &str, ips: &[String]) {
+        let slices: kube::Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+            kube::Api::namespaced(self.client.clone(), namespace);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::time::Instant::now() < deadline {
+            let listed = slices.list(&Default::default()).await.map(|list| {
+                list.items.iter().any(|slice| {
+                    slice
+                        .endpoints
+                        .iter()
+                        .any(|e| e.addresses.iter().any(|a| ips.contains(a)))
+                })
+            });
+            if matches!(listed, Ok(false)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Deletes an app: its pods leave the EndpointSlices, then stop.
@@ -845,10 +830,11 @@ impl ClusterApi<'_> {
         Ok(())
     }
 
-    /// Marks one replica terminating (ready=false, serving=true,
-    /// terminating=true) while it keeps answering.
+    /// Starts one replica's graceful deletion, which no kubelet finishes: the
+    /// pod keeps answering, stays Ready, and the EndpointSlice controller
+    /// publishes it as terminating (ready=false, serving=true).
     pub async fn set_terminating(&self, namespace: &str, app: &str, pod: &str) -> Result<()> {
-        let def = {
+        {
             let mut state = lock(&self.cluster.state);
             let state_app = state
                 .apps
@@ -857,41 +843,11 @@ impl ClusterApi<'_> {
             for p in state_app.pods.iter_mut().filter(|p| p.name == pod) {
                 p.terminating = true;
             }
-            state_app.def.clone()
-        };
-        self.sync_app(&def).await
-    }
-
-    async fn sync_app(&self, def: &AppDef) -> Result<()> {
-        for service in self.cluster.services_selecting(def) {
-            self.sync_slices(&service).await?;
         }
-        Ok(())
-    }
-
-    /// Writes a service's EndpointSlices (one per family) as the
-    /// EndpointSlice controller would, with server-side apply.
-    pub async fn sync_slices(&self, service: &ServiceDef) -> Result<()> {
-        let endpoints = self.cluster.endpoints_for(service);
-        let trigger = objects::now_rfc3339();
-        let api: kube::Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
-            kube::Api::namespaced(self.client.clone(), &service.namespace);
-        let families: &[bool] = if service.dual_stack {
-            &[false, true]
-        } else {
-            &[false]
-        };
-        for &ipv6 in families {
-            let slice = objects::endpoint_slice(service, ipv6, &endpoints, &trigger)?;
-            let name = objects::slice_name(&service.name, ipv6);
-            api.patch(
-                &name,
-                &kube::api::PatchParams::apply(objects::MANAGED_BY_CONTROLLER).force(),
-                &kube::api::Patch::Apply(&slice),
-            )
-            .await?;
-        }
-        Ok(())
+        self.cluster
+            .apiserver
+            .delete("v1", "Pod", Some(namespace), pod, Some(3600))
+            .map_err(|e| E2eError::ApiServer(e.to_string()))
     }
 
     /// The API-level operations (policies, plans), shared with real clusters.
@@ -976,8 +932,68 @@ impl crate::target::Workloads for ClusterApi<'_> {
     }
 }
 
-/// The Helm chart's CRD file, which the namespace cluster installs (as
-/// `helm install` would) rather than the Rust types' view of it.
+/// Registers the Nodes of the namespace cluster, as their kubelets would:
+/// pod CIDRs, InternalIPs and zone labels.
+fn register_nodes(apiserver: &ControlPlane, topology: &Topology, spec: &ClusterSpec) -> Result<()> {
+    for node in &topology.nodes {
+        let zone = spec
+            .zones
+            .get((usize::from(node.index) - 1) % spec.zones.len().max(1))
+            .map(String::as_str);
+        let object = objects::node(
+            &node_name(node.index),
+            &[node.pod_cidr_v4.to_string(), node.pod_cidr_v6.to_string()],
+            &[node.ipv4.into(), node.ipv6.into()],
+            zone,
+        )?;
+        let value = serde_json::to_value(object)
+            .map_err(|e| E2eError::Invalid(format!("serialising a Node: {e}")))?;
+        apiserver
+            .create(value)
+            .map_err(|e| E2eError::ApiServer(format!("creating a Node: {e}")))?;
+    }
+    Ok(())
+}
+
+/// The chart values the namespace cluster installs with: what an operator
+/// would set on such a cluster (the API server's address, since nothing
+/// serves the `kubernetes` Service before planproxy does; one controller
+/// replica) and what keeps scenarios quick (a short coalescing window and
+/// status interval, debug logs).
+fn chart_values(host: Ipv4Addr) -> Vec<String> {
+    vec![
+        format!("k8sServiceHost={host}"),
+        format!("k8sServicePort={API_SERVER_PORT}"),
+        "controller.replicas=1".into(),
+        "controller.leaderElection.enabled=false".into(),
+        "controller.coalesceWindow=100ms".into(),
+        "controller.adminPort=9090".into(),
+        "controller.logLevel=info\\,planproxy_controller=debug".into(),
+        "agent.statusMinInterval=100ms".into(),
+        "agent.logLevel=info\\,planproxy_node_agent=debug".into(),
+    ]
+}
+
+fn json_strings(values: &[String]) -> String {
+    serde_json::to_string(values).unwrap_or_else(|_| "[]".into())
+}
+
+/// Polls `f` every 100 ms until it returns Some or `timeout` passes.
+fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = f() {
+            return Some(value);
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The Helm chart's CRD file, which `helm install` puts in the namespace
+/// cluster (rather than the Rust types' view of it).
 pub fn chart_crds_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../charts/planproxy/crds/planproxy.dev.yaml")
 }

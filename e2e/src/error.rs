@@ -24,7 +24,7 @@ pub enum E2eError {
     )]
     MissingBinary { name: String, looked_at: String },
 
-    #[error("the test API server could not start: {0}")]
+    #[error("the control plane: {0}")]
     ApiServer(String),
 
     #[error("{context}: {source}")]

@@ -282,6 +282,67 @@ pub fn endpoint_slice(
     }))
 }
 
+/// The Pod object of an app replica, already bound to its node (there is no
+/// scheduler): the app's labels, one container declaring its ports.
+pub fn app_pod(
+    namespace: &str,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+    node: &str,
+    tcp_ports: &[u16],
+    udp_ports: &[u16],
+) -> Value {
+    let ports: Vec<Value> = tcp_ports
+        .iter()
+        .map(|p| json!({"containerPort": p, "protocol": "TCP"}))
+        .chain(udp_ports.iter().map(|p| json!({"containerPort": p, "protocol": "UDP"})))
+        .collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"namespace": namespace, "name": name, "labels": labels},
+        "spec": {
+            "nodeName": node,
+            "containers": [{"name": "echo", "image": "planproxy-e2e/echo", "ports": ports}],
+        },
+    })
+}
+
+/// Patches a pod's status as its kubelet would once the containers run:
+/// phase Running, the pod's IPs, and Ready (with ContainersReady) as given.
+pub fn mark_pod_running(
+    plane: &planproxy_control_plane::ControlPlane,
+    namespace: &str,
+    name: &str,
+    pod_ips: &[&str],
+    host_ip: &str,
+    ready: bool,
+) -> Result<()> {
+    let now = now_rfc3339();
+    let ready = if ready { "True" } else { "False" };
+    let condition = |type_: &str, status: &str| {
+        json!({"type": type_, "status": status, "lastTransitionTime": now})
+    };
+    let status = json!({"status": {
+        "phase": "Running",
+        "hostIP": host_ip,
+        "hostIPs": [{"ip": host_ip}],
+        "podIP": pod_ips.first(),
+        "podIPs": pod_ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>(),
+        "startTime": now,
+        "conditions": [
+            condition("PodScheduled", "True"),
+            condition("Initialized", "True"),
+            condition("ContainersReady", ready),
+            condition("Ready", ready),
+        ],
+    }});
+    plane
+        .patch_status("v1", "Pod", Some(namespace), name, status)
+        .map(|_| ())
+        .map_err(|e| E2eError::ApiServer(format!("marking pod {namespace}/{name} running: {e}")))
+}
+
 /// The name the harness gives a service's slice for one family.
 pub fn slice_name(service: &str, ipv6: bool) -> String {
     format!("{service}-{}", if ipv6 { "ipv6" } else { "ipv4" })

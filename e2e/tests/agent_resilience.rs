@@ -13,7 +13,7 @@ use planproxy_crds::ProxyPlan;
 use planproxy_e2e::traffic::wait_servers;
 use planproxy_e2e::{AppDef, Cluster, ClusterApi, ClusterSpec, Protocol, ServiceDef};
 use planproxy_netns::{ConnectOpts, Netns};
-use planproxy_test_apiserver::OutageMode;
+use planproxy_control_plane::OutageMode;
 use serde_json::json;
 
 /// How long the control loop (controller coalescing, agent sync) may take.
@@ -153,7 +153,6 @@ fn api_server_outage_keeps_traffic_flowing_and_agents_converge_after() {
 
     cluster
         .apiserver()
-        .faults()
         .outage(Duration::from_secs(8), OutageMode::Refuse);
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(8) {

@@ -7,13 +7,13 @@ mod controller_support;
 use std::time::Duration;
 
 use controller_support::*;
-use planproxy_test_apiserver::OutageMode;
+use planproxy_control_plane::OutageMode;
 
 const NODES: usize = 4;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_watches_and_a_gone_storm_converge_without_a_rewrite_storm() {
-    let cluster = TestCluster::start(NODES, 20).await;
+    let cluster = TestCluster::start_with(NODES, 20, false).await;
     let controller = cluster.controller("solo", &["--leader-elect", "false"]);
     until_ready(&controller, Duration::from_secs(30)).await;
     eventually("every plan written", Duration::from_secs(20), || {
@@ -24,11 +24,16 @@ async fn dropped_watches_and_a_gone_storm_converge_without_a_rewrite_storm() {
     .await;
 
     cluster.server.reset_request_counts();
-    cluster.server.faults().close_watches();
-    // Every re-established watch is told its resourceVersion is too old, several
-    // times over: each makes kube-runtime re-list.
-    cluster.server.faults().expire_next_watches(25);
-    cluster.server.faults().close_watches();
+    cluster.server.close_connections();
+    // Every re-established watch is told its resourceVersion is too old (etcd
+    // compacted past it), several times over: each makes kube-runtime re-list.
+    for _ in 0..3 {
+        cluster
+            .server
+            .expire_resource_versions()
+            .expect("etcd compacts");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     eventually("the re-lists", Duration::from_secs(30), || {
         (cluster.server.request_count("list", "services") >= 2).then_some(())
     })
@@ -73,7 +78,6 @@ async fn thirty_seconds_of_unreachable_api_server_then_converges() {
 
     cluster
         .server
-        .faults()
         .outage(Duration::from_secs(30), OutageMode::Refuse);
     // The cluster changes meanwhile (written directly into the server's store):
     // a new node and a new service.

@@ -75,7 +75,11 @@ async fn every_node_gets_owned_sharded_plans_and_they_go_with_the_node() {
         }
     }
 
-    let client = cluster.server.client("test").await.expect("client");
+    let client = cluster
+        .server
+        .client("test", Some(planproxy_control_plane::MASTERS))
+        .await
+        .expect("client");
     let nodes: kube::Api<Node> = kube::Api::all(client);
     nodes
         .delete(&node_name(1), &Default::default())
@@ -182,7 +186,11 @@ async fn an_invalid_policy_edit_is_reported_naming_the_field_and_the_accepted_sp
     })
     .await;
 
-    let client = cluster.server.client("test").await.expect("client");
+    let client = cluster
+        .server
+        .client("test", Some(planproxy_control_plane::MASTERS))
+        .await
+        .expect("client");
     let policies: kube::Api<planproxy_crds::ProxyPolicy> = kube::Api::all(client);
     let patch = json!({"spec": {"nodePortAddresses": ["primary", "10.0.0.0/99"]}});
     policies

@@ -1,5 +1,6 @@
-//! The harness itself: the namespace cluster's network, API server and
-//! EndpointSlice bookkeeping, without the planproxy binaries.
+//! The harness itself: the namespace cluster's network, the real control
+//! plane, and the Pod objects it keeps for its pods (which the real
+//! EndpointSlice controller publishes), without the planproxy binaries.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
@@ -19,40 +20,54 @@ fn answered() -> ConnectOpts {
     ConnectOpts::with_timeout(Duration::from_secs(10))
 }
 
+/// Polls a service's EndpointSlices (every family) until `check` holds.
+async fn slices_until(
+    slices: &kube::Api<EndpointSlice>,
+    service: &str,
+    what: &str,
+    check: impl Fn(&[EndpointSlice]) -> bool,
+) -> Vec<EndpointSlice> {
+    let by_service = ListParams::default().labels(&format!("{SERVICE_NAME_LABEL}={service}"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let items = slices.list(&by_service).await.unwrap().items;
+        if check(&items) {
+            return items;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {items:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn ipv4_endpoints(slices: &[EndpointSlice]) -> Vec<k8s_openapi::api::discovery::v1::Endpoint> {
+    slices
+        .iter()
+        .filter(|s| s.address_type == "IPv4")
+        .flat_map(|s| s.endpoints.clone())
+        .collect()
+}
+
 #[test]
-fn nodes_reach_the_api_server_with_their_kubeconfig_and_see_every_node() {
+fn nodes_reach_the_api_server_as_themselves_and_the_node_authorizer_limits_them_to_their_node() {
     let cluster = Cluster::start(ClusterSpec::network_only(2)).unwrap();
-    let nodes = cluster
+    let (own, other) = cluster
         .run_as_node(2, |client| async move {
             let api: kube::Api<Node> = kube::Api::all(client);
-            api.list(&ListParams::default()).await
+            (api.get("node2").await, api.get("node1").await)
         })
-        .unwrap()
         .unwrap();
-    let mut seen: Vec<(String, Vec<String>)> = nodes
-        .items
-        .into_iter()
-        .map(|n| {
-            (
-                n.metadata.name.unwrap_or_default(),
-                n.spec.unwrap_or_default().pod_cidrs.unwrap_or_default(),
-            )
-        })
-        .collect();
-    seen.sort();
+    let own = own.unwrap();
     assert_eq!(
-        seen,
-        vec![
-            (
-                "node1".to_owned(),
-                vec!["10.244.1.0/24".to_owned(), "fd00:244:1::/64".to_owned()]
-            ),
-            (
-                "node2".to_owned(),
-                vec!["10.244.2.0/24".to_owned(), "fd00:244:2::/64".to_owned()]
-            ),
-        ]
+        own.spec.unwrap_or_default().pod_cidrs.unwrap_or_default(),
+        vec!["10.244.2.0/24".to_owned(), "fd00:244:2::/64".to_owned()]
     );
+    match other {
+        Err(kube::Error::Api(e)) => assert_eq!(e.code, 403, "{e:?}"),
+        other => panic!("node2 read node1's Node object: {other:?}"),
+    }
 }
 
 #[test]
@@ -87,7 +102,7 @@ fn app_pods_answer_across_nodes_and_from_outside_routing_reaches_nodes_only() {
 }
 
 #[test]
-fn endpoint_slices_follow_the_app_as_the_endpointslice_controller_would_write_them() {
+fn the_endpointslice_controller_publishes_the_harness_pods_as_they_change() {
     let cluster = Cluster::start(ClusterSpec::network_only(2)).unwrap();
     cluster
         .run(|api| async move {
@@ -99,20 +114,21 @@ fn endpoint_slices_follow_the_app_as_the_endpointslice_controller_would_write_th
             .unwrap();
             let slices: kube::Api<EndpointSlice> =
                 kube::Api::namespaced(api.client.clone(), "default");
-            let by_service = ListParams::default().labels(&format!("{SERVICE_NAME_LABEL}=web"));
-            let addresses =
-                |list: Vec<EndpointSlice>| -> BTreeSet<(String, String, Option<String>)> {
-                    list.into_iter()
-                        .flat_map(|s| {
-                            let family = s.address_type.clone();
-                            s.endpoints.into_iter().map(move |e| {
-                                (family.clone(), e.addresses[0].clone(), e.node_name.clone())
-                            })
+            let addresses = |list: &[EndpointSlice]| -> BTreeSet<(String, String, Option<String>)> {
+                list.iter()
+                    .flat_map(|s| {
+                        let family = s.address_type.clone();
+                        s.endpoints.iter().map(move |e| {
+                            (family.clone(), e.addresses[0].clone(), e.node_name.clone())
                         })
-                        .collect()
-                };
+                    })
+                    .collect()
+            };
 
-            let three = addresses(slices.list(&by_service).await.unwrap().items);
+            let three = addresses(
+                &slices_until(&slices, "web", "3 pods x 2 families", |l| addresses(l).len() == 6)
+                    .await,
+            );
             assert_eq!(three.len(), 6, "3 pods x 2 families: {three:?}");
             let expected: BTreeSet<(String, String, Option<String>)> =
                 api.cluster.with_app_pods("default", "web", |pods| {
@@ -141,21 +157,25 @@ fn endpoint_slices_follow_the_app_as_the_endpointslice_controller_would_write_th
             assert_eq!(nodes.len(), 2, "replicas spread over both nodes");
 
             api.scale("default", "web", 1).await.unwrap();
-            let one = addresses(slices.list(&by_service).await.unwrap().items);
+            let one = addresses(
+                &slices_until(&slices, "web", "1 pod x 2 families", |l| addresses(l).len() == 2)
+                    .await,
+            );
             assert_eq!(one.len(), 2, "{one:?}");
 
             api.set_terminating("default", "web", "web-0")
                 .await
                 .unwrap();
-            let slice = slices.get("web-ipv4").await.unwrap();
-            let conditions = slice.endpoints[0].conditions.clone().unwrap();
-            assert_eq!(
-                (conditions.ready, conditions.serving, conditions.terminating),
-                (Some(false), Some(true), Some(true))
-            );
+            let terminating = |l: &[EndpointSlice]| {
+                ipv4_endpoints(l).first().and_then(|e| e.conditions.clone()).is_some_and(|c| {
+                    (c.ready, c.serving, c.terminating) == (Some(false), Some(true), Some(true))
+                })
+            };
+            slices_until(&slices, "web", "web-0 terminating and serving", terminating).await;
 
             api.delete_service("default", "web").await.unwrap();
-            assert!(slices.list(&by_service).await.unwrap().items.is_empty());
+            slices_until(&slices, "web", "no slices once the service is gone", |l| l.is_empty())
+                .await;
         })
         .unwrap();
 }
@@ -237,9 +257,12 @@ fn prefer_close_services_get_zone_hints_and_deleted_apps_leave_the_slices() {
             api.create_service(&service).await.unwrap();
             let slices: kube::Api<EndpointSlice> =
                 kube::Api::namespaced(api.client.clone(), "default");
-            let slice = slices.get("near-ipv4").await.unwrap();
-            let hints: BTreeSet<(Option<String>, String)> = slice
-                .endpoints
+            let hinted = |l: &[EndpointSlice]| {
+                let endpoints = ipv4_endpoints(l);
+                endpoints.len() == 2 && endpoints.iter().all(|e| e.hints.is_some())
+            };
+            let slice = slices_until(&slices, "near", "both endpoints hinted", hinted).await;
+            let hints: BTreeSet<(Option<String>, String)> = ipv4_endpoints(&slice)
                 .iter()
                 .map(|e| {
                     let zone = e.hints.clone().unwrap().for_zones.unwrap()[0].name.clone();
@@ -255,8 +278,10 @@ fn prefer_close_services_get_zone_hints_and_deleted_apps_leave_the_slices() {
             );
 
             api.delete_app("default", "near").await.unwrap();
-            let slice = slices.get("near-ipv4").await.unwrap();
-            assert!(slice.endpoints.is_empty(), "{slice:?}");
+            slices_until(&slices, "near", "no endpoints once the app is gone", |l| {
+                ipv4_endpoints(l).is_empty()
+            })
+            .await;
         })
         .unwrap();
     assert!(cluster.ready_pod_names("default", "near").is_empty());

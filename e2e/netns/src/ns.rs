@@ -231,7 +231,7 @@ impl Netns {
     }
 
     /// Starts a long-lived thread inside this namespace (for servers such as
-    /// the test API server). The thread keeps the namespace's network alive
+    /// echo servers). The thread keeps the namespace's network alive
     /// until it ends, even after the guard deletes the name.
     pub fn spawn_thread<F, R>(&self, thread_name: &str, f: F) -> Result<JoinHandle<R>>
     where

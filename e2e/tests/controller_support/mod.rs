@@ -1,4 +1,4 @@
-//! Shared setup of the controller scenarios: the test API server on loopback (the
+//! Shared setup of the controller scenarios: a real control plane on loopback (the
 //! controller needs no data plane) and real `planproxy-controller run` processes.
 
 #![allow(dead_code)] // Each scenario file uses a different part.
@@ -9,8 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use planproxy_control_plane::{ControlPlane, ControlPlaneConfig, MASTERS};
 use planproxy_e2e::binaries::{self, CONTROLLER};
-use planproxy_test_apiserver::{Config, TestApiServer};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
@@ -27,10 +27,10 @@ pub const RETRY_PERIOD: Duration = Duration::from_millis(500);
 /// The ProxyPlan resource as the server counts it.
 pub const PLANS: &str = "proxyplans.planproxy.dev";
 
-/// A test API server with nodes and services, and a directory for kubeconfigs
+/// A control plane with nodes and services, and a directory for kubeconfigs
 /// and logs.
 pub struct TestCluster {
-    pub server: TestApiServer,
+    pub server: ControlPlane,
     pub dir: TempDir,
 }
 
@@ -38,9 +38,23 @@ impl TestCluster {
     /// A server holding `nodes` Nodes and `services` Services, each with one slice
     /// of one endpoint.
     pub async fn start(nodes: usize, services: usize) -> Self {
-        let server = TestApiServer::start(Config::default())
-            .await
-            .expect("test API server starts");
+        Self::start_with(nodes, services, true).await
+    }
+
+    /// [`Self::start`], with kube-apiserver's watch cache on or off (off, an
+    /// etcd compaction expires every watch's resourceVersion).
+    pub async fn start_with(nodes: usize, services: usize, watch_cache: bool) -> Self {
+        // The slices are written here (the services have no selector); the
+        // garbage collector deletes a removed node's plans.
+        let server = ControlPlane::start(ControlPlaneConfig {
+            controllers: vec!["garbage-collector-controller".into()],
+            watch_cache,
+            ..ControlPlaneConfig::default()
+        })
+        .expect("the control plane starts");
+        server
+            .apply_file(&planproxy_e2e::cluster::chart_crds_path())
+            .expect("the CRDs install");
         for i in 0..nodes {
             server.create(node(&node_name(i), i)).expect("node");
         }
@@ -101,7 +115,11 @@ impl TestCluster {
     /// Replaces the slice of service `i` with these endpoint IPs (through the API,
     /// so watches see it).
     pub async fn set_endpoints(&self, i: usize, ips: &[&str]) {
-        let client = self.server.client("test").await.expect("client");
+        let client = self
+            .server
+            .client("test", Some(MASTERS))
+            .await
+            .expect("client");
         let slices: kube::Api<EndpointSlice> = kube::Api::namespaced(client, "default");
         let object: EndpointSlice =
             serde_json::from_value(slice(&service_name(i), ips)).expect("an EndpointSlice");
@@ -129,7 +147,14 @@ fn free_port() -> SocketAddr {
 impl ControllerProcess {
     fn spawn(cluster: &TestCluster, identity: &str, extra: &[&str]) -> Self {
         let kubeconfig = cluster.dir.path().join(format!("kubeconfig-{identity}"));
-        std::fs::write(&kubeconfig, cluster.server.kubeconfig_for(identity)).expect("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            cluster
+                .server
+                .kubeconfig(identity, Some(MASTERS))
+                .expect("a kubeconfig"),
+        )
+        .expect("kubeconfig");
         let log = cluster.dir.path().join(format!("{identity}.log"));
         let admin = free_port();
         let binary = binaries::locate(CONTROLLER).expect("planproxy-controller is built");
