@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Runs every planproxy test: formatting, lints, unit and property tests, the
 # data-plane tests on the real kernel (network namespaces, iptables), the e2e
-# suite and the Helm chart tests. Needs root on Linux (Debian/Ubuntu); installs
-# the system and Python packages the tests use when they are missing.
+# suite against a real control plane, and the Helm chart tests. Needs root on
+# Linux (Debian/Ubuntu) and a Go toolchain (1.24 or newer); installs the system
+# and Python packages the tests use when they are missing, and builds etcd,
+# kube-apiserver, kube-controller-manager, kube-proxy and helm from their
+# pinned Go modules into a cache outside the repository on the first run
+# (scripts/build-control-plane.sh; nothing to do once cached).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for tool in iptables:iptables ip6tables:iptables ip:iproute2 conntrack:conntrack; do
+for tool in iptables:iptables ip6tables:iptables ip:iproute2 conntrack:conntrack flock:util-linux; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool#*:}")
 done
 if ((${#need_apt[@]})); then
@@ -18,6 +22,10 @@ fi
 if [ -f charts/tests/requirements.txt ]; then
     python3 -m pip install -q --disable-pip-version-check -r charts/tests/requirements.txt
 fi
+
+command -v go >/dev/null 2>&1 || { echo "test.sh: the control plane is built with Go; install go 1.24+" >&2; exit 1; }
+PLANPROXY_K8S_BIN="$(bash scripts/build-control-plane.sh)"
+export PLANPROXY_K8S_BIN
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -20,10 +20,10 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use planproxy_control_plane::{ControlPlane, ControlPlaneConfig, MASTERS};
 use planproxy_crds::labels::{NODE_LABEL, SHARD_LABEL, SPEC_HASH_ANNOTATION};
 use planproxy_e2e::binaries::{self, CONTROLLER};
 use planproxy_resolve::{Index, PlanShard, ResolveOptions};
-use planproxy_control_plane::{ControlPlane, ControlPlaneConfig, MASTERS};
 use serde_json::{Value, json};
 
 const PLANS: &str = "proxyplans.planproxy.dev";

@@ -11,10 +11,10 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use planproxy_control_plane::{ControlPlane, ControlPlaneConfig, MASTERS};
 use planproxy_netns::{
     ChildGuard, Client, EchoConfig, EchoGuard, Host, Pod, Topology, TopologySpec,
 };
-use planproxy_control_plane::{ControlPlane, ControlPlaneConfig, MASTERS};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -224,7 +224,10 @@ impl Cluster {
             &apiserver,
             &chart_values(control_plane.ipv4),
             &[
-                format!("controller.extraArgs={}", json_strings(&spec.controller_args)),
+                format!(
+                    "controller.extraArgs={}",
+                    json_strings(&spec.controller_args)
+                ),
                 format!("agent.extraArgs={}", json_strings(&spec.agent_args)),
             ],
         )?;
@@ -275,7 +278,15 @@ impl Cluster {
         let node = node_name(1);
         let ip = self.control_plane.ipv4.to_string();
         let host_ip = self.node(1).ipv4.to_string();
-        let process = self.run_workload(&self.controller_launch, pod, &node, &ip, &host_ip, &self.control_plane.ns, binaries::CONTROLLER)?;
+        let process = self.run_workload(
+            &self.controller_launch,
+            pod,
+            &node,
+            &ip,
+            &host_ip,
+            &self.control_plane.ns,
+            binaries::CONTROLLER,
+        )?;
         *lock(&self.controller) = Some(process);
         Ok(())
     }
@@ -287,7 +298,15 @@ impl Cluster {
         let name = node_name(index);
         let pod = format!("planproxy-agent-{name}");
         let ip = self.node(index).ipv4.to_string();
-        let process = self.run_workload(&self.agent_launch, &pod, &name, &ip, &ip, &self.node(index).ns, binaries::AGENT)?;
+        let process = self.run_workload(
+            &self.agent_launch,
+            &pod,
+            &name,
+            &ip,
+            &ip,
+            &self.node(index).ns,
+            binaries::AGENT,
+        )?;
         lock(&self.agents).push((name, process));
         Ok(())
     }
@@ -309,7 +328,9 @@ impl Cluster {
             .delete("v1", "Pod", Some(install::NAMESPACE), pod, Some(0))
             .map_err(|e| E2eError::ApiServer(e.to_string()))?;
         let created = wait_until(Duration::from_secs(30), || {
-            launch.create_pod(&self.apiserver, pod, node, pod_ip, host_ip).ok()
+            launch
+                .create_pod(&self.apiserver, pod, node, pod_ip, host_ip)
+                .ok()
         })
         .ok_or_else(|| E2eError::ApiServer(format!("creating pod {pod}")))?;
         let kubeconfig = install::pod_kubeconfig(
@@ -492,7 +513,9 @@ impl Cluster {
             .path()
             .join(format!("planproxy-agent-{}.kubeconfig", node_name(index)));
         if !path.exists() {
-            return Err(E2eError::Invalid(format!("no agent was started on node {index}")));
+            return Err(E2eError::Invalid(format!(
+                "no agent was started on node {index}"
+            )));
         }
         self.run_in_with_kubeconfig(index, path, check)
     }
@@ -566,7 +589,14 @@ impl Cluster {
                 .map_err(|e| E2eError::ApiServer(format!("creating pod {pod_name}: {e}")))?;
             let (v4, v6) = (pod.ipv4.to_string(), pod.ipv6.to_string());
             let host_ip = self.node(node_index).ipv4.to_string();
-            objects::mark_pod_running(&self.apiserver, &def.namespace, &pod_name, &[&v4, &v6], &host_ip, true)?;
+            objects::mark_pod_running(
+                &self.apiserver,
+                &def.namespace,
+                &pod_name,
+                &[&v4, &v6],
+                &host_ip,
+                true,
+            )?;
             let mut state = lock(&self.state);
             if let Some(app) = state.apps.get_mut(key) {
                 app.pods.push(AppPod {

@@ -52,13 +52,22 @@ pub fn helm(ns: &Netns, plane: &ControlPlane, args: &[String]) -> Result<String>
     if output.status.success() {
         Ok(text)
     } else {
-        Err(E2eError::Invalid(format!("helm {} failed ({}):\n{text}", args.join(" "), output.status)))
+        Err(E2eError::Invalid(format!(
+            "helm {} failed ({}):\n{text}",
+            args.join(" "),
+            output.status
+        )))
     }
 }
 
 /// `helm install planproxy charts/planproxy -n kube-system` with `values`
 /// (`--set`-style `key=value`) and `json_values` (`--set-json`).
-pub fn install(ns: &Netns, plane: &ControlPlane, values: &[String], json_values: &[String]) -> Result<()> {
+pub fn install(
+    ns: &Netns,
+    plane: &ControlPlane,
+    values: &[String],
+    json_values: &[String],
+) -> Result<()> {
     let mut args = vec![
         "install".to_owned(),
         RELEASE.to_owned(),
@@ -130,7 +139,9 @@ impl Launch {
                 if let Some(value) = var["value"].as_str() {
                     return Ok((name, value.to_owned()));
                 }
-                let field = var.pointer("/valueFrom/fieldRef/fieldPath").and_then(Value::as_str);
+                let field = var
+                    .pointer("/valueFrom/fieldRef/fieldPath")
+                    .and_then(Value::as_str);
                 let value = match field {
                     Some("spec.nodeName") => node,
                     Some("metadata.name") => pod,
@@ -149,7 +160,14 @@ impl Launch {
     /// The Pod object the workload's controller and the scheduler would have
     /// made, bound to `node`, and marked running (as its kubelet would) with
     /// `pod_ip`. Returns its (name, uid).
-    pub fn create_pod(&self, plane: &ControlPlane, pod: &str, node: &str, pod_ip: &str, host_ip: &str) -> Result<(String, String)> {
+    pub fn create_pod(
+        &self,
+        plane: &ControlPlane,
+        pod: &str,
+        node: &str,
+        pod_ip: &str,
+        host_ip: &str,
+    ) -> Result<(String, String)> {
         let mut spec = self.template["spec"].clone();
         spec["nodeName"] = json!(node);
         let object = json!({
@@ -165,7 +183,10 @@ impl Launch {
         let created = plane
             .create(object)
             .map_err(|e| E2eError::ApiServer(format!("creating pod {pod}: {e}")))?;
-        let uid = created["metadata"]["uid"].as_str().unwrap_or_default().to_owned();
+        let uid = created["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         crate::objects::mark_pod_running(plane, NAMESPACE, pod, &[pod_ip], host_ip, true)?;
         Ok((pod.to_owned(), uid))
     }
@@ -173,11 +194,19 @@ impl Launch {
 
 /// Writes a kubeconfig for the service account of `launch`, with a token
 /// bound to `pod`, to `dir/<pod>.kubeconfig`.
-pub fn pod_kubeconfig(plane: &ControlPlane, launch: &Launch, pod: (&str, &str), dir: &Path) -> Result<PathBuf> {
+pub fn pod_kubeconfig(
+    plane: &ControlPlane,
+    launch: &Launch,
+    pod: (&str, &str),
+    dir: &Path,
+) -> Result<PathBuf> {
     let token = plane
         .service_account_token(NAMESPACE, &launch.service_account, Some(pod))
         .map_err(|e| E2eError::ApiServer(format!("a token for {}: {e}", pod.0)))?;
-    let user = format!("system:serviceaccount:{NAMESPACE}:{}", launch.service_account);
+    let user = format!(
+        "system:serviceaccount:{NAMESPACE}:{}",
+        launch.service_account
+    );
     let path = dir.join(format!("{}.kubeconfig", pod.0));
     std::fs::write(&path, plane.kubeconfig_with_token(&user, &token))
         .map_err(|e| E2eError::io(format!("writing {}", path.display()), e))?;

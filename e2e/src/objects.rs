@@ -295,7 +295,11 @@ pub fn app_pod(
     let ports: Vec<Value> = tcp_ports
         .iter()
         .map(|p| json!({"containerPort": p, "protocol": "TCP"}))
-        .chain(udp_ports.iter().map(|p| json!({"containerPort": p, "protocol": "UDP"})))
+        .chain(
+            udp_ports
+                .iter()
+                .map(|p| json!({"containerPort": p, "protocol": "UDP"})),
+        )
         .collect();
     json!({
         "apiVersion": "v1",
@@ -320,9 +324,7 @@ pub fn mark_pod_running(
 ) -> Result<()> {
     let now = now_rfc3339();
     let ready = if ready { "True" } else { "False" };
-    let condition = |type_: &str, status: &str| {
-        json!({"type": type_, "status": status, "lastTransitionTime": now})
-    };
+    let condition = |type_: &str, status: &str| json!({"type": type_, "status": status, "lastTransitionTime": now});
     let status = json!({"status": {
         "phase": "Running",
         "hostIP": host_ip,

@@ -9,11 +9,11 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use planproxy_control_plane::OutageMode;
 use planproxy_crds::ProxyPlan;
 use planproxy_e2e::traffic::wait_servers;
 use planproxy_e2e::{AppDef, Cluster, ClusterApi, ClusterSpec, Protocol, ServiceDef};
 use planproxy_netns::{ConnectOpts, Netns};
-use planproxy_control_plane::OutageMode;
 use serde_json::json;
 
 /// How long the control loop (controller coalescing, agent sync) may take.

@@ -126,8 +126,10 @@ fn the_endpointslice_controller_publishes_the_harness_pods_as_they_change() {
             };
 
             let three = addresses(
-                &slices_until(&slices, "web", "3 pods x 2 families", |l| addresses(l).len() == 6)
-                    .await,
+                &slices_until(&slices, "web", "3 pods x 2 families", |l| {
+                    addresses(l).len() == 6
+                })
+                .await,
             );
             assert_eq!(three.len(), 6, "3 pods x 2 families: {three:?}");
             let expected: BTreeSet<(String, String, Option<String>)> =
@@ -158,8 +160,10 @@ fn the_endpointslice_controller_publishes_the_harness_pods_as_they_change() {
 
             api.scale("default", "web", 1).await.unwrap();
             let one = addresses(
-                &slices_until(&slices, "web", "1 pod x 2 families", |l| addresses(l).len() == 2)
-                    .await,
+                &slices_until(&slices, "web", "1 pod x 2 families", |l| {
+                    addresses(l).len() == 2
+                })
+                .await,
             );
             assert_eq!(one.len(), 2, "{one:?}");
 
@@ -167,15 +171,20 @@ fn the_endpointslice_controller_publishes_the_harness_pods_as_they_change() {
                 .await
                 .unwrap();
             let terminating = |l: &[EndpointSlice]| {
-                ipv4_endpoints(l).first().and_then(|e| e.conditions.clone()).is_some_and(|c| {
-                    (c.ready, c.serving, c.terminating) == (Some(false), Some(true), Some(true))
-                })
+                ipv4_endpoints(l)
+                    .first()
+                    .and_then(|e| e.conditions.clone())
+                    .is_some_and(|c| {
+                        (c.ready, c.serving, c.terminating) == (Some(false), Some(true), Some(true))
+                    })
             };
             slices_until(&slices, "web", "web-0 terminating and serving", terminating).await;
 
             api.delete_service("default", "web").await.unwrap();
-            slices_until(&slices, "web", "no slices once the service is gone", |l| l.is_empty())
-                .await;
+            slices_until(&slices, "web", "no slices once the service is gone", |l| {
+                l.is_empty()
+            })
+            .await;
         })
         .unwrap();
 }

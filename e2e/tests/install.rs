@@ -12,7 +12,7 @@ use k8s_openapi::api::authorization::v1::{
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use planproxy_crds::ProxyPlan;
 use planproxy_crds::labels::NODE_LABEL;
-use planproxy_e2e::install::{AGENT_DAEMONSET, NAMESPACE};
+use planproxy_e2e::install::{AGENT_DAEMONSET, NAMESPACE, RELEASE};
 use planproxy_e2e::{Cluster, ClusterSpec};
 use serde::Deserialize;
 use serde_json::json;
@@ -47,7 +47,9 @@ struct Access {
     verb: String,
 }
 
-const VERBS: &[&str] = &["get", "list", "watch", "create", "update", "patch", "delete"];
+const VERBS: &[&str] = &[
+    "get", "list", "watch", "create", "update", "patch", "delete",
+];
 /// A namespace the chart is not installed in.
 const OTHER_NAMESPACE: &str = "default";
 
@@ -58,23 +60,22 @@ fn calls() -> Vec<Call> {
     serde_yaml::from_str::<Calls>(&text).unwrap().calls
 }
 
-/// What `api_calls.yaml` says each component may do, over every resource any
+/// What `api_calls.yaml` says `components` may do, over every resource any
 /// component touches, every verb, in the release namespace and another one,
 /// by the listed resource name and another one.
-fn expected_access() -> Vec<(Access, bool)> {
+fn expected_access(components: &[&str]) -> Vec<(Access, bool)> {
     let calls = calls();
     let resources: BTreeSet<(String, String, String)> = calls
         .iter()
         .map(|c| (c.group.clone(), c.resource.clone(), c.subresource.clone()))
         .collect();
-    let components: BTreeSet<String> = calls.iter().map(|c| c.component.clone()).collect();
     let names: BTreeSet<String> = calls
         .iter()
         .map(|c| resource_name(&c.resource_name))
         .chain([String::new(), "someone-elses".to_owned()])
         .collect();
     let mut out = Vec::new();
-    for component in &components {
+    for component in components {
         for (group, resource, subresource) in &resources {
             for namespace in [NAMESPACE, OTHER_NAMESPACE] {
                 for name in &names {
@@ -95,7 +96,7 @@ fn expected_access() -> Vec<(Access, bool)> {
                         });
                         out.push((
                             Access {
-                                component: component.clone(),
+                                component: (*component).to_owned(),
                                 namespace: namespace.to_owned(),
                                 group: group.clone(),
                                 resource: resource.clone(),
@@ -159,22 +160,27 @@ async fn allowed(client: &kube::Client, access: &Access) -> bool {
     answer.status.is_some_and(|s| s.allowed)
 }
 
+/// The accesses of `components` that differ from what `api_calls.yaml` says.
+async fn wrong_access(client: &kube::Client, components: &[&str]) -> Vec<String> {
+    let mut wrong = Vec::new();
+    for (access, expected) in expected_access(components) {
+        if allowed(client, &access).await != expected {
+            wrong.push(format!(
+                "{access:?}: the API server says {}, api_calls.yaml says {}",
+                !expected, expected
+            ));
+        }
+    }
+    wrong
+}
+
+/// The controller and the agent (the cleanup hooks' service account exists
+/// only while `helm uninstall` runs; see the uninstall scenario).
 #[test]
-fn each_component_may_make_exactly_the_calls_the_chart_grants() {
+fn each_installed_component_may_make_exactly_the_calls_the_chart_grants() {
     let cluster = Cluster::start(ClusterSpec::network_only(1)).unwrap();
     let wrong: Vec<String> = cluster
-        .run(|api| async move {
-            let mut wrong = Vec::new();
-            for (access, expected) in expected_access() {
-                if allowed(&api.client, &access).await != expected {
-                    wrong.push(format!(
-                        "{access:?}: the API server says {}, api_calls.yaml says {}",
-                        !expected, expected
-                    ));
-                }
-            }
-            wrong
-        })
+        .run(|api| async move { wrong_access(&api.client, &["controller", "agent"]).await })
         .unwrap();
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
@@ -183,9 +189,7 @@ fn each_component_may_make_exactly_the_calls_the_chart_grants() {
 fn an_agent_may_write_the_status_of_its_own_nodes_plans_only() {
     let cluster = Cluster::start(ClusterSpec::default()).unwrap();
     cluster
-        .run(|api| async move {
-            api.wait_programmed(None, Duration::from_secs(90)).await
-        })
+        .run(|api| async move { api.wait_programmed(None, Duration::from_secs(90)).await })
         .unwrap()
         .unwrap();
     let (own, other) = cluster
@@ -226,4 +230,121 @@ fn an_agent_may_write_the_status_of_its_own_nodes_plans_only() {
         other => panic!("node1's agent wrote node2's plan status: {other:?}"),
     }
     cluster.processes_running().unwrap();
+}
+
+/// `helm uninstall` without kubelets: the pre-delete hooks start in weight
+/// order (the cleanup service account and its Role, then the Job that stops
+/// the agents), and there it stops, since no kubelet runs that Job (nor, after
+/// it, the cleanup DaemonSet and the Job that waits for it). The scenario checks
+/// the cleanup account's grants while it exists, then does on the node what the
+/// DaemonSet's init container would (its command, from the release's hooks), and
+/// removes the release without hooks.
+#[test]
+fn uninstall_starts_its_hooks_in_order_and_the_hook_command_leaves_no_rule() {
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 1,
+        ..ClusterSpec::default()
+    })
+    .unwrap();
+    cluster
+        .run(|api| async move { api.wait_programmed(None, Duration::from_secs(90)).await })
+        .unwrap()
+        .unwrap();
+    assert!(cluster.node(1).ns.iptables_save().contains("PPX-"));
+    let hooks = helm(&cluster, &["get", "hooks", RELEASE, "-n", NAMESPACE]).unwrap();
+    let cleanup_command = hook_init_command(&hooks, "DaemonSet", "planproxy-cleanup");
+    assert_eq!(cleanup_command, ["planproxy-agent", "cleanup"]);
+
+    let (uninstall, wrong, daemonset_before_job) = std::thread::scope(|scope| {
+        let uninstall = scope.spawn(|| {
+            helm(
+                &cluster,
+                &["uninstall", RELEASE, "-n", NAMESPACE, "--timeout", "20s"],
+            )
+        });
+        let job = planproxy_e2e::wait::eventually_sync(
+            "the stop-agent hook Job",
+            Duration::from_secs(30),
+            || {
+                cluster
+                    .apiserver()
+                    .get(
+                        "batch/v1",
+                        "Job",
+                        Some(NAMESPACE),
+                        "planproxy-cleanup-stop-agent",
+                    )
+                    .ok_or_else(|| "not yet".to_owned())
+            },
+        )
+        .unwrap();
+        assert!(job["spec"].is_object());
+        let daemonset =
+            cluster
+                .apiserver()
+                .get("apps/v1", "DaemonSet", Some(NAMESPACE), "planproxy-cleanup");
+        let wrong = cluster
+            .run(|api| async move { wrong_access(&api.client, &["cleanup"]).await })
+            .unwrap();
+        (uninstall.join().unwrap(), wrong, daemonset.is_some())
+    });
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    assert!(
+        !daemonset_before_job,
+        "the cleanup DaemonSet (weight 5) must wait for the stop-agent Job (weight 0)"
+    );
+    let failure = uninstall.expect_err("no kubelet runs the stop-agent Job");
+    assert!(failure.to_string().contains("stop-agent"), "{failure}");
+
+    // What the stop-agent Job and the cleanup DaemonSet would do on the node.
+    cluster.stop_agent(1, Duration::from_secs(5)).unwrap();
+    let agent = planproxy_e2e::binaries::locate(planproxy_e2e::binaries::AGENT).unwrap();
+    let mut argv = vec![agent.display().to_string()];
+    argv.extend(cleanup_command.into_iter().skip(1));
+    let status = cluster.node(1).ns.command(&argv).status().unwrap();
+    assert!(status.success());
+    let left = cluster.node(1).ns.iptables_save();
+    assert!(!left.contains("PPX-"), "{left}");
+
+    helm(
+        &cluster,
+        &["uninstall", RELEASE, "-n", NAMESPACE, "--no-hooks"],
+    )
+    .unwrap();
+    for (kind, name) in [
+        ("Deployment", "planproxy-controller"),
+        ("DaemonSet", AGENT_DAEMONSET),
+    ] {
+        assert!(
+            cluster
+                .apiserver()
+                .get("apps/v1", kind, Some(NAMESPACE), name)
+                .is_none(),
+            "{kind} {name} outlived the release"
+        );
+    }
+}
+
+fn helm(cluster: &Cluster, args: &[&str]) -> planproxy_e2e::Result<String> {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    planproxy_e2e::install::helm(&cluster.control_plane().ns, cluster.apiserver(), &args)
+}
+
+/// The first init container's command and arguments of `kind`/`name` among
+/// the release's hook manifests.
+fn hook_init_command(manifests: &str, kind: &str, name: &str) -> Vec<String> {
+    for document in serde_yaml::Deserializer::from_str(manifests) {
+        let Ok(object) = serde_json::Value::deserialize(document) else {
+            continue;
+        };
+        if object["kind"] == kind && object["metadata"]["name"] == name {
+            let container = &object["spec"]["template"]["spec"]["initContainers"][0];
+            return ["command", "args"]
+                .iter()
+                .flat_map(|key| container[*key].as_array().cloned().unwrap_or_default())
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect();
+        }
+    }
+    panic!("no {kind} {name} among the hooks:\n{manifests}");
 }
