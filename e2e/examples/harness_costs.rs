@@ -1,7 +1,8 @@
 //! What the e2e harness itself costs, so scenario budgets can be planned:
-//! building namespace topologies, starting a namespace cluster (API server,
-//! controller, agents), and a first service going from creation to answering
-//! from every node.
+//! building namespace topologies, starting the real control plane alone (and
+//! its processes' peak memory), starting a namespace cluster (control plane,
+//! `helm install`, controller, agents), and a first service going from
+//! creation to answering from every node.
 //!
 //! ```sh
 //! cargo build --bins && cargo run -p planproxy-e2e --example harness_costs [-- <rounds>]
@@ -54,6 +55,24 @@ fn main() -> Result<(), E2eError> {
         );
     }
 
+    let mut plane_start = Vec::new();
+    let mut peak: std::collections::BTreeMap<&'static str, f64> = Default::default();
+    for _ in 0..rounds {
+        let started = Instant::now();
+        let plane = planproxy_control_plane::ControlPlane::start(Default::default())
+            .map_err(|e| E2eError::ApiServer(e.to_string()))?;
+        plane_start.push(started.elapsed());
+        for (name, pid) in plane.pids() {
+            let mib = vm_hwm_mib(pid);
+            let entry = peak.entry(name).or_default();
+            *entry = entry.max(mib);
+        }
+    }
+    row(
+        "ControlPlane::start (etcd, kube-apiserver ready, controller-manager)",
+        plane_start,
+    );
+
     let (mut start, mut reachable) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         let started = Instant::now();
@@ -82,12 +101,27 @@ fn main() -> Result<(), E2eError> {
         reachable.push(started.elapsed());
     }
     row(
-        "Cluster::start (2 nodes, API server, controller, 2 agents)",
+        "Cluster::start (2 nodes, control plane, helm, controller, 2 agents)",
         start,
     );
     row(
         "deploy 2 pods + ClusterIP -> answered from both nodes",
         reachable,
     );
+    println!();
+    println!("| process right after start | peak RSS MiB |");
+    println!("|---|---:|");
+    for (name, mib) in peak {
+        println!("| {name} | {mib:.0} |");
+    }
     Ok(())
+}
+
+fn vm_hwm_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
 }

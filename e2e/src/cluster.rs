@@ -548,7 +548,9 @@ impl Cluster {
 
     // ---- workloads: pod namespaces, and the Pod objects a kubelet would report ----
 
-    fn add_replicas(&self, key: &(String, String), count: usize) -> Result<()> {
+    /// Adds `count` replicas; returns their addresses (both families).
+    fn add_replicas(&self, key: &(String, String), count: usize) -> Result<Vec<String>> {
+        let mut added = Vec::new();
         for _ in 0..count {
             let (def, ordinal) = {
                 let mut state = lock(&self.state);
@@ -588,6 +590,7 @@ impl Cluster {
                 ))
                 .map_err(|e| E2eError::ApiServer(format!("creating pod {pod_name}: {e}")))?;
             let (v4, v6) = (pod.ipv4.to_string(), pod.ipv6.to_string());
+            added.extend([v4.clone(), v6.clone()]);
             let host_ip = self.node(node_index).ipv4.to_string();
             objects::mark_pod_running(
                 &self.apiserver,
@@ -609,7 +612,34 @@ impl Cluster {
                 });
             }
         }
-        Ok(())
+        Ok(added)
+    }
+
+    /// Which families (IPv4, IPv6) of `app`'s pods some Service the harness
+    /// created selects, and so the EndpointSlice controller publishes.
+    fn selected_families(&self, app: &AppDef) -> (bool, bool) {
+        let state = lock(&self.state);
+        let selecting: Vec<&ServiceRecord> = state
+            .services
+            .values()
+            .filter(|s| selects(&s.def, app))
+            .collect();
+        (
+            !selecting.is_empty(),
+            selecting.iter().any(|s| s.def.dual_stack),
+        )
+    }
+
+    /// The addresses (both families) of the ready pods `service` selects.
+    fn pod_ips_selected_by(&self, service: &ServiceDef) -> Vec<String> {
+        lock(&self.state)
+            .apps
+            .values()
+            .filter(|app| selects(service, &app.def))
+            .flat_map(|app| app.pods.iter().filter(|p| p.ready && !p.terminating))
+            .flat_map(|p| [p.pod.ipv4.to_string(), p.pod.ipv6.to_string()])
+            .filter(|ip| service.dual_stack || !ip.contains(':'))
+            .collect()
     }
 
     /// Runs `f` on the app's pods (for data-plane checks against a pod).
@@ -760,7 +790,8 @@ impl ClusterApi<'_> {
                 node_ports,
             },
         );
-        Ok(())
+        let selected = self.cluster.pod_ips_selected_by(def);
+        self.wait_published(&def.namespace, &selected).await
     }
 
     /// Deletes a Service; the garbage collector removes its EndpointSlices.
@@ -787,7 +818,8 @@ impl ClusterApi<'_> {
                 next_pod: 0,
             },
         );
-        self.cluster.add_replicas(&key, def.replicas)
+        let added = self.cluster.add_replicas(&key, def.replicas)?;
+        self.wait_published_if_selected(def, &added).await
     }
 
     /// Scales an app: new replicas start ready; surplus replicas (newest
@@ -805,7 +837,15 @@ impl ClusterApi<'_> {
             app.pods.len()
         };
         if replicas >= current {
-            return self.cluster.add_replicas(&key, replicas - current);
+            let def = lock(&self.cluster.state)
+                .apps
+                .get(&key)
+                .map(|a| a.def.clone());
+            let added = self.cluster.add_replicas(&key, replicas - current)?;
+            return match def {
+                Some(def) => self.wait_published_if_selected(&def, &added).await,
+                None => Ok(()),
+            };
         }
         let removed: Vec<AppPod> = {
             let mut state = lock(&self.cluster.state);
@@ -828,6 +868,49 @@ impl ClusterApi<'_> {
         self.wait_unpublished(namespace, &gone).await;
         drop(removed);
         Ok(())
+    }
+
+    /// Once a Service selects `def`'s pods, waits until the EndpointSlice
+    /// controller has published every address of the `added` ones.
+    async fn wait_published_if_selected(&self, def: &AppDef, added: &[String]) -> Result<()> {
+        let families = self.cluster.selected_families(def);
+        let expected: Vec<String> = added
+            .iter()
+            .filter(|ip| {
+                if ip.contains(':') {
+                    families.1
+                } else {
+                    families.0
+                }
+            })
+            .cloned()
+            .collect();
+        self.wait_published(&def.namespace, &expected).await
+    }
+
+    /// Waits (up to 30 s) until EndpointSlices in `namespace` list every one of
+    /// `ips` (both families are separate slices, written one after the other).
+    async fn wait_published(&self, namespace: &str, ips: &[String]) -> Result<()> {
+        let slices: kube::Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+            kube::Api::namespaced(self.client.clone(), namespace);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let list = slices.list(&Default::default()).await?;
+            let published: std::collections::BTreeSet<&String> = list
+                .items
+                .iter()
+                .flat_map(|slice| slice.endpoints.iter().flat_map(|e| e.addresses.iter()))
+                .collect();
+            if ips.iter().all(|ip| published.contains(ip)) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(E2eError::Invalid(format!(
+                    "the EndpointSlice controller did not publish {ips:?} within 30 s"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Waits (up to 30 s) until no EndpointSlice in `namespace` lists any of `ips`.
@@ -877,7 +960,45 @@ impl ClusterApi<'_> {
         self.cluster
             .apiserver
             .delete("v1", "Pod", Some(namespace), pod, Some(3600))
-            .map_err(|e| E2eError::ApiServer(e.to_string()))
+            .map_err(|e| E2eError::ApiServer(e.to_string()))?;
+        let ip = self.cluster.with_app_pods(namespace, app, |pods| {
+            pods.iter()
+                .find(|p| p.name == pod)
+                .map(|p| p.pod.ipv4.to_string())
+        });
+        match ip {
+            Some(ip) => self.wait_terminating(namespace, &ip).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Waits (up to 30 s) until the EndpointSlices of `namespace` publish `ip`
+    /// as terminating, if any publishes it at all.
+    async fn wait_terminating(&self, namespace: &str, ip: &str) -> Result<()> {
+        let slices: kube::Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+            kube::Api::namespaced(self.client.clone(), namespace);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let list = slices.list(&Default::default()).await?;
+            let endpoints: Vec<_> = list
+                .items
+                .iter()
+                .flat_map(|slice| slice.endpoints.iter())
+                .filter(|e| e.addresses.iter().any(|a| a == ip))
+                .collect();
+            let terminating = |e: &&k8s_openapi::api::discovery::v1::Endpoint| {
+                e.conditions.as_ref().and_then(|c| c.terminating) == Some(true)
+            };
+            if endpoints.is_empty() || endpoints.iter().all(terminating) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(E2eError::Invalid(format!(
+                    "the EndpointSlice controller did not mark {ip} terminating within 30 s"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The API-level operations (policies, plans), shared with real clusters.
@@ -960,6 +1081,16 @@ impl crate::target::Workloads for ClusterApi<'_> {
     async fn delete_service(&self, namespace: &str, name: &str) -> Result<()> {
         ClusterApi::delete_service(self, namespace, name).await
     }
+}
+
+/// Whether `service`'s selector picks `app`'s pods.
+fn selects(service: &ServiceDef, app: &AppDef) -> bool {
+    service.namespace == app.namespace
+        && !service.selector.is_empty()
+        && service
+            .selector
+            .iter()
+            .all(|(k, v)| app.labels.get(k) == Some(v))
 }
 
 /// Registers the Nodes of the namespace cluster, as their kubelets would:

@@ -217,7 +217,10 @@ fn agent_killed_mid_sync_restarts_and_converges_without_duplicate_rules() {
                 .unwrap();
         })
         .unwrap();
+    // Both families: their EndpointSlices are written one after the other.
     wait_every_web_pod_answers(&cluster, vip, CONVERGE);
+    let vip6 = cluster.service_addr("default", "web", 80, true).unwrap();
+    wait_every_web_pod_answers(&cluster, vip6, CONVERGE);
     let converged = rules_only(&cluster.node(1).ns.iptables_save());
     assert_no_duplicate_rules(&converged);
 

@@ -384,9 +384,26 @@ fn proxy_services_false_leaves_labelled_services_alone_on_the_selected_node() {
 #[test]
 fn every_node_reports_programmed_with_the_current_spec_hash() {
     let cluster = start();
-    let plans = cluster
-        .run(|api| async move { deploy_web_until_programmed(&api).await })
+    // Besides web: the `kubernetes` Service, and the chart's metrics Services.
+    let (plans, service_ports) = cluster
+        .run(|api| async move {
+            let plans = deploy_web_until_programmed(&api).await;
+            let services: kube::Api<k8s_openapi::api::core::v1::Service> =
+                kube::Api::all(api.client.clone());
+            let ports: usize = services
+                .list(&Default::default())
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .filter_map(|s| s.spec.as_ref())
+                .filter(|spec| spec.cluster_ip.as_deref() != Some("None"))
+                .map(|spec| spec.ports.as_ref().map_or(0, Vec::len))
+                .sum();
+            (plans, ports)
+        })
         .unwrap();
+    assert!(service_ports > 2, "web's two ports and the cluster's own");
     for node in cluster.node_names() {
         let shards: Vec<_> = plans.iter().filter(|p| p.spec.node_name == node).collect();
         assert!(!shards.is_empty(), "{node} has no plan");
@@ -400,7 +417,11 @@ fn every_node_reports_programmed_with_the_current_spec_hash() {
                 "the annotation is the spec's hash"
             );
             let programmed = status.programmed.unwrap();
-            assert_eq!(programmed.service_ports, 2, "http and dns of default/web");
+            assert_eq!(
+                usize::try_from(programmed.service_ports).unwrap(),
+                service_ports,
+                "every port of every Service"
+            );
             assert!(programmed.rules > 0);
         }
     }

@@ -576,17 +576,22 @@ impl ControlPlane {
         self.block(async move {
             let api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
                 kube::Api::namespaced(inner.admin.clone(), "default");
-            let marker = serde_json::json!({
-                "apiVersion": "v1", "kind": "ConfigMap",
-                "metadata": {"name": "planproxy-e2e-compaction"},
-                "data": {"at": format!("{:?}", Instant::now())},
-            });
-            api.patch(
-                "planproxy-e2e-compaction",
-                &PatchParams::apply(HARNESS_MANAGER).force(),
-                &Patch::Apply(&marker),
-            )
-            .await?;
+            // Two revisions past anything a client has seen: a watch resumes
+            // at the revision after its resourceVersion, which must be
+            // compacted too for the server to answer 410.
+            for step in 0..2 {
+                let marker = serde_json::json!({
+                    "apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": "planproxy-e2e-compaction"},
+                    "data": {"at": format!("{:?}/{step}", Instant::now())},
+                });
+                api.patch(
+                    "planproxy-e2e-compaction",
+                    &PatchParams::apply(HARNESS_MANAGER).force(),
+                    &Patch::Apply(&marker),
+                )
+                .await?;
+            }
             let revision = etcd::compact(inner.etcd).await?;
             inner.proxy.close_connections();
             Ok(revision)
@@ -632,6 +637,20 @@ impl ControlPlane {
             out.push_str(&component.log_tail(lines));
         }
         out
+    }
+
+    /// The running components' process ids, by name (for resource readings).
+    pub fn pids(&self) -> Vec<(&'static str, u32)> {
+        let components = lock(&self.inner.components);
+        [
+            Some(&components.etcd),
+            components.apiserver.as_ref(),
+            components.controller_manager.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|c| (c.name, c.pid()))
+        .collect()
     }
 
     /// Err naming the component if any process has exited.

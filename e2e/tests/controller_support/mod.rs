@@ -305,7 +305,8 @@ pub fn node(name: &str, i: usize) -> Value {
 }
 
 pub fn service(name: &str, i: usize) -> Value {
-    let ip = format!("10.96.{}.{}", i / 250, i % 250 + 1);
+    // 10.96.0.1 is the `kubernetes` Service's.
+    let ip = format!("10.96.{}.{}", 1 + i / 250, i % 250 + 1);
     json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"namespace": "default", "name": name},
