@@ -33,6 +33,10 @@ const CONTROL_PLANE_HOST: u8 = 2;
 /// kube-apiserver's `--service-cluster-ip-range`.
 pub const SERVICE_CIDR_V4: &str = "10.96.0.0/16";
 pub const SERVICE_CIDR_V6: &str = "fd00:96::/112";
+/// The pod networks every node's pod CIDR is cut from (kube-proxy's
+/// `--cluster-cidr`).
+pub const CLUSTER_CIDR_V4: &str = "10.244.0.0/16";
+pub const CLUSTER_CIDR_V6: &str = "fd00:244::/48";
 
 /// How to build a namespace cluster.
 #[derive(Clone, Debug)]
@@ -50,6 +54,28 @@ pub struct ClusterSpec {
     /// Extra flags for the controller and the agents.
     pub controller_args: Vec<String>,
     pub agent_args: Vec<String>,
+    /// Nodes (1-based) that the real kube-proxy programs instead of a
+    /// planproxy agent: reference nodes, for comparing the two on the same
+    /// cluster. The Node objects, pod routes and clients are the same.
+    pub kube_proxy_nodes: BTreeMap<u8, KubeProxyMode>,
+    /// Extra flags for every kube-proxy.
+    pub kube_proxy_args: Vec<String>,
+}
+
+/// kube-proxy's `--proxy-mode` on a reference node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KubeProxyMode {
+    Iptables,
+    Nftables,
+}
+
+impl KubeProxyMode {
+    pub fn as_flag(self) -> &'static str {
+        match self {
+            KubeProxyMode::Iptables => "iptables",
+            KubeProxyMode::Nftables => "nftables",
+        }
+    }
 }
 
 impl Default for ClusterSpec {
@@ -62,6 +88,8 @@ impl Default for ClusterSpec {
             agents: true,
             controller_args: Vec::new(),
             agent_args: Vec::new(),
+            kube_proxy_nodes: BTreeMap::new(),
+            kube_proxy_args: Vec::new(),
         }
     }
 }
@@ -155,6 +183,7 @@ pub struct Cluster {
     // Fields drop in this order: processes before the API server, the API
     // server before the network it listens on.
     agents: Mutex<Vec<(String, ChildGuard)>>,
+    kube_proxies: Mutex<Vec<(String, ChildGuard)>>,
     controller: Mutex<Option<ChildGuard>>,
     state: Mutex<State>,
     controller_launch: Launch,
@@ -236,6 +265,7 @@ impl Cluster {
         let agent_launch = Launch::read(&apiserver, "DaemonSet", install::AGENT_DAEMONSET)?;
         let cluster = Cluster {
             agents: Mutex::new(Vec::new()),
+            kube_proxies: Mutex::new(Vec::new()),
             controller: Mutex::new(None),
             state: Mutex::new(State::default()),
             controller_launch,
@@ -250,8 +280,14 @@ impl Cluster {
         if cluster.spec.controller {
             cluster.start_controller()?;
         }
+        for (&index, &mode) in &cluster.spec.kube_proxy_nodes {
+            cluster.start_kube_proxy(index, mode)?;
+        }
         if cluster.spec.agents {
             for index in 1..=cluster.spec.nodes {
+                if cluster.spec.kube_proxy_nodes.contains_key(&index) {
+                    continue;
+                }
                 cluster.start_agent(index)?;
             }
         }
@@ -311,6 +347,49 @@ impl Cluster {
         Ok(())
     }
 
+    /// Starts the real kube-proxy on node N, as a kubeadm DaemonSet would run
+    /// it (its own identity `system:kube-proxy`, which the bootstrap policy
+    /// binds to `system:node-proxier`), with what a node without a kubelet
+    /// needs: conntrack limits left alone (they are global or read-only
+    /// outside the initial namespace).
+    pub fn start_kube_proxy(&self, index: u8, mode: KubeProxyMode) -> Result<()> {
+        let name = node_name(index);
+        let contents = self
+            .apiserver
+            .kubeconfig("system:kube-proxy", None)
+            .map_err(|e| E2eError::ApiServer(e.to_string()))?;
+        let kubeconfig = self.write_kubeconfig(&format!("kube-proxy-{name}"), &contents)?;
+        let binary = planproxy_control_plane::binaries_dir()
+            .map_err(|e| E2eError::ApiServer(e.to_string()))?
+            .join("kube-proxy");
+        let mut argv = vec![
+            binary.display().to_string(),
+            format!("--kubeconfig={}", kubeconfig.display()),
+            format!("--hostname-override={name}"),
+            format!("--proxy-mode={}", mode.as_flag()),
+            format!("--cluster-cidr={CLUSTER_CIDR_V4},{CLUSTER_CIDR_V6}"),
+            "--conntrack-max-per-core=0".into(),
+            "--conntrack-tcp-timeout-established=0s".into(),
+            "--conntrack-tcp-timeout-close-wait=0s".into(),
+            "--healthz-bind-address=0.0.0.0:10256".into(),
+            "--metrics-bind-address=127.0.0.1:10249".into(),
+            "--v=2".into(),
+        ];
+        argv.extend(self.spec.kube_proxy_args.iter().cloned());
+        let process = self.node(index).ns.spawn(&argv, &[])?;
+        lock(&self.kube_proxies).push((name, process));
+        Ok(())
+    }
+
+    /// Node N's kube-proxy log so far.
+    pub fn kube_proxy_log(&self, index: u8) -> String {
+        let name = node_name(index);
+        lock(&self.kube_proxies)
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or_else(|| format!("(no kube-proxy on {name})"), |(_, p)| p.log())
+    }
+
     /// Plays kubelet for one pod of a chart workload: the Pod object (made
     /// afresh, as after a restart), a bound token, and the process.
     #[allow(clippy::too_many_arguments)]
@@ -362,6 +441,14 @@ impl Cluster {
                 tail(&controller.log(), 20)
             ));
         }
+        for (name, proxy) in lock(&self.kube_proxies).iter_mut() {
+            if let Some(status) = proxy.try_exit_status()? {
+                dead.push(format!(
+                    "kube-proxy on {name} exited ({status}):\n{}",
+                    tail(&proxy.log(), 20)
+                ));
+            }
+        }
         for (name, agent) in lock(&self.agents).iter_mut() {
             if let Some(status) = agent.try_exit_status()? {
                 dead.push(format!(
@@ -407,6 +494,14 @@ impl Cluster {
     /// The node names, `node1` … `nodeN`.
     pub fn node_names(&self) -> Vec<String> {
         (1..=self.spec.nodes).map(node_name).collect()
+    }
+
+    /// The nodes planproxy programs: every node but the kube-proxy reference nodes.
+    pub fn planproxy_node_names(&self) -> Vec<String> {
+        (1..=self.spec.nodes)
+            .filter(|i| !self.spec.kube_proxy_nodes.contains_key(i))
+            .map(node_name)
+            .collect()
     }
 
     /// A pod on node N that belongs to no app.
@@ -734,6 +829,13 @@ impl Cluster {
             out.push_str(&tail(&self.agent_log(index), 200));
             out.push_str(&format!("===== iptables-save {} =====\n", node_name(index)));
             out.push_str(&self.node(index).ns.iptables_save());
+            if self.spec.kube_proxy_nodes.contains_key(&index) {
+                out.push_str(&format!(
+                    "===== kube-proxy log {} =====\n",
+                    node_name(index)
+                ));
+                out.push_str(&tail(&self.kube_proxy_log(index), 100));
+            }
         }
         out.push_str(&self.apiserver.logs(60));
         out
@@ -1005,7 +1107,7 @@ impl ClusterApi<'_> {
     pub fn control(&self) -> Control {
         Control {
             client: self.client.clone(),
-            nodes: self.cluster.node_names(),
+            nodes: self.cluster.planproxy_node_names(),
         }
     }
 

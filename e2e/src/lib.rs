@@ -102,7 +102,7 @@ pub mod target;
 pub mod traffic;
 pub mod wait;
 
-pub use cluster::{AppDef, AppPod, Cluster, ClusterApi, ClusterSpec, node_name};
+pub use cluster::{AppDef, AppPod, Cluster, ClusterApi, ClusterSpec, KubeProxyMode, node_name};
 pub use control::Control;
 pub use error::{E2eError, Result};
 pub use objects::{EndpointDef, PortDef, Protocol, ServiceDef, ServiceType};

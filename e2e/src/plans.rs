@@ -13,7 +13,9 @@ pub fn all_programmed(plans: &[ProxyPlan], nodes: &[String]) -> Result<(), Strin
             return Err(format!("{node} has no ProxyPlan"));
         }
     }
-    for plan in plans {
+    // Only the listed nodes' plans: a node another proxy programs (a
+    // reference node) still has a plan, which nobody reports on.
+    for plan in plans.iter().filter(|p| nodes.contains(&p.spec.node_name)) {
         let name = plan.metadata.name.as_deref().unwrap_or("?");
         let status = plan
             .status

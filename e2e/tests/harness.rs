@@ -30,7 +30,7 @@ async fn slices_until(
     let by_service = ListParams::default().labels(&format!("{SERVICE_NAME_LABEL}={service}"));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let items = slices.list(&by_service).await.unwrap().items;
+        let items = slices.list(&by_service).await.expect("slices list").items;
         if check(&items) {
             return items;
         }

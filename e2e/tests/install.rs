@@ -56,8 +56,10 @@ const OTHER_NAMESPACE: &str = "default";
 fn calls() -> Vec<Call> {
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/tests/api_calls.yaml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    serde_yaml::from_str::<Calls>(&text).unwrap().calls
+    let text = std::fs::read_to_string(&path).expect("charts/tests/api_calls.yaml");
+    serde_yaml::from_str::<Calls>(&text)
+        .expect("api_calls.yaml parses")
+        .calls
 }
 
 /// What `api_calls.yaml` says `components` may do, over every resource any
@@ -156,7 +158,7 @@ async fn allowed(client: &kube::Client, access: &Access) -> bool {
     let answer = reviews
         .create(&PostParams::default(), &review)
         .await
-        .unwrap();
+        .expect("the API server answers a SubjectAccessReview");
     answer.status.is_some_and(|s| s.allowed)
 }
 
