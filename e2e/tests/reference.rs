@@ -81,3 +81,91 @@ fn a_kube_proxy_iptables_reference_node_serves_what_planproxy_nodes_serve() {
 fn a_kube_proxy_nftables_reference_node_serves_what_planproxy_nodes_serve() {
     serves_alike(KubeProxyMode::Nftables);
 }
+
+/// GET `path` from `addr` inside `ns`: (status code, body).
+fn http_get(
+    ns: &planproxy_netns::Netns,
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let path = path.to_owned();
+    ns.run_in(move || {
+        let mut stream =
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let code = response.split_whitespace().nth(1)?.parse().ok()?;
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+        Some((code, body))
+    })
+}
+
+/// The shape of a JSON document: every key path, with the type of its value.
+fn shape(value: &serde_json::Value, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, inner) in map {
+                shape(inner, &format!("{prefix}/{key}"), out);
+            }
+        }
+        serde_json::Value::Array(_) => {
+            out.insert(format!("{prefix}: array"));
+        }
+        serde_json::Value::String(_) => {
+            out.insert(format!("{prefix}: string"));
+        }
+        serde_json::Value::Bool(_) => {
+            out.insert(format!("{prefix}: bool"));
+        }
+        serde_json::Value::Number(_) => {
+            out.insert(format!("{prefix}: number"));
+        }
+        serde_json::Value::Null => {
+            out.insert(format!("{prefix}: null"));
+        }
+    }
+}
+
+/// Load balancers and dashboards read kube-proxy's `/healthz` JSON: an agent
+/// answers with the same fields, of the same types, as the real kube-proxy on
+/// the same cluster.
+#[test]
+fn the_agents_healthz_answers_with_kube_proxys_fields() {
+    let cluster = Cluster::start(ClusterSpec {
+        nodes: 2,
+        kube_proxy_nodes: BTreeMap::from([(2, KubeProxyMode::Iptables)]),
+        ..ClusterSpec::default()
+    })
+    .expect("the cluster starts");
+    cluster
+        .run(|api| async move { api.wait_programmed(None, CONVERGE).await })
+        .expect("the scenario runs")
+        .expect("node1 programmed");
+    let from = &cluster.client(1).ns;
+    let healthz = |node: u8| {
+        let address = std::net::SocketAddr::new(cluster.node(node).ipv4.into(), 10256);
+        planproxy_e2e::wait::eventually_sync("a healthy /healthz", CONVERGE, || {
+            match http_get(from, address, "/healthz") {
+                Some((200, body)) => serde_json::from_str::<serde_json::Value>(&body)
+                    .map_err(|e| format!("{e}: {body}")),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .expect("/healthz answers 200")
+    };
+    let (ours, theirs) = (healthz(1), healthz(2));
+    let (mut our_shape, mut their_shape) = Default::default();
+    shape(&ours, "", &mut our_shape);
+    shape(&theirs, "", &mut their_shape);
+    assert_eq!(
+        our_shape, their_shape,
+        "planproxy: {ours}\nkube-proxy: {theirs}"
+    );
+}

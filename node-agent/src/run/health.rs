@@ -84,10 +84,14 @@ fn rfc3339(t: Option<Timestamp>) -> String {
 /// The `/healthz` answer (`check_node`) or the `/livez` answer.
 pub fn node_answer(state: &HealthState, now: Timestamp, check_node: bool) -> HealthAnswer {
     let healthy = state.proxy_healthy(now);
+    // kube-proxy runs a proxier per family and reports each; one sync here
+    // programs both families together, so both share the node's state.
+    let family = json!({"lastUpdated": rfc3339(state.last_updated), "healthy": healthy});
     let mut body = json!({
         "lastUpdated": rfc3339(state.last_updated),
         "currentTime": rfc3339(Some(now)),
         "healthy": healthy,
+        "status": {"IPv4": family, "IPv6": family},
     });
     let mut ok = healthy;
     if check_node {
@@ -394,6 +398,11 @@ mod tests {
         assert_eq!(answer.body["currentTime"], "2023-11-14T22:13:30Z");
         assert_eq!(answer.body["nodeEligible"], true);
         assert_eq!(answer.body["healthy"], true);
+        for family in ["IPv4", "IPv6"] {
+            let status = &answer.body["status"][family];
+            assert_eq!(status["healthy"], true, "{family}");
+            assert_eq!(status["lastUpdated"], "2023-11-14T22:13:20Z", "{family}");
+        }
     }
 
     #[test]
@@ -408,6 +417,8 @@ mod tests {
         let late = node_answer(&state, at(161), true);
         assert_eq!(late.code, 503);
         assert_eq!(late.body["healthy"], false);
+        assert_eq!(late.body["status"]["IPv4"]["healthy"], false);
+        assert_eq!(late.body["status"]["IPv6"]["healthy"], false);
         assert_eq!(
             node_answer(&state, at(161), false).code,
             503,
