@@ -5,8 +5,7 @@
 // A test file: its helpers panic on failure like the tests themselves.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use planproxy_control_plane::OutageMode;
@@ -131,19 +130,7 @@ fn poll(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
 
 /// GET `path` on `addr` from inside `ns`: the status code.
 fn http_status(ns: &Netns, addr: SocketAddr, path: &str) -> Option<u16> {
-    let path = path.to_owned();
-    ns.run_in(move || {
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        response.split_whitespace().nth(1)?.parse().ok()
-    })
+    ns.http_get(addr, path).map(|(code, _)| code)
 }
 
 #[test]

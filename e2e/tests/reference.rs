@@ -82,31 +82,6 @@ fn a_kube_proxy_nftables_reference_node_serves_what_planproxy_nodes_serve() {
     serves_alike(KubeProxyMode::Nftables);
 }
 
-/// GET `path` from `addr` inside `ns`: (status code, body).
-fn http_get(
-    ns: &planproxy_netns::Netns,
-    addr: std::net::SocketAddr,
-    path: &str,
-) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let path = path.to_owned();
-    ns.run_in(move || {
-        let mut stream =
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let code = response.split_whitespace().nth(1)?.parse().ok()?;
-        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-        Some((code, body))
-    })
-}
-
 /// The shape of a JSON document: every key path, with the type of its value.
 fn shape(value: &serde_json::Value, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
     match value {
@@ -152,7 +127,7 @@ fn the_agents_healthz_answers_with_kube_proxys_fields() {
     let healthz = |node: u8| {
         let address = std::net::SocketAddr::new(cluster.node(node).ipv4.into(), 10256);
         planproxy_e2e::wait::eventually_sync("a healthy /healthz", CONVERGE, || {
-            match http_get(from, address, "/healthz") {
+            match from.http_get(address, "/healthz") {
                 Some((200, body)) => serde_json::from_str::<serde_json::Value>(&body)
                     .map_err(|e| format!("{e}: {body}")),
                 other => Err(format!("{other:?}")),

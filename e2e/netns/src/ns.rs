@@ -349,6 +349,35 @@ impl Netns {
             .map(drop)
     }
 
+    /// GETs `path` from `addr` over HTTP/1.1 from inside the namespace, for
+    /// health and metrics endpoints: (status code, body), or None when
+    /// nothing answered within a second or two.
+    pub fn http_get(&self, addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+        use std::io::Read;
+        let path = path.to_owned();
+        self.run_in(move || {
+            let mut stream =
+                std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1))
+                    .ok()?;
+            stream
+                .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                .ok()?;
+            write!(
+                stream,
+                "GET {path} HTTP/1.1\r\nHost: planproxy-test\r\nConnection: close\r\n\r\n"
+            )
+            .ok()?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response).ok()?;
+            let code = response.split_whitespace().nth(1)?.parse().ok()?;
+            let body = response
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_owned())
+                .unwrap_or_default();
+            Some((code, body))
+        })
+    }
+
     /// Both `iptables-save` and `ip6tables-save` of this namespace, for
     /// failure reports.
     pub fn iptables_save(&self) -> String {

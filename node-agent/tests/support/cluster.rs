@@ -4,8 +4,8 @@
 //! reached through the control plane's fault proxy), a pod with an echo server
 //! behind the node's bridge. Nothing touches the root namespace.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use planproxy_control_plane::{ControlPlane, ControlPlaneConfig, MASTERS};
@@ -178,24 +178,7 @@ impl Cluster {
 
     /// GET `path` from `addr` inside the node namespace: (status code, body).
     pub fn http_get(&self, addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-        let path = path.to_owned();
-        self.node_ns().run_in(move || {
-            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-            stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-            write!(
-                stream,
-                "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-            )
-            .ok()?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response).ok()?;
-            let code = response.split_whitespace().nth(1)?.parse().ok()?;
-            let body = response
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_owned())
-                .unwrap_or_default();
-            Some((code, body))
-        })
+        self.node_ns().http_get(addr, path)
     }
 }
 
