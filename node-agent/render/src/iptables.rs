@@ -1,4 +1,5 @@
-//! The renderer: a parsed node plan → a [`RuleSet`], following kube-proxy's
+//! The iptables emitter: a parsed node plan, decided per service port by
+//! [`crate::decide`], → a [`RuleSet`], following kube-proxy's
 //! iptables-mode semantics with three changes that keep syncs fast and first
 //! packets cheap:
 //!
@@ -18,14 +19,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
-use ipnet::IpNet;
 use planproxy_crds::ProxyPlanSpec;
-use planproxy_crds::v1alpha1::{NoEndpointsAction, ProgrammedSummary};
+use planproxy_crds::v1alpha1::ProgrammedSummary;
 
+use crate::decide::{
+    ClusterMasquerade, NodeDecision, NodePortDestinations, PortDecision, Refusal, Unreachable,
+};
 use crate::hash::{endpoint_hash, service_port_hash};
 use crate::model::{
-    self, Endpoint, InvalidServicePort, NodeModel, PlanError, ServicePort, Settings, family_of,
-    family_of_net,
+    self, Endpoint, InvalidServicePort, NodeModel, PlanError, ServicePort, Settings,
 };
 use crate::ruleset::{Chain, FamilyRules, Jump, RuleSet, TableRules, chains};
 use crate::tree::{DispatchEntry, dispatch};
@@ -106,10 +108,38 @@ fn host(ip: IpAddr) -> String {
     }
 }
 
-fn reject_target(action: NoEndpointsAction) -> &'static str {
-    match action {
-        NoEndpointsAction::Reject => "REJECT",
-        NoEndpointsAction::Drop => "DROP",
+fn refusal_target(refusal: Refusal) -> &'static str {
+    match refusal {
+        Refusal::Reject => "REJECT",
+        Refusal::Drop => "DROP",
+    }
+}
+
+/// The names one service port's rules use.
+struct Names {
+    /// `namespace/name[:port]`.
+    spn: String,
+    /// `-m <proto> -p <proto>`.
+    matcher: String,
+    svc: String,
+    svl: String,
+    ext: String,
+    fw: String,
+}
+
+impl Names {
+    fn of(sp: &ServicePort) -> Self {
+        let spn = sp.name.to_string();
+        let proto = sp.protocol.as_lower_str();
+        let hash = service_port_hash(&spn, proto);
+        Self {
+            matcher: format!("-m {proto} -p {proto}"),
+            svc: format!("PPX-SVC-{hash}"),
+            svl: format!("PPX-SVL-{hash}"),
+            ext: format!("PPX-EXT-{hash}"),
+            fw: format!("PPX-FW-{hash}"),
+            spn,
+        }
     }
 }
 
@@ -193,117 +223,69 @@ impl<'a> FamilyBuilder<'a> {
 
     /// Renders one service port; false when it has nothing in this family.
     fn service_port(&mut self, sp: &ServicePort) -> bool {
-        let family = self.family;
-        let Some(cluster_ip) = sp
-            .cluster_ips
-            .iter()
-            .copied()
-            .find(|ip| family_of(ip) == family)
-        else {
+        let Some(d) = PortDecision::new(sp, self.family, self.settings) else {
             return false;
         };
-        let of_family = |set: &Option<Vec<Endpoint>>| -> Vec<Endpoint> {
-            set.iter()
-                .flatten()
-                .filter(|e| family_of(&e.addr.ip()) == family)
-                .copied()
-                .collect()
-        };
-        // `hasEndpoints` is authoritative: without it every frontend rejects,
-        // whatever the endpoint sets hold.
-        let (cluster_eps, local_eps) = if sp.has_endpoints {
-            (
-                of_family(&sp.cluster_endpoints),
-                of_family(&sp.local_endpoints),
-            )
-        } else {
-            (Vec::new(), Vec::new())
-        };
-        let in_family = |ips: &[IpAddr]| -> Vec<IpAddr> {
-            ips.iter()
-                .copied()
-                .filter(|ip| family_of(ip) == family)
-                .collect()
-        };
-        let external_ips = in_family(&sp.external_ips);
-        let lb_ips = in_family(&sp.load_balancer_ips);
-        let ranges: Vec<IpNet> = sp
-            .source_ranges
-            .iter()
-            .copied()
-            .filter(|n| family_of_net(n) == family)
-            .collect();
-
-        let owner = sp.shard;
-        let spn = sp.name.to_string();
-        let proto = sp.protocol.as_lower_str();
-        let port = sp.port;
-        let hash = service_port_hash(&spn, proto);
-        let svc = format!("PPX-SVC-{hash}");
-        let svl = format!("PPX-SVL-{hash}");
-        let ext = format!("PPX-EXT-{hash}");
-        let fw = format!("PPX-FW-{hash}");
-
-        let externally_accessible =
-            sp.node_port.is_some() || !external_ips.is_empty() || !lb_ips.is_empty();
-        let external_local = sp.external_local && externally_accessible;
-        // A dual-stack service may have endpoints in one family only.
-        let has_endpoints = sp.has_endpoints
-            && (!cluster_eps.is_empty() || !local_eps.is_empty() || sp.all_endpoints().is_empty());
-        let uses_cluster_chain =
-            !cluster_eps.is_empty() && (!sp.internal_local || externally_accessible);
-        let uses_local_chain = !local_eps.is_empty() && (sp.internal_local || external_local);
-        let (internal_chain, has_internal) = if sp.internal_local {
-            (&svl, uses_local_chain)
-        } else {
-            (&svc, uses_cluster_chain)
-        };
-        let has_external = if external_local {
-            uses_local_chain
-        } else {
-            uses_cluster_chain
-        };
-        let uses_fw = !lb_ips.is_empty() && !ranges.is_empty();
-        let unreachable = |local_policy: bool| -> (&'static str, &'static str) {
-            if local_policy && has_endpoints {
-                ("DROP", "has no local endpoints")
-            } else {
-                (reject_target(sp.no_endpoints_action), "has no endpoints")
-            }
-        };
-        let matcher = format!("-m {proto} -p {proto}");
-
+        let names = Names::of(sp);
         // A service reachable only through its cluster IP needs no policy chain
         // of its own in the tree layout: its rules, each matching the frontend,
         // go straight into the dispatch leaf. That saves one chain per service,
         // and restore time on nf_tables follows the number of chains.
-        let inline_internal = self.layout == Layout::Tree && !externally_accessible;
+        let inline_internal = self.layout == Layout::Tree && !d.externally_accessible;
+        self.cluster_ip_frontend(&d, &names, inline_internal);
+        self.external_frontends(&d, &names);
+        self.node_port_frontends(&d, &names);
+        if !d.has_endpoints {
+            return true;
+        }
+        if d.externally_accessible {
+            self.external_chain(&d, &names);
+        }
+        if d.uses_firewall {
+            self.firewall_chain(&d, &names);
+        }
+        self.policy_chains(&d, &names, inline_internal);
+        self.endpoint_chains(&d, &names);
+        true
+    }
 
-        // Cluster IP.
-        if has_internal && !inline_internal {
+    fn cluster_ip_frontend(&mut self, d: &PortDecision<'_>, n: &Names, inline_internal: bool) {
+        let (owner, spn, matcher, port) = (d.sp.shard, &n.spn, &n.matcher, d.sp.port);
+        let internal_chain = if d.internal_uses_local {
+            &n.svl
+        } else {
+            &n.svc
+        };
+        if d.has_internal && !inline_internal {
             let e = self.entry(
                 owner,
-                cluster_ip,
+                d.cluster_ip,
                 format!(
                     "-m comment --comment \"{spn} cluster IP\" {matcher} -d {} --dport {port} -j {internal_chain}",
-                    host(cluster_ip)
+                    host(d.cluster_ip)
                 ),
             );
             self.nat_services.push(e);
-        } else if !has_internal {
-            let (target, reason) = unreachable(sp.internal_local);
+        } else if !d.has_internal {
+            let Unreachable { refusal, reason } = d.internal_unreachable;
+            let target = refusal_target(refusal);
             let e = self.entry(
                 owner,
-                cluster_ip,
-                format!("-m comment --comment \"{spn} {reason}\" {matcher} -d {} --dport {port} -j {target}", host(cluster_ip)),
+                d.cluster_ip,
+                format!("-m comment --comment \"{spn} {reason}\" {matcher} -d {} --dport {port} -j {target}", host(d.cluster_ip)),
             );
             self.filter_services.push(e);
         }
+    }
 
-        // External IPs and load-balancer IPs.
-        let (ext_target, ext_reason) = unreachable(external_local);
-        for ip in &external_ips {
-            if has_endpoints {
+    /// External IPs and load-balancer IPs.
+    fn external_frontends(&mut self, d: &PortDecision<'_>, n: &Names) {
+        let (owner, spn, matcher, port) = (d.sp.shard, &n.spn, &n.matcher, d.sp.port);
+        let Unreachable { refusal, reason } = d.external_unreachable;
+        let ext_target = refusal_target(refusal);
+        let ext = &n.ext;
+        for ip in &d.external_ips {
+            if d.has_endpoints {
                 let e = self.entry(
                     owner,
                     *ip,
@@ -311,18 +293,18 @@ impl<'a> FamilyBuilder<'a> {
                 );
                 self.nat_services.push(e);
             }
-            if !has_external {
+            if !d.has_external {
                 let e = self.entry(
                     owner,
                     *ip,
-                    format!("-m comment --comment \"{spn} {ext_reason}\" {matcher} -d {} --dport {port} -j {ext_target}", host(*ip)),
+                    format!("-m comment --comment \"{spn} {reason}\" {matcher} -d {} --dport {port} -j {ext_target}", host(*ip)),
                 );
                 self.filter_external.push(e);
             }
         }
-        for ip in &lb_ips {
-            if has_endpoints {
-                let target = if uses_fw { &fw } else { &ext };
+        for ip in &d.lb_ips {
+            if d.has_endpoints {
+                let target = if d.uses_firewall { &n.fw } else { ext };
                 let e = self.entry(
                     owner,
                     *ip,
@@ -330,47 +312,54 @@ impl<'a> FamilyBuilder<'a> {
                 );
                 self.nat_services.push(e);
             }
-            if uses_fw {
+            if d.uses_firewall {
                 self.push(
                     Table::Filter,
                     chains::PROXY_FIREWALL,
                     Some(owner),
                     format!(
-                        "-m comment --comment \"{spn} traffic not accepted by {fw}\" {matcher} -d {} --dport {port} -j DROP",
+                        "-m comment --comment \"{spn} traffic not accepted by {}\" {matcher} -d {} --dport {port} -j DROP",
+                        n.fw,
                         host(*ip)
                     ),
                 );
             }
-            if !has_external {
+            if !d.has_external {
                 let e = self.entry(
                     owner,
                     *ip,
-                    format!("-m comment --comment \"{spn} {ext_reason}\" {matcher} -d {} --dport {port} -j {ext_target}", host(*ip)),
+                    format!("-m comment --comment \"{spn} {reason}\" {matcher} -d {} --dport {port} -j {ext_target}", host(*ip)),
                 );
                 self.filter_external.push(e);
             }
         }
+    }
 
-        // Node port.
-        if let Some(node_port) = sp.node_port {
-            if has_endpoints {
+    /// The node port and the health-check node port.
+    fn node_port_frontends(&mut self, d: &PortDecision<'_>, n: &Names) {
+        let (owner, spn, matcher) = (d.sp.shard, &n.spn, &n.matcher);
+        if let Some(node_port) = d.sp.node_port {
+            if d.has_endpoints {
                 self.push(
                     Table::Nat,
                     chains::NODEPORTS,
                     Some(owner),
                     format!(
-                        "-m comment --comment \"{spn}\" {matcher} --dport {node_port} -j {ext}"
+                        "-m comment --comment \"{spn}\" {matcher} --dport {node_port} -j {}",
+                        n.ext
                     ),
                 );
             }
-            if !has_external {
+            if !d.has_external {
+                let Unreachable { refusal, reason } = d.external_unreachable;
                 self.count_rule(Some(owner));
                 self.filter_external_nodeports.push(format!(
-                    "-m comment --comment \"{spn} {ext_reason}\" -m addrtype --dst-type LOCAL {matcher} --dport {node_port} -j {ext_target}"
+                    "-m comment --comment \"{spn} {reason}\" -m addrtype --dst-type LOCAL {matcher} --dport {node_port} -j {}",
+                    refusal_target(refusal)
                 ));
             }
         }
-        if let Some(hc) = sp.health_check_node_port {
+        if let Some(hc) = d.sp.health_check_node_port {
             self.push(
                 Table::Filter,
                 chains::NODEPORTS,
@@ -378,137 +367,131 @@ impl<'a> FamilyBuilder<'a> {
                 format!("-m comment --comment \"{spn} health check node port\" -m tcp -p tcp --dport {hc} -j ACCEPT"),
             );
         }
+    }
 
-        if !has_endpoints {
-            return true;
-        }
-
-        // The external chain: who gets masqueraded, and which endpoints external
-        // traffic may reach.
-        if externally_accessible {
-            if external_local {
-                if let Some(cidr) = self.settings.local_cidr(family)
-                    && uses_cluster_chain
-                {
-                    // Pods reach every endpoint, unmasqueraded, as for a cluster IP.
-                    self.push(
-                        Table::Nat,
-                        &ext,
-                        Some(owner),
-                        format!("-m comment --comment \"pod traffic for {spn} external destinations\" -s {cidr} -j {svc}"),
-                    );
-                }
+    /// The external chain: who gets masqueraded, and which endpoints external
+    /// traffic may reach.
+    fn external_chain(&mut self, d: &PortDecision<'_>, n: &Names) {
+        let (owner, spn, ext, svc, svl) = (Some(d.sp.shard), &n.spn, &n.ext, &n.svc, &n.svl);
+        if d.external_local {
+            if let Some(cidr) = d.pod_short_circuit {
+                // Pods reach every endpoint, unmasqueraded, as for a cluster IP.
                 self.push(
                     Table::Nat,
-                    &ext,
-                    Some(owner),
-                    format!(
-                        "-m comment --comment \"masquerade LOCAL traffic for {spn} external destinations\" -m addrtype --src-type LOCAL -j {}",
-                        chains::MARK_MASQ
-                    ),
+                    ext,
+                    owner,
+                    format!("-m comment --comment \"pod traffic for {spn} external destinations\" -s {cidr} -j {svc}"),
                 );
-                if uses_cluster_chain {
-                    self.push(
-                        Table::Nat,
-                        &ext,
-                        Some(owner),
-                        format!("-m comment --comment \"route LOCAL traffic for {spn} external destinations\" -m addrtype --src-type LOCAL -j {svc}"),
-                    );
-                }
-                if uses_local_chain {
-                    self.push(Table::Nat, &ext, Some(owner), format!("-j {svl}"));
-                }
-            } else {
-                self.push(
-                    Table::Nat,
-                    &ext,
-                    Some(owner),
-                    format!("-m comment --comment \"masquerade traffic for {spn} external destinations\" -j {}", chains::MARK_MASQ),
-                );
-                if uses_cluster_chain {
-                    self.push(Table::Nat, &ext, Some(owner), format!("-j {svc}"));
-                }
-            }
-        }
-
-        // The load-balancer firewall: allowed sources continue to the external
-        // chain; the rest fall off un-NATed and filter PPX-PROXY-FIREWALL drops them.
-        if uses_fw {
-            for range in &ranges {
-                self.push(
-                    Table::Nat,
-                    &fw,
-                    Some(owner),
-                    format!("-m comment --comment \"{spn} loadbalancer IP\" -s {range} -j {ext}"),
-                );
-            }
-            let admits_node = self
-                .settings
-                .node_ips
-                .iter()
-                .any(|ip| ranges.iter().any(|r| r.contains(ip)));
-            if admits_node {
-                // A VIP bound on the node loops back with the VIP as source.
-                for ip in &lb_ips {
-                    self.push(
-                        Table::Nat,
-                        &fw,
-                        Some(owner),
-                        format!(
-                            "-m comment --comment \"{spn} loadbalancer IP\" -s {} -j {ext}",
-                            host(*ip)
-                        ),
-                    );
-                }
             }
             self.push(
                 Table::Nat,
-                &fw,
-                Some(owner),
+                ext,
+                owner,
                 format!(
-                    "-m comment --comment \"other traffic to {spn} will be dropped by {}\"",
-                    chains::PROXY_FIREWALL
+                    "-m comment --comment \"masquerade LOCAL traffic for {spn} external destinations\" -m addrtype --src-type LOCAL -j {}",
+                    chains::MARK_MASQ
                 ),
             );
-        }
-
-        let mut local_seps: BTreeSet<Endpoint> = BTreeSet::new();
-        let frontend = format!("{matcher} -d {} --dport {port}", host(cluster_ip));
-        for (chain, eps, used, internal) in [
-            (&svc, &cluster_eps, uses_cluster_chain, !sp.internal_local),
-            (&svl, &local_eps, uses_local_chain, sp.internal_local),
-        ] {
-            if !used {
-                continue;
+            if d.uses_cluster_set {
+                self.push(
+                    Table::Nat,
+                    ext,
+                    owner,
+                    format!("-m comment --comment \"route LOCAL traffic for {spn} external destinations\" -m addrtype --src-type LOCAL -j {svc}"),
+                );
             }
+            if d.uses_local_set {
+                self.push(Table::Nat, ext, owner, format!("-j {svl}"));
+            }
+        } else {
+            self.push(
+                Table::Nat,
+                ext,
+                owner,
+                format!("-m comment --comment \"masquerade traffic for {spn} external destinations\" -j {}", chains::MARK_MASQ),
+            );
+            if d.uses_cluster_set {
+                self.push(Table::Nat, ext, owner, format!("-j {svc}"));
+            }
+        }
+    }
+
+    /// The load-balancer firewall: allowed sources continue to the external
+    /// chain; the rest fall off un-NATed and filter PPX-PROXY-FIREWALL drops them.
+    fn firewall_chain(&mut self, d: &PortDecision<'_>, n: &Names) {
+        let (owner, spn, ext, fw) = (Some(d.sp.shard), &n.spn, &n.ext, &n.fw);
+        for range in &d.ranges {
+            self.push(
+                Table::Nat,
+                fw,
+                owner,
+                format!("-m comment --comment \"{spn} loadbalancer IP\" -s {range} -j {ext}"),
+            );
+        }
+        if d.firewall_admits_node {
+            // A VIP bound on the node loops back with the VIP as source.
+            for ip in &d.lb_ips {
+                self.push(
+                    Table::Nat,
+                    fw,
+                    owner,
+                    format!(
+                        "-m comment --comment \"{spn} loadbalancer IP\" -s {} -j {ext}",
+                        host(*ip)
+                    ),
+                );
+            }
+        }
+        self.push(
+            Table::Nat,
+            fw,
+            owner,
+            format!(
+                "-m comment --comment \"other traffic to {spn} will be dropped by {}\"",
+                chains::PROXY_FIREWALL
+            ),
+        );
+    }
+
+    /// The policy chains (cluster-wide and local endpoint sets), or their rules
+    /// inlined into the dispatch.
+    fn policy_chains(&mut self, d: &PortDecision<'_>, n: &Names, inline_internal: bool) {
+        let owner = d.sp.shard;
+        let frontend = format!(
+            "{} -d {} --dport {}",
+            n.matcher,
+            host(d.cluster_ip),
+            d.sp.port
+        );
+        for (local_set, eps, internal) in d.endpoint_sets() {
+            let chain = if local_set { &n.svl } else { &n.svc };
             let inline = internal && inline_internal;
             let mut rules = Vec::new();
             // The masquerade rule for off-cluster sources lives in whichever
             // chain cluster-IP traffic uses.
             if internal {
-                let masq_source = if sp.masquerade_all {
-                    Some(String::new())
-                } else {
-                    self.settings
-                        .local_cidr(family)
-                        .map(|c| format!(" ! -s {c}"))
+                let masq_source = match d.cluster_masquerade {
+                    ClusterMasquerade::All => Some(String::new()),
+                    ClusterMasquerade::NotFrom(c) => Some(format!(" ! -s {c}")),
+                    ClusterMasquerade::Nobody => None,
                 };
                 if let Some(source) = masq_source {
                     rules.push(format!(
-                        "-m comment --comment \"{spn} cluster IP\" {frontend}{source} -j {}",
+                        "-m comment --comment \"{} cluster IP\" {frontend}{source} -j {}",
+                        n.spn,
                         chains::MARK_MASQ
                     ));
                 }
             }
             rules.extend(Self::endpoint_rules(
-                sp,
-                &spn,
+                d.sp,
+                &n.spn,
                 eps,
                 inline.then_some(frontend.as_str()),
             ));
             if inline {
                 for rule in rules {
-                    let e = self.entry(owner, cluster_ip, rule);
+                    let e = self.entry(owner, d.cluster_ip, rule);
                     self.nat_services.push(e);
                 }
             } else {
@@ -516,21 +499,25 @@ impl<'a> FamilyBuilder<'a> {
                     self.push(Table::Nat, chain, Some(owner), rule);
                 }
             }
-            local_seps.extend(eps.iter().filter(|e| e.local).copied());
         }
-        for ep in local_seps {
-            let sep = sep_name(&spn, proto, &ep);
+    }
+
+    /// One chain per local endpoint: hairpin masquerade, then the DNAT.
+    fn endpoint_chains(&mut self, d: &PortDecision<'_>, n: &Names) {
+        let (owner, spn, proto) = (Some(d.sp.shard), &n.spn, d.sp.protocol.as_lower_str());
+        for ep in d.hairpin_endpoints() {
+            let sep = sep_name(spn, proto, &ep);
             self.push(
                 Table::Nat,
                 &sep,
-                Some(owner),
+                owner,
                 format!(
                     "-m comment --comment \"{spn}\" -s {} -j {}",
                     host(ep.addr.ip()),
                     chains::MARK_MASQ
                 ),
             );
-            let set = if sp.affinity_timeout.is_some() {
+            let set = if d.sp.affinity_timeout.is_some() {
                 format!("-m recent --name {sep} --set ")
             } else {
                 String::new()
@@ -538,18 +525,15 @@ impl<'a> FamilyBuilder<'a> {
             self.push(
                 Table::Nat,
                 &sep,
-                Some(owner),
+                owner,
                 format!(
-                    "-m comment --comment \"{spn}\" {set}{matcher} -j DNAT --to-destination {}",
-                    ep.addr
+                    "-m comment --comment \"{spn}\" {set}{} -j DNAT --to-destination {}",
+                    n.matcher, ep.addr
                 ),
             );
         }
-        true
     }
 
-    /// The load-balancing rules of a policy chain: affinity checks first, then
-    /// one rule per endpoint with kube-proxy's probability series.
     /// The load-balancing rules of a policy chain: affinity checks first, then
     /// one rule per endpoint with kube-proxy's probability series. With a
     /// `frontend` match the rules stand on their own (inlined into a dispatch
@@ -615,40 +599,41 @@ impl<'a> FamilyBuilder<'a> {
     }
 
     fn finish(mut self) -> FamilyRules {
-        let family = self.family;
-        let mark = format!("{:#x}", self.settings.masquerade_mark);
-        let layout = self.layout;
+        let node = NodeDecision::new(self.family, self.settings);
+        let mark = format!("{:#x}", node.mark);
+        self.nat_dispatch(&node);
+        self.nat_masquerade(&mark);
+        self.filter_dispatch();
+        self.set(
+            Table::Filter,
+            chains::FORWARD,
+            vec![
+                "-m conntrack --ctstate INVALID -j DROP".into(),
+                format!("-m comment --comment \"planproxy forwarding rules\" -m mark --mark {mark}/{mark} -j ACCEPT"),
+                "-m comment --comment \"planproxy forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".into(),
+            ],
+        );
+        self.rules.nat.jumps = nat_jumps();
+        self.rules.filter.jumps = filter_jumps();
+        self.rules
+    }
 
-        // nat PPX-SERVICES: the dispatch, then the node-port tail rule last.
+    /// nat PPX-SERVICES: the dispatch, then the node-port tail rule last.
+    fn nat_dispatch(&mut self, node: &NodeDecision) {
         let nat = dispatch(
             chains::SERVICES,
-            layout,
+            self.layout,
             std::mem::take(&mut self.nat_services),
         );
         let mut services = nat.root_rules;
-        let loopback = match family {
-            Family::V4 => "127.0.0.0/8",
-            Family::V6 => "::1/128",
-        };
         let tail = "-m comment --comment \"planproxy service nodeports; NOTE: this must be the last rule in this chain\"";
-        let addresses: Vec<IpNet> = self
-            .settings
-            .node_port_addresses
-            .iter()
-            .copied()
-            .filter(|n| family_of_net(n) == family)
-            .collect();
-        if addresses.is_empty() || addresses.iter().any(|n| n.prefix_len() == 0) {
-            services.push(format!(
+        match &node.node_ports {
+            NodePortDestinations::AllLocal { loopback } => services.push(format!(
                 "{tail} -m addrtype --dst-type LOCAL ! -d {loopback} -j {}",
                 chains::NODEPORTS
-            ));
-        } else {
-            for ip in &self.settings.node_ips {
-                if family_of(ip) == family
-                    && !ip.is_loopback()
-                    && addresses.iter().any(|n| n.contains(ip))
-                {
+            )),
+            NodePortDestinations::Addresses(ips) => {
+                for ip in ips {
                     services.push(format!("{tail} -d {} -j {}", host(*ip), chains::NODEPORTS));
                 }
             }
@@ -657,6 +642,9 @@ impl<'a> FamilyBuilder<'a> {
         for (name, rules) in nat.chains {
             self.set(Table::Nat, &name, rules);
         }
+    }
+
+    fn nat_masquerade(&mut self, mark: &str) {
         self.set(
             Table::Nat,
             chains::POSTROUTING,
@@ -671,8 +659,11 @@ impl<'a> FamilyBuilder<'a> {
             chains::MARK_MASQ,
             vec![format!("-j MARK --or-mark {mark}")],
         );
+    }
 
-        // filter: REJECT/DROP for frontends without endpoints, through the same dispatch.
+    /// filter: REJECT/DROP for frontends without endpoints, through the same dispatch.
+    fn filter_dispatch(&mut self) {
+        let layout = self.layout;
         let filter_services = dispatch(
             chains::SERVICES,
             layout,
@@ -693,79 +684,6 @@ impl<'a> FamilyBuilder<'a> {
         for (name, rules) in external.chains {
             self.set(Table::Filter, &name, rules);
         }
-        self.set(
-            Table::Filter,
-            chains::FORWARD,
-            vec![
-                "-m conntrack --ctstate INVALID -j DROP".into(),
-                format!("-m comment --comment \"planproxy forwarding rules\" -m mark --mark {mark}/{mark} -j ACCEPT"),
-                "-m comment --comment \"planproxy forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".into(),
-            ],
-        );
-
-        self.rules.nat.jumps = vec![
-            jump(
-                "PREROUTING",
-                chains::SERVICES,
-                "",
-                "planproxy service portals",
-            ),
-            jump("OUTPUT", chains::SERVICES, "", "planproxy service portals"),
-            jump(
-                "POSTROUTING",
-                chains::POSTROUTING,
-                "",
-                "planproxy postrouting rules",
-            ),
-        ];
-        let new = "-m conntrack --ctstate NEW ";
-        self.rules.filter.jumps = vec![
-            jump(
-                "INPUT",
-                chains::PROXY_FIREWALL,
-                new,
-                "planproxy load balancer firewall",
-            ),
-            jump(
-                "INPUT",
-                chains::NODEPORTS,
-                "",
-                "planproxy health check service ports",
-            ),
-            jump(
-                "INPUT",
-                chains::EXTERNAL_SERVICES,
-                new,
-                "planproxy externally-visible service portals",
-            ),
-            jump(
-                "FORWARD",
-                chains::PROXY_FIREWALL,
-                new,
-                "planproxy load balancer firewall",
-            ),
-            jump("FORWARD", chains::FORWARD, "", "planproxy forwarding rules"),
-            jump(
-                "FORWARD",
-                chains::SERVICES,
-                new,
-                "planproxy service portals",
-            ),
-            jump(
-                "FORWARD",
-                chains::EXTERNAL_SERVICES,
-                new,
-                "planproxy externally-visible service portals",
-            ),
-            jump(
-                "OUTPUT",
-                chains::PROXY_FIREWALL,
-                new,
-                "planproxy load balancer firewall",
-            ),
-            jump("OUTPUT", chains::SERVICES, new, "planproxy service portals"),
-        ];
-        self.rules
     }
 
     /// Sets a node-wide chain's rules (appending to any already there).
@@ -778,6 +696,74 @@ impl<'a> FamilyBuilder<'a> {
             .rules
             .extend(rules);
     }
+}
+
+fn nat_jumps() -> Vec<Jump> {
+    vec![
+        jump(
+            "PREROUTING",
+            chains::SERVICES,
+            "",
+            "planproxy service portals",
+        ),
+        jump("OUTPUT", chains::SERVICES, "", "planproxy service portals"),
+        jump(
+            "POSTROUTING",
+            chains::POSTROUTING,
+            "",
+            "planproxy postrouting rules",
+        ),
+    ]
+}
+
+fn filter_jumps() -> Vec<Jump> {
+    let new = "-m conntrack --ctstate NEW ";
+    vec![
+        jump(
+            "INPUT",
+            chains::PROXY_FIREWALL,
+            new,
+            "planproxy load balancer firewall",
+        ),
+        jump(
+            "INPUT",
+            chains::NODEPORTS,
+            "",
+            "planproxy health check service ports",
+        ),
+        jump(
+            "INPUT",
+            chains::EXTERNAL_SERVICES,
+            new,
+            "planproxy externally-visible service portals",
+        ),
+        jump(
+            "FORWARD",
+            chains::PROXY_FIREWALL,
+            new,
+            "planproxy load balancer firewall",
+        ),
+        jump("FORWARD", chains::FORWARD, "", "planproxy forwarding rules"),
+        jump(
+            "FORWARD",
+            chains::SERVICES,
+            new,
+            "planproxy service portals",
+        ),
+        jump(
+            "FORWARD",
+            chains::EXTERNAL_SERVICES,
+            new,
+            "planproxy externally-visible service portals",
+        ),
+        jump(
+            "OUTPUT",
+            chains::PROXY_FIREWALL,
+            new,
+            "planproxy load balancer firewall",
+        ),
+        jump("OUTPUT", chains::SERVICES, new, "planproxy service portals"),
+    ]
 }
 
 fn jump(builtin: &'static str, target: &'static str, extra: &str, comment: &str) -> Jump {
