@@ -9,12 +9,14 @@
 //!   policy chain: its masquerade and load-balancing rules, each matching the
 //!   frontend, sit in the dispatch leaf. Restore time on nf_tables follows the
 //!   number of chains, and most services are cluster-IP only.
-//! * DNAT to a remote endpoint sits directly in the service chain instead of in a
-//!   per-endpoint chain. Only endpoints on this node get a `PPX-SEP-` chain, because
-//!   only they can need hairpin masquerade: a connection is NATed on the node where
-//!   it first meets our rules, so its source is a pod of this node or an
-//!   off-cluster client — never a remote pod it could be load-balanced back to.
-//!   ClientIP affinity uses the same per-endpoint `recent` list names either way.
+//! * DNAT to an endpoint sits directly in the service chain instead of in a
+//!   per-endpoint chain. Hairpin masquerade (a pod reaching itself through its
+//!   service) is one rule per local endpoint address in the shared
+//!   `PPX-HAIRPIN` chain, checked in postrouting for DNATed connections. Only
+//!   local endpoints can hairpin: a connection is NATed on the node where it
+//!   first meets our rules, so its source is a pod of this node or an
+//!   off-cluster client, never a remote pod it could be load-balanced back to.
+//!   ClientIP affinity keeps kube-proxy's per-endpoint `recent` list names.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -78,9 +80,25 @@ pub fn render_model(model: NodeModel, options: &RenderOptions) -> Rendered {
         }
         rule_set.families.insert(family, b.finish());
     }
+    count_ports(&model, &rendered_ports, &mut per_shard);
+    Rendered {
+        rule_set,
+        per_shard,
+        skipped: model.skipped.clone(),
+        model,
+    }
+}
+
+/// Adds the service ports and distinct endpoints of the `rendered` ports to
+/// their shards' summaries (shared by both emitters).
+pub(crate) fn count_ports(
+    model: &NodeModel,
+    rendered: &BTreeSet<usize>,
+    per_shard: &mut BTreeMap<u32, ProgrammedSummary>,
+) {
     let mut endpoints: BTreeMap<u32, BTreeSet<SocketAddr>> = BTreeMap::new();
-    for i in rendered_ports {
-        let sp = &model.service_ports[i];
+    for i in rendered {
+        let sp = &model.service_ports[*i];
         let summary = per_shard.entry(sp.shard).or_default();
         summary.service_ports += 1;
         endpoints
@@ -91,12 +109,6 @@ pub fn render_model(model: NodeModel, options: &RenderOptions) -> Rendered {
     for (shard, eps) in endpoints {
         per_shard.entry(shard).or_default().endpoints =
             i32::try_from(eps.len()).unwrap_or(i32::MAX);
-    }
-    Rendered {
-        rule_set,
-        per_shard,
-        skipped: model.skipped.clone(),
-        model,
     }
 }
 
@@ -157,6 +169,9 @@ struct FamilyBuilder<'a> {
     filter_services: Vec<DispatchEntry>,
     filter_external: Vec<DispatchEntry>,
     filter_external_nodeports: Vec<String>,
+    /// Addresses of local endpoints: a connection DNATed from one of them back
+    /// to itself must be masqueraded, or the reply would skip conntrack.
+    hairpin: BTreeSet<IpAddr>,
     per_shard: &'a mut BTreeMap<u32, ProgrammedSummary>,
 }
 
@@ -185,6 +200,7 @@ impl<'a> FamilyBuilder<'a> {
             filter_services: Vec::new(),
             filter_external: Vec::new(),
             filter_external_nodeports: Vec::new(),
+            hairpin: BTreeSet::new(),
             per_shard,
         }
     }
@@ -231,7 +247,12 @@ impl<'a> FamilyBuilder<'a> {
         // of its own in the tree layout: its rules, each matching the frontend,
         // go straight into the dispatch leaf. That saves one chain per service,
         // and restore time on nf_tables follows the number of chains.
-        let inline_internal = self.layout == Layout::Tree && !d.externally_accessible;
+        // A service with endpoints on this node keeps its chain: it used to have
+        // one per local endpoint, and operators (and the agent's run and e2e
+        // tests) find a service with local endpoints by its own chain.
+        let inline_internal = self.layout == Layout::Tree
+            && !d.externally_accessible
+            && d.hairpin_endpoints().is_empty();
         self.cluster_ip_frontend(&d, &names, inline_internal);
         self.external_frontends(&d, &names);
         self.node_port_frontends(&d, &names);
@@ -245,7 +266,7 @@ impl<'a> FamilyBuilder<'a> {
             self.firewall_chain(&d, &names);
         }
         self.policy_chains(&d, &names, inline_internal);
-        self.endpoint_chains(&d, &names);
+        self.endpoint_chains(&d);
         true
     }
 
@@ -502,36 +523,11 @@ impl<'a> FamilyBuilder<'a> {
         }
     }
 
-    /// One chain per local endpoint: hairpin masquerade, then the DNAT.
-    fn endpoint_chains(&mut self, d: &PortDecision<'_>, n: &Names) {
-        let (owner, spn, proto) = (Some(d.sp.shard), &n.spn, d.sp.protocol.as_lower_str());
-        for ep in d.hairpin_endpoints() {
-            let sep = sep_name(spn, proto, &ep);
-            self.push(
-                Table::Nat,
-                &sep,
-                owner,
-                format!(
-                    "-m comment --comment \"{spn}\" -s {} -j {}",
-                    host(ep.addr.ip()),
-                    chains::MARK_MASQ
-                ),
-            );
-            let set = if d.sp.affinity_timeout.is_some() {
-                format!("-m recent --name {sep} --set ")
-            } else {
-                String::new()
-            };
-            self.push(
-                Table::Nat,
-                &sep,
-                owner,
-                format!(
-                    "-m comment --comment \"{spn}\" {set}{} -j DNAT --to-destination {}",
-                    n.matcher, ep.addr
-                ),
-            );
-        }
+    /// Local endpoints are the only ones a connection can hairpin to; their
+    /// addresses go to the node-wide hairpin chain.
+    fn endpoint_chains(&mut self, d: &PortDecision<'_>) {
+        self.hairpin
+            .extend(d.hairpin_endpoints().iter().map(|e| e.addr.ip()));
     }
 
     /// The load-balancing rules of a policy chain: affinity checks first, then
@@ -555,14 +551,10 @@ impl<'a> FamilyBuilder<'a> {
         if let Some(timeout) = sp.affinity_timeout {
             for ep in eps {
                 let list = sep_name(spn, proto, ep);
-                let action = if ep.local {
-                    format!("-j {list}")
-                } else {
-                    format!(
-                        "-m recent --name {list} --set {proto_match}-j DNAT --to-destination {}",
-                        ep.addr
-                    )
-                };
+                let action = format!(
+                    "-m recent --name {list} --set {proto_match}-j DNAT --to-destination {}",
+                    ep.addr
+                );
                 rules.push(format!(
                     "-m comment --comment \"{spn} -> {}\" {matched}-m recent --name {list} --rcheck --seconds {timeout} --reap {action}",
                     ep.addr
@@ -580,9 +572,7 @@ impl<'a> FamilyBuilder<'a> {
             } else {
                 String::new()
             };
-            let action = if ep.local {
-                format!("-j {list}")
-            } else if sp.affinity_timeout.is_some() {
+            let action = if sp.affinity_timeout.is_some() {
                 format!(
                     "-m recent --name {list} --set {proto_match}-j DNAT --to-destination {}",
                     ep.addr
@@ -649,6 +639,10 @@ impl<'a> FamilyBuilder<'a> {
             Table::Nat,
             chains::POSTROUTING,
             vec![
+                format!(
+                    "-m comment --comment \"planproxy hairpin traffic\" -m conntrack --ctstate DNAT -j {}",
+                    chains::HAIRPIN
+                ),
                 format!("-m mark ! --mark {mark}/{mark} -j RETURN"),
                 format!("-j MARK --xor-mark {mark}"),
                 "-m comment --comment \"planproxy service traffic requiring SNAT\" -j MASQUERADE --random-fully".into(),
@@ -659,6 +653,13 @@ impl<'a> FamilyBuilder<'a> {
             chains::MARK_MASQ,
             vec![format!("-j MARK --or-mark {mark}")],
         );
+        // One rule per local endpoint address (not per endpoint or service):
+        // a DNATed connection whose source and destination are that address.
+        let hairpin = std::mem::take(&mut self.hairpin)
+            .into_iter()
+            .map(|ip| format!("-s {} -d {} -j {}", host(ip), host(ip), chains::MARK_MASQ))
+            .collect();
+        self.set(Table::Nat, chains::HAIRPIN, hairpin);
     }
 
     /// filter: REJECT/DROP for frontends without endpoints, through the same dispatch.
@@ -774,8 +775,7 @@ fn jump(builtin: &'static str, target: &'static str, extra: &str, comment: &str)
     }
 }
 
-/// The per-endpoint name: the `PPX-SEP-` chain of a local endpoint, and the
-/// `recent` list of every endpoint under ClientIP affinity.
+/// The per-endpoint name: the `recent` list of an endpoint under ClientIP affinity.
 fn sep_name(spn: &str, proto: &str, ep: &Endpoint) -> String {
     format!("PPX-SEP-{}", endpoint_hash(spn, proto, &ep.key()))
 }

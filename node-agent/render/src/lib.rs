@@ -12,14 +12,14 @@
 
 pub mod decide;
 pub mod hash;
-pub mod model;
 mod iptables;
+pub mod model;
 pub mod restore;
 pub mod ruleset;
 mod tree;
 
-pub use model::{InvalidServicePort, NodeModel, PlanError};
 pub use iptables::{Rendered, probability, render, render_model};
+pub use model::{InvalidServicePort, NodeModel, PlanError};
 pub use restore::{RestoreInput, full_text, restore_full, restore_incremental};
 pub use ruleset::{Chain, Family, FamilyRules, Jump, RuleSet, Table, TableRules, chains};
 pub use tree::LEAF_MAX;

@@ -695,7 +695,7 @@ mod tests {
     }
 
     #[test]
-    fn endpoint_chain_reached_straight_from_dispatch_is_listed() {
+    fn service_chain_of_a_cluster_ip_only_service_with_a_local_endpoint_is_listed() {
         let spec = r#"
 nodeName: node1
 shard: {index: 0, count: 1, generation: 1}
@@ -721,11 +721,12 @@ servicePorts:
         let spec: ProxyPlanSpec = serde_yaml::from_str(spec).expect("the test spec must parse");
         let text = explain("node1", &[spec], "default", "web", Layout::Tree, None, &[])
             .expect("web is in the plan");
-        let sep = format!(
-            "PPX-SEP-{}",
-            planproxy_render::hash::endpoint_hash("default/web", "tcp", "10.244.1.2:8080")
+        // Hairpin masquerade is node-wide now; the service keeps its own chain.
+        let svc = format!(
+            "PPX-SVC-{}",
+            planproxy_render::hash::service_port_hash("default/web", "tcp")
         );
-        assert!(text.contains(&format!("{sep} (kernel not read)")), "{text}");
+        assert!(text.contains(&format!("{svc} (kernel not read)")), "{text}");
     }
 
     #[test]
