@@ -14,6 +14,7 @@ pub mod decide;
 pub mod hash;
 mod iptables;
 pub mod model;
+pub mod nft;
 pub mod restore;
 pub mod ruleset;
 mod tree;
