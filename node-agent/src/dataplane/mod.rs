@@ -199,6 +199,18 @@ pub struct DataPlane {
     unreported_lock_wait: Duration,
 }
 
+/// `nft list table inet planproxy` (for `explain`).
+pub fn nft_table_text() -> Result<String, String> {
+    let out = std::process::Command::new("nft")
+        .args(["list", "table", "inet", planproxy_render::nft::TABLE])
+        .output()
+        .map_err(|e| format!("cannot run nft: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// The rules a backend last programmed.
 #[derive(Debug, Clone)]
 pub enum AppliedRules {
