@@ -26,10 +26,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM debian:${DEBIAN_RELEASE}-slim
 # iptables: iptables-restore/-save for the agent, both the nf_tables and the legacy
 # backend (the agent detects which one the host's rules use and runs that one);
-# conntrack: clearing stale UDP flows; ca-certificates: TLS to an API server named
+# nftables: nft for --backend nftables; conntrack: clearing stale UDP flows; ca-certificates: TLS to an API server named
 # by k8sServiceHost.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends iptables conntrack ca-certificates \
+ && apt-get install -y --no-install-recommends iptables nftables conntrack ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/ /usr/local/bin/
 # Non-root by default; the chart runs the agent as root explicitly.

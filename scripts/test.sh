@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for tool in iptables:iptables ip6tables:iptables ip:iproute2 conntrack:conntrack flock:util-linux; do
+for tool in iptables:iptables ip6tables:iptables nft:nftables ip:iproute2 conntrack:conntrack flock:util-linux; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool#*:}")
 done
 if ((${#need_apt[@]})); then

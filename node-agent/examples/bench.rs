@@ -1,11 +1,17 @@
 //! Data-plane benchmark: programs N services (one TCP port, 10 endpoints each)
-//! into an isolated network namespace and prints a table of full-sync time,
-//! incremental-sync time for one endpoint change, what was written, and the
-//! first-packet connect latency to the last service in dispatch order, for the
-//! tree and the flat layout on both iptables backends.
+//! into an isolated network namespace and prints a table of cold-start (full
+//! sync) time, incremental-sync time for one endpoint change and for one new
+//! service, what was written, the CPU time of the syncs (agent and the programs
+//! it runs), and the first-packet connect latency to the first and the last
+//! service in dispatch order, for every backend (nftables, iptables-nft,
+//! iptables-legacy; the iptables ones in the tree and the flat layout) and three
+//! cluster shapes: `2-node` (every endpoint on another node), `1-node` (every
+//! endpoint local) and `3-node` (a third of them local). Local endpoints change
+//! the rules (hairpin masquerade); the traffic always reaches the same pods.
 //!
 //! ```text
 //! sudo cargo run --release -p planproxy-node-agent --example bench -- [--services 100,1000,10000] [--connections 500]
+//!     [--backends nftables,iptables-nft,iptables-legacy] [--shapes 2-node,1-node,3-node] [--layouts tree,flat]
 //! ```
 //!
 //! Needs root; creates its own namespaces (never touching the root namespace) and
@@ -15,10 +21,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use planproxy_crds::ProxyPlanSpec;
+use planproxy_crds::testing::EndpointExt;
 use planproxy_crds::testing::{mk_endpoint, mk_plan, mk_service_port, mk_settings};
 use planproxy_crds::v1alpha1::ServicePortPlan;
 use planproxy_netns::{Attempt, ConnectOpts, EchoConfig, Topology, TopologySpec};
-use planproxy_node_agent::dataplane::{Backend, DataPlane, DataPlaneConfig, Family};
+use planproxy_node_agent::dataplane::{Backend, BackendChoice, DataPlane, DataPlaneConfig, Family};
 use planproxy_render::Layout;
 
 const PORT: u16 = 8080;
@@ -27,12 +34,59 @@ const ENDPOINTS: usize = 10;
 struct Args {
     services: Vec<usize>,
     connections: usize,
+    backends: Vec<Backend>,
+    shapes: Vec<Shape>,
+    layouts: Vec<Layout>,
+}
+
+/// Which endpoints run on the programmed node.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// None: two nodes, every endpoint remote.
+    Two,
+    /// All: one node.
+    One,
+    /// A third: three nodes.
+    Three,
+}
+
+impl Shape {
+    fn name(self) -> &'static str {
+        match self {
+            Shape::Two => "2-node",
+            Shape::One => "1-node",
+            Shape::Three => "3-node",
+        }
+    }
+
+    fn local(self, endpoint: usize) -> bool {
+        match self {
+            Shape::Two => false,
+            Shape::One => true,
+            Shape::Three => endpoint.is_multiple_of(3),
+        }
+    }
+}
+
+fn list<T>(value: Option<String>, parse: impl Fn(&str) -> Option<T>) -> Vec<T> {
+    value
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|s| parse(s.trim()))
+        .collect()
 }
 
 fn args() -> Args {
     let mut out = Args {
         services: vec![100, 1000, 10_000],
         connections: 500,
+        backends: vec![
+            Backend::Nftables,
+            Backend::IptablesNft,
+            Backend::IptablesLegacy,
+        ],
+        shapes: vec![Shape::Two, Shape::One, Shape::Three],
+        layouts: vec![Layout::Tree, Layout::Flat],
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -48,6 +102,20 @@ fn args() -> Args {
             "--connections" => {
                 out.connections = it.next().and_then(|s| s.parse().ok()).unwrap_or(500);
             }
+            "--backends" => {
+                out.backends = list(it.next(), |s| match s.parse() {
+                    Ok(BackendChoice::Exactly(b)) => Some(b),
+                    _ => None,
+                });
+            }
+            "--shapes" => {
+                out.shapes = list(it.next(), |s| {
+                    [Shape::Two, Shape::One, Shape::Three]
+                        .into_iter()
+                        .find(|shape| shape.name() == s)
+                });
+            }
+            "--layouts" => out.layouts = list(it.next(), |s| s.parse().ok()),
             other => {
                 eprintln!(
                     "unknown argument {other:?}; usage: bench [--services 100,1000,10000] [--connections 500]"
@@ -68,24 +136,56 @@ fn cluster_ip(i: usize) -> Ipv4Addr {
     )
 }
 
-fn service(i: usize, endpoints: &[Ipv4Addr]) -> ServicePortPlan {
+fn service(i: usize, endpoints: &[Ipv4Addr], shape: Shape) -> ServicePortPlan {
     mk_service_port(
         "bench",
         &format!("svc-{i:06}"),
         &[&cluster_ip(i).to_string()],
-        endpoints.iter().map(|ip| mk_endpoint(ip, PORT)).collect(),
+        endpoints
+            .iter()
+            .enumerate()
+            .map(|(e, ip)| mk_endpoint(ip, PORT).local(shape.local(e)))
+            .collect(),
     )
 }
 
-fn plan(n: usize, endpoints: &[Ipv4Addr], changed: bool) -> ProxyPlanSpec {
-    let mut service_ports: Vec<_> = (0..n).map(|i| service(i, endpoints)).collect();
-    if changed {
-        // One endpoint of the first service moves to another address.
-        if let Some(eps) = service_ports[0].cluster_endpoints.as_mut() {
-            eps.endpoints[0].ip = "10.244.2.250".into();
-        }
+/// The plans of one row.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// N services.
+    None,
+    /// One endpoint of the first service moved to another address.
+    Endpoint,
+    /// That, plus one more service.
+    NewService,
+}
+
+fn plan(n: usize, endpoints: &[Ipv4Addr], shape: Shape, change: Change) -> ProxyPlanSpec {
+    let mut service_ports: Vec<_> = (0..n).map(|i| service(i, endpoints, shape)).collect();
+    if change != Change::None
+        && let Some(eps) = service_ports[0].cluster_endpoints.as_mut()
+    {
+        eps.endpoints[0].ip = "10.244.2.250".into();
+    }
+    if change == Change::NewService {
+        service_ports.push(service(n, endpoints, shape));
     }
     mk_plan("bench", mk_settings(&["10.244.0.0/16"]), service_ports)
+}
+
+/// CPU time (user + system) of this process and of the children it waited for.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the `(comm)`: utime, stime, cutime, cstime are 14-17.
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or_default();
+    let ticks: u64 = rest
+        .split(' ')
+        .skip(11)
+        .take(4)
+        .filter_map(|f| f.parse::<u64>().ok())
+        .sum();
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -152,67 +252,31 @@ fn main() -> anyhow::Result<()> {
         direct.len()
     );
     println!(
-        "| backend | services | layout | full sync | rules / chains written (full) | 1-endpoint sync | rules / chains written (incr.) | connect p50 | connect p99 |"
+        "| backend | shape | services | layout | cold start (full sync) | rules / chains (full) | 1-endpoint sync | rules / chains (incr.) | 1 new service sync | sync CPU (full + 2 incr.) | first svc p50 / p99 | last svc p50 / p99 |"
     );
-    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|");
-
-    for backend in [Backend::NfTables, Backend::Legacy] {
-        let available = node
-            .ns
-            .exec(&[
-                backend_program(backend),
-                "-w",
-                "-t",
-                "nat",
-                "-S",
-                "POSTROUTING",
-            ])
-            .is_ok_and(|o| o.status.success());
-        if !available {
-            println!("| {backend} | – | – | backend unavailable in this kernel | | | | | |");
+    println!("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for backend in args.backends.clone() {
+        if !available(&node.ns, backend) {
+            println!("| {backend} | – | – | – | backend unavailable here | | | | | | | |");
             continue;
         }
-        for &n in &args.services {
-            let full_plan = plan(n, &endpoints, false);
-            let changed_plan = plan(n, &endpoints, true);
-            for layout in [Layout::Tree, Layout::Flat] {
-                let config = DataPlaneConfig {
-                    layout,
-                    backend: Some(backend),
-                    families: vec![Family::V4],
-                };
-                let mut dataplane = node.ns.run_in(|| DataPlane::new(config))?;
-                let full = node
-                    .ns
-                    .run_in(|| dataplane.sync(std::slice::from_ref(&full_plan), true))?;
-                let incremental = node
-                    .ns
-                    .run_in(|| dataplane.sync(std::slice::from_ref(&changed_plan), false))?;
-                let last = SocketAddr::new(IpAddr::V4(cluster_ip(n - 1)), 80);
-                let attempts = client.ns.connect_many(last, args.connections, &opts);
-                let (lat, failed) = latencies(&attempts);
-                if failed > 0 {
-                    eprintln!(
-                        "{failed} of {} connections to {last} failed",
-                        attempts.len()
-                    );
+        let layouts = if backend.is_iptables() {
+            args.layouts.clone()
+        } else {
+            // nftables dispatches through a verdict map; the layout does not apply.
+            vec![Layout::Tree]
+        };
+        for &shape in &args.shapes {
+            for &n in &args.services {
+                for &layout in &layouts {
+                    let row = Row {
+                        backend,
+                        shape,
+                        n,
+                        layout,
+                    };
+                    row.run(&node.ns, &client.ns, &endpoints, args.connections, &opts)?;
                 }
-                println!(
-                    "| {backend} | {n} | {} | {} | {} / {} | {} | {} / {} | {} | {} |",
-                    match layout {
-                        Layout::Tree => "tree",
-                        Layout::Flat => "flat",
-                    },
-                    ms(full.duration),
-                    full.rules_written,
-                    full.chains_written,
-                    ms(incremental.duration),
-                    incremental.rules_written,
-                    incremental.chains_written,
-                    us(percentile(&lat, 0.5)),
-                    us(percentile(&lat, 0.99)),
-                );
-                node.ns.run_in(|| dataplane.cleanup())?;
             }
         }
     }
@@ -220,9 +284,89 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn backend_program(backend: Backend) -> &'static str {
-    match backend {
-        Backend::NfTables => "iptables-nft",
-        Backend::Legacy => "iptables-legacy",
+struct Row {
+    backend: Backend,
+    shape: Shape,
+    n: usize,
+    layout: Layout,
+}
+
+impl Row {
+    fn run(
+        &self,
+        node: &planproxy_netns::Netns,
+        client: &planproxy_netns::Netns,
+        endpoints: &[Ipv4Addr],
+        connections: usize,
+        opts: &ConnectOpts,
+    ) -> anyhow::Result<()> {
+        let (n, shape) = (self.n, self.shape);
+        let plans = [Change::None, Change::Endpoint, Change::NewService]
+            .map(|change| plan(n, endpoints, shape, change));
+        let config = DataPlaneConfig {
+            layout: self.layout,
+            backend: BackendChoice::Exactly(self.backend),
+            families: vec![Family::V4],
+        };
+        let mut dataplane = node.run_in(|| DataPlane::new(config))?;
+        let cpu_before = cpu_time();
+        let full = node.run_in(|| dataplane.sync(std::slice::from_ref(&plans[0]), true))?;
+        let endpoint = node.run_in(|| dataplane.sync(std::slice::from_ref(&plans[1]), false))?;
+        let new_service = node.run_in(|| dataplane.sync(std::slice::from_ref(&plans[2]), false))?;
+        let cpu = cpu_time().saturating_sub(cpu_before);
+        let first = connect(client, cluster_ip(1), connections, opts);
+        let last = connect(client, cluster_ip(n - 1), connections, opts);
+        println!(
+            "| {} | {} | {n} | {} | {} | {} / {} | {} | {} / {} | {} | {} | {} / {} | {} / {} |",
+            self.backend,
+            shape.name(),
+            match (self.backend.is_iptables(), self.layout) {
+                (false, _) => "vmap",
+                (true, Layout::Tree) => "tree",
+                (true, Layout::Flat) => "flat",
+            },
+            ms(full.duration),
+            full.rules_written,
+            full.chains_written,
+            ms(endpoint.duration),
+            endpoint.rules_written,
+            endpoint.chains_written,
+            ms(new_service.duration),
+            ms(cpu),
+            us(percentile(&first, 0.5)),
+            us(percentile(&first, 0.99)),
+            us(percentile(&last, 0.5)),
+            us(percentile(&last, 0.99)),
+        );
+        node.run_in(|| dataplane.cleanup())?;
+        Ok(())
     }
+}
+
+/// First-packet connect latencies to `ip:80`, sorted.
+fn connect(
+    client: &planproxy_netns::Netns,
+    ip: Ipv4Addr,
+    connections: usize,
+    opts: &ConnectOpts,
+) -> Vec<Duration> {
+    let target = SocketAddr::new(IpAddr::V4(ip), 80);
+    let attempts = client.connect_many(target, connections, opts);
+    let (lat, failed) = latencies(&attempts);
+    if failed > 0 {
+        eprintln!(
+            "{failed} of {} connections to {target} failed",
+            attempts.len()
+        );
+    }
+    lat
+}
+
+fn available(ns: &planproxy_netns::Netns, backend: Backend) -> bool {
+    let argv: &[&str] = match backend {
+        Backend::Nftables => &["nft", "list", "tables"],
+        Backend::IptablesNft => &["iptables-nft", "-w", "-t", "nat", "-S", "POSTROUTING"],
+        Backend::IptablesLegacy => &["iptables-legacy", "-w", "-t", "nat", "-S", "POSTROUTING"],
+    };
+    ns.exec(argv).is_ok_and(|o| o.status.success())
 }

@@ -55,6 +55,7 @@ fn run_agent(args: planproxy_node_agent::run::RunArgs) -> ExitCode {
     };
     let config = DataPlaneConfig {
         layout,
+        backend: args.backend,
         ..Default::default()
     };
     let result = DataPlane::new(config)

@@ -2,16 +2,35 @@
 //! inside isolated network namespaces (never the root namespace), checked with
 //! real TCP and UDP traffic between pods, nodes and clients.
 
+#[path = "support/backends.rs"]
+mod backends;
 mod support;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, UdpSocket};
 use std::time::Duration;
 
+use backends::{apply_on, config, nft_ruleset};
 use planproxy_crds::v1alpha1::{EndpointSelection, EndpointSet, NoEndpointsAction, TrafficPolicy};
 use planproxy_netns::{Attempt, ConnectOpts, Topology, TopologySpec};
-use planproxy_node_agent::dataplane::{DataPlane, DataPlaneConfig};
+use planproxy_node_agent::dataplane::{Backend, DataPlane, DataPlaneConfig};
 use support::*;
+
+// Every traffic test runs against each backend.
+on_every_backend!(
+    cluster_ip_reaches_endpoints_from_pods_and_from_the_node,
+    node_port_external_ip_and_load_balancer_ip_reach_endpoints_from_outside_masqueraded,
+    load_balancer_source_ranges_admit_one_client_and_drop_another,
+    client_ip_affinity_pins_each_client_to_one_endpoint_and_spreads_clients,
+    local_external_policy_reaches_only_local_pods_and_preserves_the_client_address,
+    services_without_endpoints_reject_or_drop_as_the_plan_says,
+    a_pod_reaching_itself_through_its_service_is_masqueraded,
+    stale_udp_flows_are_removed_when_endpoints_go_and_when_the_first_arrives,
+    incremental_updates_while_traffic_flows_fail_no_connection,
+    three_equal_endpoints_share_3000_connections_evenly,
+    ipv6_cluster_ip_and_node_port_work,
+    internal_local_policy_without_local_endpoints_drops
+);
 
 const CLUSTER_IP: [u8; 4] = [10, 96, 0, 10];
 
@@ -36,14 +55,13 @@ fn answer_expected() -> ConnectOpts {
     ConnectOpts::with_timeout(Duration::from_secs(10))
 }
 
-#[test]
-fn cluster_ip_reaches_endpoints_from_pods_and_from_the_node() {
+fn cluster_ip_reaches_endpoints_from_pods_and_from_the_node(via: Backend) {
     let t = topology(2, 1, 0);
     let (n1, n2) = (t.node(1), t.node(2));
     let (client, backend) = (&n1.pods[0], &n2.pods[0]);
     let _echo = serve_all([(backend, "backend")]);
     let web = service("web", &["10.96.0.10"], vec![endpoint(backend, 1, false)]);
-    apply(n1, &plan(n1, vec![web.clone(), web.udp()]));
+    apply_on(via, n1, &plan(n1, vec![web.clone(), web.udp()]));
 
     let from_pod = client
         .ns
@@ -74,8 +92,9 @@ fn cluster_ip_reaches_endpoints_from_pods_and_from_the_node() {
     );
 }
 
-#[test]
-fn node_port_external_ip_and_load_balancer_ip_reach_endpoints_from_outside_masqueraded() {
+fn node_port_external_ip_and_load_balancer_ip_reach_endpoints_from_outside_masqueraded(
+    via: Backend,
+) {
     let t = topology(2, 1, 1);
     let (n1, n2) = (t.node(1), t.node(2));
     let backend = &n2.pods[0];
@@ -84,7 +103,7 @@ fn node_port_external_ip_and_load_balancer_ip_reach_endpoints_from_outside_masqu
     web.node_port = Some(30080);
     web.external_ips = vec!["192.0.2.10".into()];
     web.load_balancer_ips = vec!["198.51.100.10".into()];
-    apply(n1, &plan(n1, vec![web]));
+    apply_on(via, n1, &plan(n1, vec![web]));
     t.route_to_node("192.0.2.10".parse().expect("valid"), 1)
         .expect("route");
     t.route_to_node("198.51.100.10".parse().expect("valid"), 1)
@@ -103,15 +122,14 @@ fn node_port_external_ip_and_load_balancer_ip_reach_endpoints_from_outside_masqu
     }
 }
 
-#[test]
-fn load_balancer_source_ranges_admit_one_client_and_drop_another() {
+fn load_balancer_source_ranges_admit_one_client_and_drop_another(via: Backend) {
     let t = topology(2, 1, 2);
     let (n1, n2) = (t.node(1), t.node(2));
     let _echo = serve_all([(&n2.pods[0], "backend")]);
     let mut lb = service("lb", &["10.96.0.10"], vec![endpoint(&n2.pods[0], 1, false)]);
     lb.load_balancer_ips = vec!["198.51.100.20".into()];
     lb.load_balancer_source_ranges = vec![format!("{}/32", t.clients[0].ipv4)];
-    apply(n1, &plan(n1, vec![lb]));
+    apply_on(via, n1, &plan(n1, vec![lb]));
     t.route_to_node("198.51.100.20".parse().expect("valid"), 1)
         .expect("route");
 
@@ -128,8 +146,7 @@ fn load_balancer_source_ranges_admit_one_client_and_drop_another() {
     );
 }
 
-#[test]
-fn client_ip_affinity_pins_each_client_to_one_endpoint_and_spreads_clients() {
+fn client_ip_affinity_pins_each_client_to_one_endpoint_and_spreads_clients(via: Backend) {
     let t = topology(2, 3, 1);
     let (n1, n2) = (t.node(1), t.node(2));
     let _echo = serve_all([
@@ -140,7 +157,7 @@ fn client_ip_affinity_pins_each_client_to_one_endpoint_and_spreads_clients() {
     let eps = n2.pods.iter().map(|p| endpoint(p, 1, false)).collect();
     let mut svc = service("sticky", &["10.96.0.10"], eps).with_affinity();
     svc.external_ips = vec!["192.0.2.30".into()];
-    apply(n1, &plan(n1, vec![svc]));
+    apply_on(via, n1, &plan(n1, vec![svc]));
     t.route_to_node("192.0.2.30".parse().expect("valid"), 1)
         .expect("route");
 
@@ -172,8 +189,7 @@ fn client_ip_affinity_pins_each_client_to_one_endpoint_and_spreads_clients() {
     );
 }
 
-#[test]
-fn local_external_policy_reaches_only_local_pods_and_preserves_the_client_address() {
+fn local_external_policy_reaches_only_local_pods_and_preserves_the_client_address(via: Backend) {
     let t = topology(2, 1, 1);
     let (n1, n2) = (t.node(1), t.node(2));
     let _echo = serve_all([(&n1.pods[0], "local"), (&n2.pods[0], "remote")]);
@@ -188,7 +204,7 @@ fn local_external_policy_reaches_only_local_pods_and_preserves_the_client_addres
     );
     svc.node_port = Some(30081);
     let svc = svc.external_local();
-    apply(n1, &plan(n1, vec![svc]));
+    apply_on(via, n1, &plan(n1, vec![svc]));
 
     let client = &t.clients[0];
     let got = client
@@ -214,14 +230,13 @@ fn local_external_policy_reaches_only_local_pods_and_preserves_the_client_addres
     );
 }
 
-#[test]
-fn services_without_endpoints_reject_or_drop_as_the_plan_says() {
+fn services_without_endpoints_reject_or_drop_as_the_plan_says(via: Backend) {
     let t = topology(1, 1, 0);
     let n1 = t.node(1);
     let rejecting = service("rejecting", &["10.96.0.20"], vec![]);
     let mut dropping = service("dropping", &["10.96.0.21"], vec![]);
     dropping.no_endpoints_action = NoEndpointsAction::Drop;
-    apply(n1, &plan(n1, vec![rejecting, dropping]));
+    apply_on(via, n1, &plan(n1, vec![rejecting, dropping]));
 
     let pod = &n1.pods[0];
     let started = std::time::Instant::now();
@@ -247,14 +262,14 @@ fn services_without_endpoints_reject_or_drop_as_the_plan_says() {
     );
 }
 
-#[test]
-fn a_pod_reaching_itself_through_its_service_is_masqueraded() {
+fn a_pod_reaching_itself_through_its_service_is_masqueraded(via: Backend) {
     let t = topology(1, 1, 0);
     let n1 = t.node(1);
     let pod = &n1.pods[0];
     hairpin(n1, pod);
     let _echo = serve_all([(pod, "self")]);
-    apply(
+    apply_on(
+        via,
         n1,
         &plan(
             n1,
@@ -287,8 +302,7 @@ fn udp_exchange(socket: &UdpSocket, to: std::net::SocketAddr) -> Option<String> 
     )
 }
 
-#[test]
-fn stale_udp_flows_are_removed_when_endpoints_go_and_when_the_first_arrives() {
+fn stale_udp_flows_are_removed_when_endpoints_go_and_when_the_first_arrives(via: Backend) {
     let t = topology(2, 2, 0);
     let (n1, n2) = (t.node(1), t.node(2));
     let _echo = serve_all([(&n2.pods[0], "a"), (&n2.pods[1], "b")]);
@@ -305,7 +319,8 @@ fn stale_udp_flows_are_removed_when_endpoints_go_and_when_the_first_arrives() {
         endpoint(&n2.pods[0], 1, false),
         endpoint(&n2.pods[1], 1, false),
     ];
-    apply(
+    apply_on(
+        via,
         n1,
         &plan(
             n1,
@@ -329,7 +344,8 @@ fn stale_udp_flows_are_removed_when_endpoints_go_and_when_the_first_arrives() {
         .cloned()
         .collect();
     let other = if first == "a" { "b" } else { "a" };
-    apply(
+    apply_on(
+        via,
         n1,
         &plan(n1, vec![service("dns", &["10.96.0.53"], remaining).udp()]),
     );
@@ -341,7 +357,8 @@ fn stale_udp_flows_are_removed_when_endpoints_go_and_when_the_first_arrives() {
     let late = sa([10, 96, 0, 54], 80);
     assert_eq!(udp_exchange(&socket, late), None);
     // ...and is removed once the first endpoint arrives.
-    apply(
+    apply_on(
+        via,
         n1,
         &plan(
             n1,
@@ -364,8 +381,7 @@ fn stale_udp_flows_are_removed_when_endpoints_go_and_when_the_first_arrives() {
     assert_eq!(udp_exchange(&socket, late).as_deref(), Some("b"));
 }
 
-#[test]
-fn incremental_updates_while_traffic_flows_fail_no_connection() {
+fn incremental_updates_while_traffic_flows_fail_no_connection(via: Backend) {
     let t = topology(2, 3, 0);
     let (n1, n2) = (t.node(1), t.node(2));
     let _echo = serve_all([
@@ -391,7 +407,7 @@ fn incremental_updates_while_traffic_flows_fail_no_connection() {
     ];
     let mut dataplane = n1
         .ns
-        .run_in(|| DataPlane::new(DataPlaneConfig::default()))
+        .run_in(|| DataPlane::new(config(via)))
         .expect("data plane");
     let first = n1
         .ns
@@ -443,8 +459,7 @@ fn incremental_updates_while_traffic_flows_fail_no_connection() {
     });
 }
 
-#[test]
-fn three_equal_endpoints_share_3000_connections_evenly() {
+fn three_equal_endpoints_share_3000_connections_evenly(via: Backend) {
     let t = topology(2, 3, 0);
     let (n1, n2) = (t.node(1), t.node(2));
     let _echo = serve_all([
@@ -464,7 +479,7 @@ fn three_equal_endpoints_share_3000_connections_evenly() {
         })
         .collect();
     services.push(service("web", &["10.96.0.10"], eps));
-    apply(n1, &plan(n1, services));
+    apply_on(via, n1, &plan(n1, services));
 
     let got = servers(
         &n1.pods[0]
@@ -568,8 +583,7 @@ fn rules_only(dump: &str) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn ipv6_cluster_ip_and_node_port_work() {
+fn ipv6_cluster_ip_and_node_port_work(via: Backend) {
     let t = topology(2, 1, 1);
     let (n1, n2) = (t.node(1), t.node(2));
     let _echo = serve_all([(&n2.pods[0], "backend6")]);
@@ -582,7 +596,7 @@ fn ipv6_cluster_ip_and_node_port_work() {
         ],
     );
     svc.node_port = Some(30083);
-    apply(n1, &plan(n1, vec![svc]));
+    apply_on(via, n1, &plan(n1, vec![svc]));
 
     let pod = &n1.pods[0];
     let cluster_ip6 = sa(
@@ -723,7 +737,11 @@ fn the_legacy_backend_and_the_flat_layout_program_the_same_behaviour() {
             service("empty", &["10.96.0.11"], vec![]),
         ],
     );
-    apply_with(n1, &spec, &["--backend", "legacy", "--layout", "flat"]);
+    apply_with(
+        n1,
+        &spec,
+        &["--backend", "iptables-legacy", "--layout", "flat"],
+    );
     let legacy = n1.ns.exec_ok(&["iptables-legacy-save"]).expect("save");
     assert!(legacy.contains("PPX-SERVICES"), "{legacy}");
     let a = n1.pods[0]
@@ -737,7 +755,7 @@ fn the_legacy_backend_and_the_flat_layout_program_the_same_behaviour() {
         Attempt::Refused
     );
 
-    let out = agent(&n1.ns, &["cleanup", "--backend", "legacy"]);
+    let out = agent(&n1.ns, &["cleanup", "--backend", "iptables-legacy"]);
     assert!(
         out.status.success(),
         "{}",
@@ -747,8 +765,7 @@ fn the_legacy_backend_and_the_flat_layout_program_the_same_behaviour() {
     assert!(!legacy.contains("PPX-"), "{legacy}");
 }
 
-#[test]
-fn internal_local_policy_without_local_endpoints_drops() {
+fn internal_local_policy_without_local_endpoints_drops(via: Backend) {
     let t = topology(2, 1, 0);
     let (n1, n2) = (t.node(1), t.node(2));
     let _echo = serve_all([(&n2.pods[0], "remote")]);
@@ -762,7 +779,7 @@ fn internal_local_policy_without_local_endpoints_drops() {
         selection: EndpointSelection::None,
         endpoints: vec![],
     });
-    apply(n1, &plan(n1, vec![svc]));
+    apply_on(via, n1, &plan(n1, vec![svc]));
     assert_eq!(
         n1.pods[0]
             .ns
@@ -792,7 +809,7 @@ fn legacy_restores_wait_for_the_xtables_lock_and_report_the_wait() {
             env!("CARGO_BIN_EXE_planproxy-agent"),
             "apply",
             "--backend",
-            "legacy",
+            "iptables-legacy",
             "--plan",
             &file.path.to_string_lossy(),
         ])
@@ -816,4 +833,217 @@ fn legacy_restores_wait_for_the_xtables_lock_and_report_the_wait() {
         (0.8..5.0).contains(&waited),
         "reported lock wait {waited}s, the lock was held 1s"
     );
+}
+
+#[test]
+fn nftables_cleanup_removes_our_table_and_nothing_else() {
+    let t = topology(1, 1, 0);
+    let n1 = t.node(1);
+    let ns = &n1.ns;
+    // Someone else's nftables table and iptables rule.
+    ns.exec_ok(&["nft", "add", "table", "inet", "other"])
+        .expect("other table");
+    ns.exec_ok(&["nft", "add", "chain", "inet", "other", "c"])
+        .expect("other chain");
+    ns.exec_ok(&[
+        "nft",
+        "add",
+        "rule",
+        "inet",
+        "other",
+        "c",
+        "ip",
+        "saddr",
+        "192.0.2.1",
+        "drop",
+    ])
+    .expect("other rule");
+    ns.exec_ok(&[
+        "iptables",
+        "-A",
+        "INPUT",
+        "-s",
+        "192.0.2.2/32",
+        "-j",
+        "DROP",
+    ])
+    .expect("other iptables rule");
+    let mut svc = service(
+        "web",
+        &["10.96.0.10"],
+        vec![endpoint(&n1.pods[0], 1, false)],
+    );
+    svc.node_port = Some(30082);
+    apply_on(
+        Backend::Nftables,
+        n1,
+        &plan(n1, vec![svc, service("empty", &["10.96.0.11"], vec![])]),
+    );
+    assert!(nft_ruleset(n1).contains("table inet planproxy"));
+
+    let out = agent(ns, &["cleanup", "--backend", "nftables"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = nft_ruleset(n1);
+    assert!(!after.contains("planproxy"), "{after}");
+    assert!(after.contains("ip saddr 192.0.2.1 drop"), "{after}");
+    assert!(
+        ns.iptables_save()
+            .contains("-A INPUT -s 192.0.2.2/32 -j DROP")
+    );
+}
+
+#[test]
+fn a_refused_nft_transaction_keeps_the_old_rules_and_names_the_statement() {
+    let t = topology(2, 1, 0);
+    let (n1, n2) = (t.node(1), t.node(2));
+    let _echo = serve_all([(&n2.pods[0], "backend")]);
+    let ep = vec![endpoint(&n2.pods[0], 1, false)];
+    let mut old = service("old", &["10.96.0.10"], ep.clone());
+    old.node_port = Some(30090);
+    let mut dataplane = n1
+        .ns
+        .run_in(|| DataPlane::new(config(Backend::Nftables)))
+        .expect("data plane");
+    n1.ns
+        .run_in(|| dataplane.sync(&[plan(n1, vec![old])], false))
+        .expect("first sync");
+    // Someone else jumps into the old service's external chain, so the kernel
+    // refuses to delete it, and with it the whole transaction.
+    let chain = format!(
+        "ext4-{}",
+        planproxy_render::hash::service_port_hash("default/old", "tcp")
+    );
+    n1.ns
+        .exec_ok(&[
+            "nft",
+            "add",
+            "rule",
+            "inet",
+            "planproxy",
+            "nat-output",
+            "ip",
+            "daddr",
+            "192.0.2.99",
+            "jump",
+            &chain,
+        ])
+        .expect("foreign jump");
+    let err = n1
+        .ns
+        .run_in(|| {
+            dataplane.sync(
+                &[plan(n1, vec![service("new", &["10.96.0.11"], ep)])],
+                false,
+            )
+        })
+        .expect_err("the refused transaction must fail");
+    let message = err.to_string();
+    assert!(
+        message.contains("nft refused the transaction at line"),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!("delete chain inet planproxy {chain}")),
+        "the offending statement must be quoted: {message}"
+    );
+    // The old rules still serve; the new service was not half-programmed.
+    let old = n1.pods[0]
+        .ns
+        .connect_tcp(sa(CLUSTER_IP, 80), &answer_expected());
+    assert_eq!(old.server(), Some("backend"), "{old:?}");
+    assert!(!nft_ruleset(n1).contains("10.96.0.11"));
+}
+
+#[test]
+fn a_flush_of_our_nftables_table_is_detected_and_repaired_by_a_full_sync() {
+    let t = topology(2, 1, 0);
+    let (n1, n2) = (t.node(1), t.node(2));
+    let _echo = serve_all([(&n2.pods[0], "backend")]);
+    let spec = plan(
+        n1,
+        vec![service(
+            "web",
+            &["10.96.0.10"],
+            vec![endpoint(&n2.pods[0], 1, false)],
+        )],
+    );
+    let mut dataplane = n1
+        .ns
+        .run_in(|| DataPlane::new(config(Backend::Nftables)))
+        .expect("data plane");
+    n1.ns
+        .run_in(|| dataplane.sync(std::slice::from_ref(&spec), false))
+        .expect("sync");
+    assert!(!n1.ns.run_in(|| dataplane.drift_detected()).expect("check"));
+    for breakage in [
+        ["nft", "flush", "table", "inet", "planproxy"],
+        ["nft", "delete", "table", "inet", "planproxy"],
+    ] {
+        n1.ns.exec_ok(&breakage).expect("break our table");
+        assert!(
+            !n1.pods[0]
+                .ns
+                .connect_tcp(
+                    sa(CLUSTER_IP, 80),
+                    &ConnectOpts::with_timeout(Duration::from_millis(500))
+                )
+                .is_ok()
+        );
+        assert!(n1.ns.run_in(|| dataplane.drift_detected()).expect("check"));
+        let report = n1
+            .ns
+            .run_in(|| dataplane.sync(std::slice::from_ref(&spec), true))
+            .expect("repair");
+        assert!(report.full);
+        assert!(!n1.ns.run_in(|| dataplane.drift_detected()).expect("check"));
+        n1.ns
+            .run_in(|| dataplane.verify())
+            .expect("the kernel holds the plan again");
+        let a = n1.pods[0]
+            .ns
+            .connect_tcp(sa(CLUSTER_IP, 80), &answer_expected());
+        assert_eq!(a.server(), Some("backend"), "{a:?}");
+    }
+}
+
+#[test]
+fn switching_backends_on_a_live_node_removes_the_other_backends_rules() {
+    let t = topology(2, 1, 0);
+    let (n1, n2) = (t.node(1), t.node(2));
+    let _echo = serve_all([(&n2.pods[0], "backend")]);
+    let spec = plan(
+        n1,
+        vec![service(
+            "web",
+            &["10.96.0.10"],
+            vec![endpoint(&n2.pods[0], 1, false)],
+        )],
+    );
+    let serves = || {
+        let a = n1.pods[0]
+            .ns
+            .connect_tcp(sa(CLUSTER_IP, 80), &answer_expected());
+        assert_eq!(a.server(), Some("backend"), "{a:?}");
+    };
+    apply_on(Backend::IptablesNft, n1, &spec);
+    serves();
+    apply_on(Backend::Nftables, n1, &spec);
+    serves();
+    let save = n1.ns.iptables_save();
+    assert!(
+        !save.contains("PPX-"),
+        "iptables rules left behind:\n{save}"
+    );
+    assert!(nft_ruleset(n1).contains("table inet planproxy"));
+    apply_on(Backend::IptablesNft, n1, &spec);
+    serves();
+    assert!(
+        !nft_ruleset(n1).contains("table inet planproxy"),
+        "the nftables table was left behind"
+    );
+    assert!(n1.ns.iptables_save().contains("PPX-SERVICES"));
 }

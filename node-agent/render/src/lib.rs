@@ -10,15 +10,17 @@
 //! CIDR, port, protocol) or from a name checked against the Kubernetes naming
 //! rules; plan content cannot inject a rule.
 
+pub mod decide;
 pub mod hash;
+mod iptables;
 pub mod model;
-mod render;
+pub mod nft;
 pub mod restore;
 pub mod ruleset;
 mod tree;
 
+pub use iptables::{Rendered, probability, render, render_model};
 pub use model::{InvalidServicePort, NodeModel, PlanError};
-pub use render::{Rendered, probability, render, render_model};
 pub use restore::{RestoreInput, full_text, restore_full, restore_incremental};
 pub use ruleset::{Chain, Family, FamilyRules, Jump, RuleSet, Table, TableRules, chains};
 pub use tree::LEAF_MAX;

@@ -400,6 +400,25 @@ fn shown(s: &str) -> String {
     out
 }
 
+/// Builds the errors of one service port: its shown name and field prefix.
+struct PortErrors<'a> {
+    display: String,
+    shard: u32,
+    base: String,
+    plan: &'a ServicePortPlan,
+}
+
+impl PortErrors<'_> {
+    fn bad(&self, field: &str, message: String) -> InvalidServicePort {
+        InvalidServicePort {
+            service_port: self.display.clone(),
+            shard: self.shard,
+            field: format!("{}.{field}", self.base),
+            message,
+        }
+    }
+}
+
 fn parse_service_port(
     shard: u32,
     index: usize,
@@ -415,144 +434,27 @@ fn parse_service_port(
             shown(&plan.port_name)
         )
     };
-    let base = format!("spec.servicePorts[{index}]");
-    let bad = |field: &str, message: String| InvalidServicePort {
-        service_port: display.clone(),
+    let errors = PortErrors {
+        display,
         shard,
-        field: format!("{base}.{field}"),
-        message,
+        base: format!("spec.servicePorts[{index}]"),
+        plan,
     };
-
-    let namespace = DnsLabel::parse(&plan.namespace).ok_or_else(|| {
-        bad(
-            "namespace",
-            format!("{:?} is not a DNS label", shown(&plan.namespace)),
-        )
-    })?;
-    let name = DnsLabel::parse(&plan.name).ok_or_else(|| {
-        bad(
-            "name",
-            format!("{:?} is not a DNS label", shown(&plan.name)),
-        )
-    })?;
-    let port_name = if plan.port_name.is_empty() {
-        None
-    } else {
-        Some(DnsLabel::parse(&plan.port_name).ok_or_else(|| {
-            bad(
-                "portName",
-                format!("{:?} is not a valid port name", shown(&plan.port_name)),
-            )
-        })?)
-    };
-    if plan.port == 0 {
-        return Err(bad("port", "must be between 1 and 65535".into()));
-    }
-    if plan.node_port == Some(0) {
-        return Err(bad("nodePort", "must be between 1 and 65535".into()));
-    }
-    if plan.health_check_node_port == Some(0) {
-        return Err(bad(
-            "healthCheckNodePort",
-            "must be between 1 and 65535".into(),
-        ));
-    }
-
-    let ips = |field: &str, list: &[String]| -> Result<Vec<IpAddr>, InvalidServicePort> {
-        let mut out: Vec<IpAddr> = Vec::with_capacity(list.len());
-        for (i, s) in list.iter().enumerate() {
-            let ip = s.trim().parse::<IpAddr>().map_err(|_| {
-                bad(
-                    &format!("{field}[{i}]"),
-                    format!("{:?} is not an IP address", shown(s)),
-                )
-            })?;
-            if !out.contains(&ip) {
-                out.push(ip);
-            }
-        }
-        Ok(out)
-    };
-    let cluster_ips = ips("clusterIPs", &plan.cluster_ips)?;
-    if cluster_ips.is_empty() {
-        return Err(bad(
-            "clusterIPs",
-            "a proxied service needs a cluster IP".into(),
-        ));
-    }
-    if cluster_ips.len() > 2
-        || (cluster_ips.len() == 2 && family_of(&cluster_ips[0]) == family_of(&cluster_ips[1]))
-    {
-        return Err(bad(
-            "clusterIPs",
-            "at most one cluster IP per IP family".into(),
-        ));
-    }
-    let external_ips = ips("externalIPs", &plan.external_ips)?;
-    let load_balancer_ips = ips("loadBalancerIPs", &plan.load_balancer_ips)?;
-    let mut source_ranges = Vec::with_capacity(plan.load_balancer_source_ranges.len());
-    for (i, s) in plan.load_balancer_source_ranges.iter().enumerate() {
-        let net = parse_net(s).ok_or_else(|| {
-            bad(
-                &format!("loadBalancerSourceRanges[{i}]"),
-                format!("{:?} is not a CIDR", shown(s)),
-            )
-        })?;
-        if !source_ranges.contains(&net) {
-            source_ranges.push(net);
-        }
-    }
-    let affinity_timeout = match &plan.session_affinity {
-        Some(a) if !(1..=86400).contains(&a.timeout_seconds) => {
-            return Err(bad(
-                "sessionAffinity.timeoutSeconds",
-                format!("{} is not between 1 and 86400", a.timeout_seconds),
-            ));
-        }
-        Some(a) => Some(a.timeout_seconds),
-        None => None,
-    };
-    let endpoints = |field: &str,
-                     set: &Option<EndpointSet>|
-     -> Result<Option<Vec<Endpoint>>, InvalidServicePort> {
-        let Some(set) = set else { return Ok(None) };
-        let mut out: Vec<Endpoint> = Vec::with_capacity(set.endpoints.len());
-        for (i, e) in set.endpoints.iter().enumerate() {
-            let ip = e.ip.trim().parse::<IpAddr>().map_err(|_| {
-                bad(
-                    &format!("{field}.endpoints[{i}].ip"),
-                    format!("{:?} is not an IP address", shown(&e.ip)),
-                )
-            })?;
-            if e.port == 0 {
-                return Err(bad(
-                    &format!("{field}.endpoints[{i}].port"),
-                    "must be between 1 and 65535".into(),
-                ));
-            }
-            let addr = SocketAddr::new(ip, e.port);
-            if !out.iter().any(|o| o.addr == addr) {
-                out.push(Endpoint {
-                    addr,
-                    local: e.local,
-                });
-            }
-        }
-        // kube-proxy orders endpoints by the string `ip:port`; the order decides
-        // which rule gets which probability, so keep it whatever the plan says.
-        out.sort_by_cached_key(Endpoint::key);
-        Ok(Some(out))
-    };
-    let cluster_endpoints = endpoints("clusterEndpoints", &plan.cluster_endpoints)?;
-    let local_endpoints = endpoints("localEndpoints", &plan.local_endpoints)?;
+    let name = parse_name(&errors)?;
+    check_ports(&errors)?;
+    let cluster_ips = parse_cluster_ips(&errors)?;
+    let external_ips = parse_ips(&errors, "externalIPs", &plan.external_ips)?;
+    let load_balancer_ips = parse_ips(&errors, "loadBalancerIPs", &plan.load_balancer_ips)?;
+    let source_ranges = parse_source_ranges(&errors)?;
+    let affinity_timeout = parse_affinity(&errors)?;
+    let cluster_endpoints =
+        parse_endpoints(&errors, "clusterEndpoints", plan.cluster_endpoints.as_ref())?;
+    let local_endpoints =
+        parse_endpoints(&errors, "localEndpoints", plan.local_endpoints.as_ref())?;
 
     Ok(ServicePort {
         shard,
-        name: ServicePortName {
-            namespace,
-            name,
-            port_name,
-        },
+        name,
         protocol: plan.protocol,
         cluster_ips,
         port: plan.port,
@@ -570,4 +472,145 @@ fn parse_service_port(
         cluster_endpoints,
         local_endpoints,
     })
+}
+
+fn parse_name(e: &PortErrors<'_>) -> Result<ServicePortName, InvalidServicePort> {
+    let plan = e.plan;
+    let namespace = DnsLabel::parse(&plan.namespace).ok_or_else(|| {
+        e.bad(
+            "namespace",
+            format!("{:?} is not a DNS label", shown(&plan.namespace)),
+        )
+    })?;
+    let name = DnsLabel::parse(&plan.name).ok_or_else(|| {
+        e.bad(
+            "name",
+            format!("{:?} is not a DNS label", shown(&plan.name)),
+        )
+    })?;
+    let port_name = if plan.port_name.is_empty() {
+        None
+    } else {
+        Some(DnsLabel::parse(&plan.port_name).ok_or_else(|| {
+            e.bad(
+                "portName",
+                format!("{:?} is not a valid port name", shown(&plan.port_name)),
+            )
+        })?)
+    };
+    Ok(ServicePortName {
+        namespace,
+        name,
+        port_name,
+    })
+}
+
+fn check_ports(e: &PortErrors<'_>) -> Result<(), InvalidServicePort> {
+    let plan = e.plan;
+    if plan.port == 0 {
+        return Err(e.bad("port", "must be between 1 and 65535".into()));
+    }
+    if plan.node_port == Some(0) {
+        return Err(e.bad("nodePort", "must be between 1 and 65535".into()));
+    }
+    if plan.health_check_node_port == Some(0) {
+        return Err(e.bad("healthCheckNodePort", "must be between 1 and 65535".into()));
+    }
+    Ok(())
+}
+
+/// Parses a list of addresses, dropping duplicates.
+fn parse_ips(
+    e: &PortErrors<'_>,
+    field: &str,
+    list: &[String],
+) -> Result<Vec<IpAddr>, InvalidServicePort> {
+    let mut out: Vec<IpAddr> = Vec::with_capacity(list.len());
+    for (i, s) in list.iter().enumerate() {
+        let ip = s.trim().parse::<IpAddr>().map_err(|_| {
+            e.bad(
+                &format!("{field}[{i}]"),
+                format!("{:?} is not an IP address", shown(s)),
+            )
+        })?;
+        if !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    Ok(out)
+}
+
+fn parse_cluster_ips(e: &PortErrors<'_>) -> Result<Vec<IpAddr>, InvalidServicePort> {
+    let cluster_ips = parse_ips(e, "clusterIPs", &e.plan.cluster_ips)?;
+    if cluster_ips.is_empty() {
+        return Err(e.bad("clusterIPs", "a proxied service needs a cluster IP".into()));
+    }
+    if cluster_ips.len() > 2
+        || (cluster_ips.len() == 2 && family_of(&cluster_ips[0]) == family_of(&cluster_ips[1]))
+    {
+        return Err(e.bad("clusterIPs", "at most one cluster IP per IP family".into()));
+    }
+    Ok(cluster_ips)
+}
+
+fn parse_source_ranges(e: &PortErrors<'_>) -> Result<Vec<IpNet>, InvalidServicePort> {
+    let list = &e.plan.load_balancer_source_ranges;
+    let mut source_ranges = Vec::with_capacity(list.len());
+    for (i, s) in list.iter().enumerate() {
+        let net = parse_net(s).ok_or_else(|| {
+            e.bad(
+                &format!("loadBalancerSourceRanges[{i}]"),
+                format!("{:?} is not a CIDR", shown(s)),
+            )
+        })?;
+        if !source_ranges.contains(&net) {
+            source_ranges.push(net);
+        }
+    }
+    Ok(source_ranges)
+}
+
+fn parse_affinity(e: &PortErrors<'_>) -> Result<Option<u32>, InvalidServicePort> {
+    match &e.plan.session_affinity {
+        Some(a) if !(1..=86400).contains(&a.timeout_seconds) => Err(e.bad(
+            "sessionAffinity.timeoutSeconds",
+            format!("{} is not between 1 and 86400", a.timeout_seconds),
+        )),
+        Some(a) => Ok(Some(a.timeout_seconds)),
+        None => Ok(None),
+    }
+}
+
+fn parse_endpoints(
+    e: &PortErrors<'_>,
+    field: &str,
+    set: Option<&EndpointSet>,
+) -> Result<Option<Vec<Endpoint>>, InvalidServicePort> {
+    let Some(set) = set else { return Ok(None) };
+    let mut out: Vec<Endpoint> = Vec::with_capacity(set.endpoints.len());
+    for (i, ep) in set.endpoints.iter().enumerate() {
+        let ip = ep.ip.trim().parse::<IpAddr>().map_err(|_| {
+            e.bad(
+                &format!("{field}.endpoints[{i}].ip"),
+                format!("{:?} is not an IP address", shown(&ep.ip)),
+            )
+        })?;
+        if ep.port == 0 {
+            return Err(e.bad(
+                &format!("{field}.endpoints[{i}].port"),
+                "must be between 1 and 65535".into(),
+            ));
+        }
+        let addr = SocketAddr::new(ip, ep.port);
+        if !out.iter().any(|o| o.addr == addr) {
+            out.push(Endpoint {
+                addr,
+                local: ep.local,
+            });
+        }
+    }
+    // kube-proxy orders endpoints by the string `ip:port`; the order decides
+    // which rule gets which probability, so keep it whatever the plan says.
+    out.sort_by_cached_key(Endpoint::key);
+    Ok(Some(out))
 }

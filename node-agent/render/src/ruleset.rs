@@ -140,6 +140,8 @@ pub mod chains {
     pub const POSTROUTING: &str = "PPX-POSTROUTING";
     /// nat: marks traffic for masquerade.
     pub const MARK_MASQ: &str = "PPX-MARK-MASQ";
+    /// nat: marks hairpin traffic (a local endpoint reaching itself) for masquerade.
+    pub const HAIRPIN: &str = "PPX-HAIRPIN";
     /// filter: REJECT/DROP for external frontends without (local) endpoints.
     pub const EXTERNAL_SERVICES: &str = "PPX-EXTERNAL-SERVICES";
     /// filter: accepts forwarded service traffic.
@@ -154,7 +156,7 @@ pub mod chains {
     /// present: created before any restore and never deleted by a sync.
     pub fn fixed(table: super::Table) -> &'static [&'static str] {
         match table {
-            super::Table::Nat => &[SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ],
+            super::Table::Nat => &[SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ, HAIRPIN],
             super::Table::Filter => &[
                 SERVICES,
                 EXTERNAL_SERVICES,

@@ -1,6 +1,6 @@
 //! Properties of rendering over arbitrary plans, including hostile ones.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use planproxy_crds::ProxyPlanSpec;
 use planproxy_crds::testing::{NodeSettingsExt, mk_plan, mk_settings};
@@ -8,6 +8,7 @@ use planproxy_crds::v1alpha1::{
     ClientIpAffinity, EndpointPlan, EndpointSelection, EndpointSet, LocalTrafficDetectorMode,
     NoEndpointsAction, Protocol, ResolvedLocalTrafficDetector, ServicePortPlan, TrafficPolicy,
 };
+use planproxy_render::nft::{self, NftRuleSet};
 use planproxy_render::restore::{apply, contents};
 use planproxy_render::{
     Layout, RenderOptions, RuleSet, Table, render, restore_full, restore_incremental,
@@ -337,5 +338,285 @@ proptest! {
                 }
             }
         }
+    }
+}
+
+/// The table an `nft -f` transaction of ours leaves, modelled: chains with
+/// their rules, sets with their elements. Refuses what the kernel refuses for
+/// our vocabulary (missing objects, duplicate elements, deleting what is
+/// still referenced).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct NftModel {
+    chains: BTreeMap<String, Vec<String>>,
+    sets: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+fn nft_apply(state: &mut NftModel, text: &str) -> Result<(), String> {
+    let mut next = state.clone();
+    let prefix = format!(" inet {} ", nft::TABLE);
+    for line in text.lines() {
+        let whole = format!("{line} ");
+        let (verb, rest) = whole.split_once(&prefix).unwrap_or((line, ""));
+        let rest = rest.trim_end();
+        let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+        let items = || -> Vec<String> {
+            tail.trim_start_matches("{ ")
+                .trim_end_matches(" }")
+                .split(", ")
+                .map(str::to_owned)
+                .collect()
+        };
+        match verb {
+            "add table" => {}
+            "delete table" => next = NftModel::default(),
+            "add chain" => {
+                next.chains.entry(name.to_owned()).or_default();
+            }
+            "add set" | "add map" => {
+                next.sets.entry(name.to_owned()).or_default();
+            }
+            "add element" => {
+                let set = next.sets.get_mut(name).ok_or(format!("no set {name}"))?;
+                for item in items() {
+                    let (k, v) = item.split_once(" : ").unwrap_or((&item, ""));
+                    if set.get(k).is_some_and(|old| old != v) {
+                        return Err(format!("{line}: element {k} exists"));
+                    }
+                    set.insert(k.to_owned(), v.to_owned());
+                }
+            }
+            "delete element" => {
+                let set = next.sets.get_mut(name).ok_or(format!("no set {name}"))?;
+                for k in items() {
+                    set.remove(&k).ok_or(format!("{line}: no element {k}"))?;
+                }
+            }
+            "add rule" => next
+                .chains
+                .get_mut(name)
+                .ok_or(format!("{line}: no chain {name}"))?
+                .push(tail.to_owned()),
+            "flush chain" => next
+                .chains
+                .get_mut(name)
+                .ok_or(format!("{line}: no chain {name}"))?
+                .clear(),
+            "delete chain" => {
+                let rules = next.chains.remove(name).ok_or(format!("no chain {name}"))?;
+                let target = |s: &str| {
+                    s.ends_with(&format!("goto {name}"))
+                        || s.ends_with(&format!("jump {name}"))
+                        || s.contains(&format!("goto {name} "))
+                        || s.contains(&format!("jump {name} "))
+                };
+                let used = next.chains.values().flatten().any(|r| target(r))
+                    || next
+                        .sets
+                        .values()
+                        .flat_map(|s| s.values())
+                        .any(|v| target(v));
+                if !rules.is_empty() || used {
+                    return Err(format!("{line}: chain in use"));
+                }
+            }
+            "delete set" => {
+                next.sets.remove(name).ok_or(format!("no set {name}"))?;
+                if next
+                    .chains
+                    .values()
+                    .flatten()
+                    .any(|r| r.contains(&format!("@{name} ")) || r.ends_with(&format!("@{name}")))
+                {
+                    return Err(format!("{line}: set in use"));
+                }
+            }
+            other => return Err(format!("unexpected statement {other:?} in {line}")),
+        }
+    }
+    *state = next;
+    Ok(())
+}
+
+fn nft_expected(rules: &NftRuleSet) -> NftModel {
+    NftModel {
+        chains: rules
+            .chains
+            .iter()
+            .map(|(n, c)| (n.clone(), c.rules.clone()))
+            .collect(),
+        sets: rules
+            .sets
+            .iter()
+            .map(|(n, s)| {
+                (
+                    n.clone(),
+                    if s.dynamic {
+                        BTreeMap::new()
+                    } else {
+                        s.elements.clone()
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+fn nft_of(spec: &ProxyPlanSpec) -> NftRuleSet {
+    nft::render_nft(std::slice::from_ref(spec), &[])
+        .expect("a single complete shard must render")
+        .rules
+}
+
+const NFT_WORDS: &[&str] = &[
+    "add",
+    "delete",
+    "flush",
+    "table",
+    "chain",
+    "set",
+    "map",
+    "element",
+    "rule",
+    "inet",
+    "type",
+    "typeof",
+    "hook",
+    "priority",
+    "policy",
+    "accept",
+    "drop",
+    "reject",
+    "return",
+    "jump",
+    "goto",
+    "nat",
+    "filter",
+    "prerouting",
+    "output",
+    "postrouting",
+    "input",
+    "forward",
+    "dstnat",
+    "srcnat",
+    "ip",
+    "ip6",
+    "saddr",
+    "daddr",
+    "meta",
+    "l4proto",
+    "nfproto",
+    "ipv4",
+    "ipv6",
+    "th",
+    "dport",
+    "tcp",
+    "udp",
+    "sctp",
+    "mark",
+    "ct",
+    "state",
+    "status",
+    "new",
+    "invalid",
+    "related,established",
+    "dnat",
+    "masquerade",
+    "fully-random",
+    "numgen",
+    "random",
+    "mod",
+    "to",
+    "vmap",
+    "fib",
+    "local",
+    "update",
+    "flags",
+    "dynamic,timeout",
+    "timeout",
+    "elements",
+    "verdict",
+    "ipv4_addr",
+    "ipv6_addr",
+    "inet_proto",
+    "inet_service",
+    "{",
+    "}",
+    ".",
+    ":",
+    "!=",
+    "==",
+    "&",
+    "|",
+    "^",
+    ";",
+    "-100",
+    "planproxy",
+    "services",
+    "nodeports",
+    "firewall",
+    "refuse",
+    "forward",
+    "masquerading",
+    "refused",
+    "hairpin",
+];
+
+/// A token of the nft text is a fixed word, one of our object names (fixed
+/// lowercase words and base32 hashes), `@name`, a number or a parsed address.
+fn nft_token_ok(token: &str) -> bool {
+    let token = token.trim_end_matches([';', ',']);
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b.is_ascii_uppercase()
+            })
+    };
+    token.is_empty()
+        || NFT_WORDS.contains(&token)
+        || NFT_WORDS.contains(&token.trim_end_matches(['4', '6']))
+        || token.strip_prefix('@').is_some_and(name_ok)
+        || name_ok(token) && token.contains('-')
+        || token.parse::<u64>().is_ok()
+        || token
+            .strip_prefix("0x")
+            .is_some_and(|h| u32::from_str_radix(h, 16).is_ok())
+        || token
+            .strip_suffix('s')
+            .is_some_and(|n| n.parse::<u32>().is_ok())
+        || token.parse::<std::net::IpAddr>().is_ok()
+        || token.parse::<ipnet::IpNet>().is_ok()
+        || token.parse::<std::net::SocketAddr>().is_ok()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn nft_text_carries_only_fixed_words_names_and_parsed_values(spec in plan()) {
+        let text = nft::full_text(&nft_of(&spec));
+        prop_assert!(!text.contains(MARKER), "plan text reached the ruleset");
+        for line in text.lines() {
+            for token in line.split_whitespace() {
+                prop_assert!(nft_token_ok(token), "token {token:?} in {line}");
+            }
+        }
+    }
+
+    #[test]
+    fn nft_rendering_is_deterministic(spec in plan()) {
+        prop_assert_eq!(nft_of(&spec), nft_of(&spec));
+    }
+
+    #[test]
+    fn nft_incremental_reaches_the_same_table_as_a_full_sync(a in plan(), b in plan()) {
+        let (ra, rb) = (nft_of(&a), nft_of(&b));
+        let mut kernel = NftModel::default();
+        nft_apply(&mut kernel, &nft::full_text(&ra)).map_err(TestCaseError::fail)?;
+        prop_assert_eq!(&kernel, &nft_expected(&ra));
+        nft_apply(&mut kernel, &nft::incremental_text(&ra, &rb).text).map_err(TestCaseError::fail)?;
+        prop_assert_eq!(&kernel, &nft_expected(&rb));
+        let mut full = NftModel::default();
+        nft_apply(&mut full, &nft::full_text(&rb)).map_err(TestCaseError::fail)?;
+        prop_assert_eq!(&full, &kernel);
     }
 }

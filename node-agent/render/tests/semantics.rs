@@ -226,33 +226,38 @@ fn without_a_local_traffic_detector_cluster_ip_traffic_is_not_masqueraded() {
 }
 
 #[test]
-fn remote_endpoints_are_dnated_inline_and_local_ones_get_a_hairpin_chain() {
-    let r = rendered(spec(vec![svc(
-        "web",
-        "10.96.0.1",
-        vec![ep("10.244.0.5", true), ep("10.244.1.5", false)],
-    )]));
+fn endpoints_are_dnated_inline_and_hairpin_masquerade_is_one_shared_rule_per_local_address() {
+    let r = rendered(spec(vec![
+        svc(
+            "web",
+            "10.96.0.1",
+            vec![ep("10.244.0.5", true), ep("10.244.1.5", false)],
+        ),
+        // The same local pod behind a second service adds no hairpin rule.
+        svc("api", "10.96.0.2", vec![ep("10.244.0.5", true)]),
+    ]));
     let (nat, _) = v4(&r);
     let rules = chain(nat, &svc_chain("SVC", "web"));
-    let local_jump = &rules[1];
-    let sep = local_jump.rsplit("-j ").next().expect("a jump");
-    assert!(sep.starts_with("PPX-SEP-"));
+    assert!(
+        rules[1].ends_with("-m tcp -p tcp -j DNAT --to-destination 10.244.0.5:8080"),
+        "{}",
+        rules[1]
+    );
     assert!(
         rules[2].ends_with("-m tcp -p tcp -j DNAT --to-destination 10.244.1.5:8080"),
         "{}",
         rules[2]
     );
-    let hairpin = chain(nat, sep);
-    assert!(hairpin[0].contains("-s 10.244.0.5/32 -j PPX-MARK-MASQ"));
-    assert!(hairpin[1].ends_with("-j DNAT --to-destination 10.244.0.5:8080"));
-    // One chain per service plus one per local endpoint: no chain per remote endpoint.
     assert_eq!(
-        nat.chains
-            .keys()
-            .filter(|c| c.starts_with("PPX-SEP-"))
-            .count(),
-        1
+        chain(nat, "PPX-HAIRPIN"),
+        ["-s 10.244.0.5/32 -d 10.244.0.5/32 -j PPX-MARK-MASQ"]
     );
+    assert!(
+        chain(nat, "PPX-POSTROUTING")[0].contains("--ctstate DNAT -j PPX-HAIRPIN"),
+        "hairpin marking must come before the mark check"
+    );
+    // No chain per endpoint, local or remote.
+    assert!(!nat.chains.keys().any(|c| c.starts_with("PPX-SEP-")));
 }
 
 #[test]
@@ -485,18 +490,18 @@ fn per_shard_summaries_count_what_each_shard_programs() {
             chains: 0
         }
     );
-    // b: 1 REJECT; c: masquerade + jump inlined, and its local endpoint's
-    // chain (hairpin + DNAT).
+    // b: 1 REJECT; c (a local endpoint keeps its chain even in the tree
+    // layout): dispatch rule, masquerade, DNAT. Its hairpin rule is node-wide.
     assert_eq!(
         r.per_shard[&1],
         ProgrammedSummary {
             service_ports: 2,
             endpoints: 1,
-            rules: 5,
+            rules: 4,
             chains: 1
         }
     );
-    // The flat layout gives c its own service chain and a dispatch rule.
+    // The flat layout gives c the same.
     let flat = render(
         &[a_flat, b_flat],
         &RenderOptions {
@@ -505,8 +510,8 @@ fn per_shard_summaries_count_what_each_shard_programs() {
         },
     )
     .expect("renders");
-    assert_eq!(flat.per_shard[&1].rules, 6);
-    assert_eq!(flat.per_shard[&1].chains, 2);
+    assert_eq!(flat.per_shard[&1].rules, 4);
+    assert_eq!(flat.per_shard[&1].chains, 1);
 }
 
 #[test]
@@ -517,8 +522,9 @@ fn tree_layout_inlines_cluster_ip_only_services_into_the_dispatch() {
         svc(
             "internal",
             "10.96.0.1",
-            vec![ep("10.244.0.5", true), ep("10.244.1.5", false)],
+            vec![ep("10.244.1.4", false), ep("10.244.1.5", false)],
         ),
+        svc("with-local", "10.96.0.3", vec![ep("10.244.0.5", true)]),
         exposed,
     ]);
     let r = render(&[plan], &RenderOptions::default()).expect("renders");
@@ -528,19 +534,24 @@ fn tree_layout_inlines_cluster_ip_only_services_into_the_dispatch() {
         nat.chains.contains_key(&svc_chain("SVC", "exposed")),
         "a chain other frontends jump to stays"
     );
+    assert!(
+        nat.chains.contains_key(&svc_chain("SVC", "with-local")),
+        "a service with local endpoints keeps its chain"
+    );
     let inlined: Vec<_> = chain(nat, "PPX-SERVICES")
         .iter()
         .filter(|r| r.contains("ns1/internal"))
         .collect();
-    // Masquerade, the local endpoint's hairpin chain, the remote endpoint's DNAT:
-    // each matching the frontend itself.
+    // Masquerade and one DNAT per endpoint, each matching the frontend itself.
     assert_eq!(inlined.len(), 3, "{inlined:?}");
     assert!(
         inlined
             .iter()
             .all(|r| r.contains("-m tcp -p tcp -d 10.96.0.1/32 --dport 80"))
     );
-    assert!(inlined[1].contains("--probability 0.5000000000 -j PPX-SEP-"));
+    assert!(
+        inlined[1].contains("--probability 0.5000000000 -j DNAT --to-destination 10.244.1.4:8080")
+    );
     assert!(
         inlined[2].ends_with("-j DNAT --to-destination 10.244.1.5:8080")
             && inlined[2].matches("-p tcp").count() == 1

@@ -10,7 +10,7 @@ use anyhow::{Context as _, bail};
 use planproxy_crds::ProxyPlanSpec;
 use planproxy_render::{Family, Layout, RenderOptions};
 
-use crate::dataplane::{Backend, DataPlane, DataPlaneConfig};
+use crate::dataplane::{Backend, BackendChoice, DataPlane, DataPlaneConfig};
 
 /// `planproxy-agent render`: print the iptables-restore input for a plan.
 #[derive(clap::Args, Debug)]
@@ -25,6 +25,10 @@ pub struct RenderArgs {
     /// Only this family (`ipv4` or `ipv6`); both by default.
     #[arg(long, value_parser = parse_family)]
     pub family: Option<Family>,
+    /// Whose input to print: `nftables` prints the `nft -f` transaction, any
+    /// iptables backend the iptables-restore input.
+    #[arg(long, default_value = "iptables")]
+    pub backend: BackendChoice,
 }
 
 /// `planproxy-agent apply`: program a plan once into the current network namespace.
@@ -37,20 +41,23 @@ pub struct ApplyArgs {
     /// How frontends are dispatched: `tree` or `flat`.
     #[arg(long, default_value = "tree", value_parser = parse_layout)]
     pub layout: Layout,
-    /// The iptables backend (`nft` or `legacy`); detected by default.
-    #[arg(long)]
-    pub backend: Option<Backend>,
+    /// The backend: `nftables`, `iptables` (the variant the host uses),
+    /// `iptables-nft` or `iptables-legacy`.
+    #[arg(long, default_value = "iptables")]
+    pub backend: BackendChoice,
     /// Only this family (`ipv4` or `ipv6`); every supported one by default.
     #[arg(long, value_parser = parse_family)]
     pub family: Option<Family>,
 }
 
-/// `planproxy-agent cleanup`: remove every planproxy rule and chain.
+/// `planproxy-agent cleanup`: remove every planproxy rule, chain and table, of
+/// every backend.
 #[derive(clap::Args, Debug)]
 pub struct CleanupArgs {
-    /// The iptables backend (`nft` or `legacy`); detected by default.
-    #[arg(long)]
-    pub backend: Option<Backend>,
+    /// The backend: `nftables`, `iptables` (the variant the host uses),
+    /// `iptables-nft` or `iptables-legacy`.
+    #[arg(long, default_value = "iptables")]
+    pub backend: BackendChoice,
 }
 
 fn parse_layout(s: &str) -> Result<Layout, String> {
@@ -93,6 +100,14 @@ pub fn render(args: RenderArgs) -> ExitCode {
             layout: args.layout,
             families: args.family.into_iter().collect(),
         };
+        if args.backend == BackendChoice::Exactly(Backend::Nftables) {
+            let rendered = planproxy_render::nft::render_nft(&shards, &options.families)?;
+            for skipped in &rendered.skipped {
+                eprintln!("skipped: {skipped}");
+            }
+            print!("{}", planproxy_render::nft::full_text(&rendered.rules));
+            return Ok(());
+        }
         let rendered = planproxy_render::render(&shards, &options)?;
         for skipped in &rendered.skipped {
             eprintln!("skipped: {skipped}");

@@ -1,10 +1,11 @@
-//! Which iptables implementation the host uses, and its programs.
+//! The data-plane backends (`--backend`), which iptables implementation the
+//! host uses, and the programs of each.
 
 use std::process::Command;
 
 use planproxy_render::Family;
 
-use super::{Backend, Error};
+use super::{Backend, BackendChoice, Error};
 
 /// The programs of one backend for one family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,35 +16,44 @@ pub(crate) struct Programs {
 }
 
 impl Backend {
-    /// `nf_tables` / `legacy`, as `iptables --version` spells it.
+    /// `iptables-nft` / `iptables-legacy` / `nftables`, as `--backend` spells it.
     pub fn as_str(self) -> &'static str {
         match self {
-            Backend::NfTables => "nf_tables",
-            Backend::Legacy => "legacy",
+            Backend::IptablesNft => "iptables-nft",
+            Backend::IptablesLegacy => "iptables-legacy",
+            Backend::Nftables => "nftables",
         }
     }
 
+    /// Whether this backend writes iptables rules.
+    pub fn is_iptables(self) -> bool {
+        self != Backend::Nftables
+    }
+
+    /// The iptables programs of this backend; the iptables-nft ones for
+    /// `nftables`, which never calls them for its own rules (only to remove
+    /// iptables rules left by a previous backend).
     pub(crate) fn programs(self, family: Family) -> Programs {
         match (self, family) {
-            (Backend::NfTables, Family::V4) => Programs {
-                iptables: "iptables-nft",
-                restore: "iptables-nft-restore",
-                save: "iptables-nft-save",
-            },
-            (Backend::NfTables, Family::V6) => Programs {
-                iptables: "ip6tables-nft",
-                restore: "ip6tables-nft-restore",
-                save: "ip6tables-nft-save",
-            },
-            (Backend::Legacy, Family::V4) => Programs {
+            (Backend::IptablesLegacy, Family::V4) => Programs {
                 iptables: "iptables-legacy",
                 restore: "iptables-legacy-restore",
                 save: "iptables-legacy-save",
             },
-            (Backend::Legacy, Family::V6) => Programs {
+            (Backend::IptablesLegacy, Family::V6) => Programs {
                 iptables: "ip6tables-legacy",
                 restore: "ip6tables-legacy-restore",
                 save: "ip6tables-legacy-save",
+            },
+            (_, Family::V4) => Programs {
+                iptables: "iptables-nft",
+                restore: "iptables-nft-restore",
+                save: "iptables-nft-save",
+            },
+            (_, Family::V6) => Programs {
+                iptables: "ip6tables-nft",
+                restore: "ip6tables-nft-restore",
+                save: "ip6tables-nft-save",
             },
         }
     }
@@ -55,16 +65,37 @@ impl std::fmt::Display for Backend {
     }
 }
 
-impl std::str::FromStr for Backend {
+impl std::fmt::Display for BackendChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackendChoice::Iptables => "iptables",
+            BackendChoice::Exactly(b) => b.as_str(),
+        })
+    }
+}
+
+impl std::str::FromStr for BackendChoice {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
-            "nft" | "nf_tables" | "nftables" => Ok(Backend::NfTables),
-            "legacy" => Ok(Backend::Legacy),
+            "iptables" => Ok(BackendChoice::Iptables),
+            "iptables-nft" => Ok(BackendChoice::Exactly(Backend::IptablesNft)),
+            "iptables-legacy" => Ok(BackendChoice::Exactly(Backend::IptablesLegacy)),
+            "nftables" => Ok(BackendChoice::Exactly(Backend::Nftables)),
             other => Err(format!(
-                "unknown iptables backend {other:?} (expected nft or legacy)"
+                "unknown backend {other:?} (expected nftables, iptables, iptables-nft or iptables-legacy)"
             )),
+        }
+    }
+}
+
+impl BackendChoice {
+    /// The backend to use: `iptables` detects the host's iptables variant.
+    pub fn resolve(self) -> Result<Backend, Error> {
+        match self {
+            BackendChoice::Exactly(b) => Ok(b),
+            BackendChoice::Iptables => detect(),
         }
     }
 }
@@ -75,31 +106,38 @@ impl std::str::FromStr for Backend {
 pub(crate) fn detect() -> Result<Backend, Error> {
     let version = output("iptables", &["--version"])?;
     let default = if version.contains("nf_tables") {
-        Backend::NfTables
+        Backend::IptablesNft
     } else if version.contains("legacy") {
-        Backend::Legacy
+        Backend::IptablesLegacy
     } else {
         return Err(Error::Backend(format!(
             "cannot tell the backend from `iptables --version`: {}",
             version.trim()
         )));
     };
-    if default == Backend::NfTables {
+    if default == Backend::IptablesNft {
         let rules = |save: &str| {
             output(save, &[])
                 .map(|s| s.lines().filter(|l| l.starts_with("-A")).count())
                 .unwrap_or(0)
         };
         if rules("iptables-nft-save") == 0 && rules("iptables-legacy-save") > 0 {
-            return Ok(Backend::Legacy);
+            return Ok(Backend::IptablesLegacy);
         }
     }
     Ok(default)
 }
 
 /// Whether `family` can be programmed with `backend` here (the program exists
-/// and the kernel has the nat table for the family).
+/// and the kernel has the nat table for the family). nftables' `inet` table
+/// serves both families.
 pub(crate) fn supports(backend: Backend, family: Family) -> bool {
+    if backend == Backend::Nftables {
+        return Command::new("nft")
+            .args(["--version"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+    }
     let programs = backend.programs(family);
     Command::new(programs.iptables)
         .args(["--wait=5", "-t", "nat", "-S", "POSTROUTING"])

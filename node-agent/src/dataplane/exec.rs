@@ -30,7 +30,7 @@ const XTABLES_LOCK_POLL: Duration = Duration::from_millis(50);
 /// other holders kept the node waiting. nf_tables has no such lock (the kernel
 /// serialises transactions).
 pub(crate) fn wait_for_xtables_lock(backend: Backend) -> Duration {
-    if backend != Backend::Legacy {
+    if backend != Backend::IptablesLegacy {
         return Duration::ZERO;
     }
     wait_for_lock_file(

@@ -12,6 +12,7 @@
 mod backend;
 mod conntrack;
 mod exec;
+mod nft;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -20,20 +21,34 @@ use std::time::{Duration, Instant};
 use iptables::IPTables;
 use planproxy_crds::v1alpha1::ProgrammedSummary;
 use planproxy_render::hash::CHAIN_PREFIX;
+use planproxy_render::nft::{NftRuleSet, RenderedNft, full_text, incremental_text};
 use planproxy_render::{
-    FamilyRules, Layout, PlanError, RenderOptions, RestoreInput, RuleSet, Table, chains,
+    FamilyRules, Layout, NodeModel, PlanError, RenderOptions, RestoreInput, RuleSet, Table, chains,
     restore_full, restore_incremental,
 };
 
 pub use planproxy_render::Family;
 
-/// Which iptables implementation the host uses.
+/// How the node's rules are written: one type for the CLI and the runtime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Backend {
-    /// `iptables-nft`: the iptables API over nf_tables.
-    NfTables,
-    /// `iptables-legacy`: the x_tables kernel API.
-    Legacy,
+    /// `iptables-nft`: iptables rules through the iptables API over nf_tables.
+    IptablesNft,
+    /// `iptables-legacy`: iptables rules through the x_tables kernel API.
+    IptablesLegacy,
+    /// `nftables`: one `inet planproxy` table written with `nft -f`.
+    Nftables,
+}
+
+/// The `--backend` value: a backend, or `iptables` to detect the iptables
+/// variant the host uses (as kube-proxy does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum BackendChoice {
+    /// iptables, in the variant the host uses.
+    #[default]
+    Iptables,
+    /// Exactly this backend.
+    Exactly(Backend),
 }
 
 /// How the data plane is set up.
@@ -41,8 +56,8 @@ pub enum Backend {
 pub struct DataPlaneConfig {
     /// Dispatch layout of the rendered rules.
     pub layout: Layout,
-    /// The iptables backend; `None` detects the one the host uses.
-    pub backend: Option<Backend>,
+    /// The backend; `iptables` detects the variant the host uses.
+    pub backend: BackendChoice,
     /// The families to program; empty means every family the kernel supports.
     pub families: Vec<Family>,
 }
@@ -51,7 +66,7 @@ impl Default for DataPlaneConfig {
     fn default() -> Self {
         Self {
             layout: Layout::Tree,
-            backend: None,
+            backend: BackendChoice::default(),
             families: Vec::new(),
         }
     }
@@ -84,6 +99,18 @@ pub struct SyncReport {
 /// every case.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// `nft -f` refused the transaction.
+    #[error("nftables: nft refused the transaction{}{}: {stderr}",
+        line.map(|l| format!(" at line {l}")).unwrap_or_default(),
+        statement.as_deref().map(|s| format!(" ({s})")).unwrap_or_default())]
+    Transaction {
+        /// The failing line of the input, when nft named it.
+        line: Option<usize>,
+        /// The text of that line.
+        statement: Option<String>,
+        /// What nft printed.
+        stderr: String,
+    },
     /// iptables-restore refused the input.
     #[error("{family} {table}: iptables-restore failed{}{}: {stderr}",
         line.map(|l| format!(" at line {l}")).unwrap_or_default(),
@@ -145,7 +172,7 @@ impl Error {
     /// `invalid_plan`, `not_synced`, `verify`).
     pub fn kind(&self) -> &'static str {
         match self {
-            Error::Restore { .. } => "restore",
+            Error::Restore { .. } | Error::Transaction { .. } => "restore",
             Error::Command { .. } => "command",
             Error::Spawn { .. } => "spawn",
             Error::Backend(_) => "backend",
@@ -164,12 +191,33 @@ pub struct DataPlane {
     families: Vec<Family>,
     /// What the kernel holds since the last successful sync; `None` forces the
     /// next sync to be full (at start, and after any failure).
-    applied: Option<RuleSet>,
+    applied: Option<AppliedRules>,
     /// The UDP frontends of the last synced plan, to clean flows of services that
     /// disappear from it.
     udp_frontends: BTreeMap<Family, BTreeSet<SocketAddr>>,
     /// Lock wait spent outside a sync (at start), added to the next report.
     unreported_lock_wait: Duration,
+}
+
+/// `nft list table inet planproxy` (for `explain`).
+pub fn nft_table_text() -> Result<String, String> {
+    let out = std::process::Command::new("nft")
+        .args(["list", "table", "inet", planproxy_render::nft::TABLE])
+        .output()
+        .map_err(|e| format!("cannot run nft: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The rules a backend last programmed.
+#[derive(Debug, Clone)]
+pub enum AppliedRules {
+    /// iptables chains by family and table.
+    Iptables(RuleSet),
+    /// The nftables table.
+    Nftables(NftRuleSet),
 }
 
 /// The canary chain's only rule: a flush of our chains empties it, a delete
@@ -179,10 +227,7 @@ const CANARY_RULE: &str = "-m comment --comment \"planproxy canary\" -j RETURN";
 impl DataPlane {
     /// Detects the backend and the families the kernel supports; touches no rule.
     pub fn new(config: DataPlaneConfig) -> Result<Self, Error> {
-        let backend = match config.backend {
-            Some(b) => b,
-            None => backend::detect()?,
-        };
+        let backend = config.backend.resolve()?;
         // The support checks below take the xtables lock too; that wait is
         // reported with the first sync.
         let lock_wait = exec::wait_for_xtables_lock(backend);
@@ -196,7 +241,7 @@ impl DataPlane {
         };
         if families.is_empty() {
             return Err(Error::Backend(format!(
-                "neither iptables nor ip6tables works with the {backend} backend here"
+                "no IP family can be programmed with the {backend} backend here"
             )));
         }
         tracing::info!(%backend, families = ?families, layout = ?config.layout, "data plane ready");
@@ -221,8 +266,38 @@ impl DataPlane {
     }
 
     /// The rules the kernel holds since the last successful sync.
-    pub fn applied(&self) -> Option<&RuleSet> {
+    pub fn applied(&self) -> Option<&AppliedRules> {
         self.applied.as_ref()
+    }
+
+    /// Rules held, by (IP family, table): iptables per family and table,
+    /// nftables as one `inet` table counting rules and set elements.
+    pub fn rules_per_table(&self) -> BTreeMap<(String, String), usize> {
+        let mut out = BTreeMap::new();
+        match &self.applied {
+            Some(AppliedRules::Iptables(rule_set)) => {
+                for (family, rules) in &rule_set.families {
+                    let family = match family {
+                        Family::V4 => "IPv4",
+                        Family::V6 => "IPv6",
+                    };
+                    for table in Table::ALL {
+                        out.insert(
+                            (family.to_owned(), table.as_str().to_owned()),
+                            rules.table(table).rule_count(),
+                        );
+                    }
+                }
+            }
+            Some(AppliedRules::Nftables(rules)) => {
+                out.insert(
+                    ("inet".to_owned(), planproxy_render::nft::TABLE.to_owned()),
+                    rules.rule_count(),
+                );
+            }
+            None => {}
+        }
+        out
     }
 
     fn iptables(&self, family: Family) -> IPTables {
@@ -236,9 +311,9 @@ impl DataPlane {
 
     /// Programs the node to exactly `shards` (a complete set of the node's
     /// ProxyPlan shards). Full when `full` or on the first call after
-    /// [`DataPlane::new`]; incremental (only changed chains) otherwise. On error
+    /// [`DataPlane::new`]; incremental (only what changed) otherwise. On error
     /// the kernel keeps its previous rules and the next call is a full sync.
-    /// Blocking: it spawns iptables-restore.
+    /// Blocking: it spawns iptables-restore or nft.
     pub fn sync(
         &mut self,
         shards: &[planproxy_crds::ProxyPlanSpec],
@@ -251,11 +326,13 @@ impl DataPlane {
             .unwrap_or_default();
         let span = tracing::info_span!("sync", node, full = tracing::field::Empty);
         let _guard = span.enter();
-        let options = RenderOptions {
-            layout: self.layout,
-            families: self.families.clone(),
-        };
-        let rendered = planproxy_render::render(shards, &options)?;
+        // nftables: a requested full resync of an intact table is done
+        // incrementally, so it neither costs a rebuild nor forgets the
+        // affinity sets; a flushed or deleted table is rebuilt.
+        let full = full
+            && (self.backend.is_iptables()
+                || self.applied.is_none()
+                || self.drift_detected().unwrap_or(true));
         let previous = self.applied.take();
         let full = full || previous.is_none();
         span.record("full", full);
@@ -264,23 +341,82 @@ impl DataPlane {
             lock_wait: std::mem::take(&mut self.unreported_lock_wait),
             ..Default::default()
         };
+        let (model, per_shard, skipped, applied) = if self.backend.is_iptables() {
+            let options = RenderOptions {
+                layout: self.layout,
+                families: self.families.clone(),
+            };
+            let rendered = planproxy_render::render(shards, &options)?;
+            let previous = match previous {
+                Some(AppliedRules::Iptables(p)) if !full => Some(p),
+                _ => None,
+            };
+            self.program_iptables(&rendered.rule_set, previous.as_ref(), &mut report)?;
+            let applied = AppliedRules::Iptables(rendered.rule_set);
+            (
+                rendered.model,
+                rendered.per_shard,
+                rendered.skipped,
+                applied,
+            )
+        } else {
+            let rendered = planproxy_render::nft::render_nft(shards, &self.families)?;
+            let previous = match previous {
+                Some(AppliedRules::Nftables(p)) if !full => Some(p),
+                _ => None,
+            };
+            self.program_nftables(&rendered, previous.as_ref(), &mut report)?;
+            let RenderedNft {
+                rules,
+                per_shard,
+                skipped,
+                model,
+            } = rendered;
+            (model, per_shard, skipped, AppliedRules::Nftables(rules))
+        };
+        if full {
+            self.remove_other_backends();
+        }
+        self.reconcile_conntrack(&model, &mut report);
+        report.per_shard = per_shard;
+        report.skipped = skipped.iter().map(ToString::to_string).collect();
+        for skipped in &report.skipped {
+            tracing::warn!(service_port = %skipped, "service port skipped");
+        }
+        self.applied = Some(applied);
+        report.duration = start.elapsed();
+        tracing::info!(
+            duration_ms = report.duration.as_millis() as u64,
+            rules = report.rules_written,
+            chains = report.chains_written,
+            deleted = report.chains_deleted,
+            "synced"
+        );
+        Ok(report)
+    }
 
+    /// One `iptables-restore --noflush` per family and table: everything, or
+    /// only the chains that differ from `previous`.
+    fn program_iptables(
+        &mut self,
+        next: &RuleSet,
+        previous: Option<&RuleSet>,
+        report: &mut SyncReport,
+    ) -> Result<(), Error> {
         for family in self.families.clone() {
             let programs = self.backend.programs(family);
-            let Some(next) = rendered.rule_set.families.get(&family) else {
+            let Some(next) = next.families.get(&family) else {
                 continue;
             };
-            if full {
+            if previous.is_none() {
                 report.lock_wait += exec::wait_for_xtables_lock(self.backend);
                 self.ensure_base(family, next)?;
             }
             for table in Table::ALL {
                 let next_table = next.table(table);
-                let input = match previous.as_ref().and_then(|p| p.families.get(&family)) {
-                    Some(prev) if !full => {
-                        restore_incremental(table, prev.table(table), next_table)
-                    }
-                    _ => {
+                let input = match previous.and_then(|p| p.families.get(&family)) {
+                    Some(prev) => restore_incremental(table, prev.table(table), next_table),
+                    None => {
                         let dump = exec::save(&programs, table)?;
                         let stale: Vec<String> =
                             exec::chain_rule_counts(&dump).into_keys().collect();
@@ -297,9 +433,70 @@ impl DataPlane {
                 report.chains_deleted += input.chains_deleted;
             }
         }
+        Ok(())
+    }
 
+    /// One `nft -f` transaction: the whole table rebuilt, or only what differs
+    /// from `previous` (changed chains refilled, changed elements replaced).
+    fn program_nftables(
+        &mut self,
+        rendered: &RenderedNft,
+        previous: Option<&NftRuleSet>,
+        report: &mut SyncReport,
+    ) -> Result<(), Error> {
+        let next = &rendered.rules;
+        let (text, chains, rules, deleted) = match previous {
+            Some(previous) => {
+                let delta = incremental_text(previous, next);
+                (
+                    delta.text,
+                    delta.chains_written,
+                    delta.rules_written,
+                    delta.deleted,
+                )
+            }
+            None => (full_text(next), next.chains.len(), next.rule_count(), 0),
+        };
+        if text.is_empty() {
+            return Ok(());
+        }
+        nft::transaction(&text)?;
+        report.chains_written += chains;
+        report.rules_written += rules;
+        report.chains_deleted += deleted;
+        Ok(())
+    }
+
+    /// After a full sync, removes what the other backends wrote (a node
+    /// switching backends). Failures are logged: the new rules are in place.
+    fn remove_other_backends(&self) {
+        let result = if self.backend.is_iptables() {
+            nft::delete_table().map(|deleted| {
+                if deleted {
+                    tracing::info!("removed the nftables table of a previous backend");
+                }
+            })
+        } else {
+            [Backend::IptablesNft, Backend::IptablesLegacy]
+                .into_iter()
+                .try_for_each(|b| cleanup_iptables(b, &self.supported_iptables_families(b)))
+        };
+        if let Err(error) = result {
+            tracing::warn!(%error, "failed to remove the rules of another backend");
+        }
+    }
+
+    fn supported_iptables_families(&self, backend: Backend) -> Vec<Family> {
+        Family::ALL
+            .into_iter()
+            .filter(|f| backend::supports(backend, *f))
+            .collect()
+    }
+
+    /// Deletes stale UDP flows; shared by every backend.
+    fn reconcile_conntrack(&mut self, model: &NodeModel, report: &mut SyncReport) {
         for family in self.families.clone() {
-            let targets = conntrack::UdpTargets::of(&rendered.model, family);
+            let targets = conntrack::UdpTargets::of(model, family);
             let now: BTreeSet<SocketAddr> = targets.frontends.keys().copied().collect();
             let before = self
                 .udp_frontends
@@ -312,22 +509,6 @@ impl DataPlane {
                 Err(e) => tracing::warn!(%family, error = %e, "stale UDP conntrack cleanup failed"),
             }
         }
-
-        report.per_shard = rendered.per_shard;
-        report.skipped = rendered.skipped.iter().map(ToString::to_string).collect();
-        for skipped in &report.skipped {
-            tracing::warn!(service_port = %skipped, "service port skipped");
-        }
-        self.applied = Some(rendered.rule_set);
-        report.duration = start.elapsed();
-        tracing::info!(
-            duration_ms = report.duration.as_millis() as u64,
-            rules = report.rules_written,
-            chains = report.chains_written,
-            deleted = report.chains_deleted,
-            "synced"
-        );
-        Ok(report)
     }
 
     /// Creates the fixed chains and the canary and ensures the jumps from the
@@ -381,6 +562,15 @@ impl DataPlane {
     /// True when the canary chains show that someone flushed or deleted
     /// planproxy's chains, so a full sync is needed.
     pub fn drift_detected(&self) -> Result<bool, Error> {
+        if !self.backend.is_iptables() {
+            // A flushed table empties this base chain; a deleted one loses it.
+            let intact = nft::list_chain("nat-prerouting")?
+                .is_some_and(|l| l.chains.values().any(|rules| !rules.is_empty()));
+            if !intact {
+                tracing::info!("planproxy's nftables table was flushed or deleted");
+            }
+            return Ok(!intact);
+        }
         for family in &self.families {
             let programs = self.backend.programs(*family);
             for table in Table::ALL {
@@ -404,8 +594,10 @@ impl DataPlane {
     /// Checks that the kernel holds what the last sync wrote: every chain with
     /// its number of rules, and every jump from the built-in chains.
     pub fn verify(&self) -> Result<(), Error> {
-        let Some(applied) = &self.applied else {
-            return Err(Error::NotSynced);
+        let applied = match &self.applied {
+            None => return Err(Error::NotSynced),
+            Some(AppliedRules::Nftables(rules)) => return verify_nftables(rules),
+            Some(AppliedRules::Iptables(rule_set)) => rule_set,
         };
         for (family, rules) in &applied.families {
             let programs = self.backend.programs(*family);
@@ -449,51 +641,107 @@ impl DataPlane {
         Ok(())
     }
 
-    /// Removes every planproxy rule and chain, and nothing else: the jumps it
-    /// added to built-in chains and every `PPX-` chain. Conntrack is left alone.
+    /// Removes every planproxy rule, chain and table of every backend, and
+    /// nothing else: the jumps it added to built-in chains, every `PPX-` chain,
+    /// and the nftables table. Conntrack is left alone.
     pub fn cleanup(&mut self) -> Result<(), Error> {
         self.applied = None;
         self.udp_frontends.clear();
-        for family in self.families.clone() {
-            let programs = self.backend.programs(family);
-            let ipt = self.iptables(family);
-            for table in Table::ALL {
-                let t = table.as_str();
-                let dump = exec::save(&programs, table)?;
-                for rule in dump.lines().filter_map(|l| l.strip_prefix("-A ")) {
-                    let (chain, spec) = rule.split_once(' ').unwrap_or((rule, ""));
-                    if !chain.starts_with(CHAIN_PREFIX) && is_our_jump(table, spec) {
-                        ipt.delete(t, chain, spec).map_err(|e| {
-                            command_error(&ipt, format!("-t {t} -D {chain} {spec}"), e.to_string())
-                        })?;
-                    }
-                }
-                let ours: Vec<String> = exec::chain_rule_counts(&dump)
-                    .into_keys()
-                    .filter(|c| c.starts_with(CHAIN_PREFIX))
-                    .collect();
-                if ours.is_empty() {
-                    continue;
-                }
-                let mut text = format!("*{t}\n");
-                for c in &ours {
-                    text.push_str(&format!(":{c} - [0:0]\n"));
-                }
-                for c in &ours {
-                    text.push_str(&format!("-X {c}\n"));
-                }
-                text.push_str("COMMIT\n");
-                let input = RestoreInput {
-                    text,
-                    chains_deleted: ours.len(),
-                    ..Default::default()
-                };
-                exec::restore(&programs, family, table, &input)?;
-                tracing::info!(%family, %table, chains = ours.len(), "planproxy chains removed");
-            }
+        for backend in [Backend::IptablesNft, Backend::IptablesLegacy] {
+            let families = if backend == self.backend {
+                self.families.clone()
+            } else {
+                self.supported_iptables_families(backend)
+            };
+            cleanup_iptables(backend, &families)?;
+        }
+        if nft::delete_table()? {
+            tracing::info!("planproxy's nftables table removed");
         }
         Ok(())
     }
+}
+
+/// Checks that our table holds every chain with its number of rules and every
+/// set with its elements (dynamic sets excepted: the kernel fills them).
+fn verify_nftables(rules: &NftRuleSet) -> Result<(), Error> {
+    let bad = |detail: String| Error::Verify {
+        family: Family::V4,
+        table: Table::Nat,
+        detail: format!("nftables table {}: {detail}", planproxy_render::nft::TABLE),
+    };
+    let listing = nft::list_table()?.ok_or_else(|| bad("missing".to_owned()))?;
+    for (name, chain) in &rules.chains {
+        match listing.chains.get(name) {
+            None => return Err(bad(format!("chain {name} is missing"))),
+            Some(found) if found.len() != chain.rules.len() => {
+                return Err(bad(format!(
+                    "chain {name} has {} rules, expected {}",
+                    found.len(),
+                    chain.rules.len()
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    for (name, set) in rules.sets.iter().filter(|(_, s)| !s.dynamic) {
+        let found = listing.sets.get(name).copied();
+        if found != Some(set.elements.len()) {
+            return Err(bad(format!(
+                "set {name} has {found:?} elements, expected {}",
+                set.elements.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Removes the jumps and `PPX-` chains of one iptables backend.
+fn cleanup_iptables(backend: Backend, families: &[Family]) -> Result<(), Error> {
+    for family in families {
+        let programs = backend.programs(*family);
+        let ipt = IPTables {
+            cmd: programs.iptables,
+            has_check: true,
+            has_wait: true,
+            is_numeric: true,
+        };
+        for table in Table::ALL {
+            let t = table.as_str();
+            let dump = exec::save(&programs, table)?;
+            for rule in dump.lines().filter_map(|l| l.strip_prefix("-A ")) {
+                let (chain, spec) = rule.split_once(' ').unwrap_or((rule, ""));
+                if !chain.starts_with(CHAIN_PREFIX) && is_our_jump(table, spec) {
+                    ipt.delete(t, chain, spec).map_err(|e| {
+                        command_error(&ipt, format!("-t {t} -D {chain} {spec}"), e.to_string())
+                    })?;
+                }
+            }
+            let ours: Vec<String> = exec::chain_rule_counts(&dump)
+                .into_keys()
+                .filter(|c| c.starts_with(CHAIN_PREFIX))
+                .collect();
+            if ours.is_empty() {
+                continue;
+            }
+            let mut text = format!("*{t}\n");
+            for c in &ours {
+                text.push_str(&format!(":{c} - [0:0]\n"));
+            }
+            for c in &ours {
+                text.push_str(&format!("-X {c}\n"));
+            }
+            text.push_str("COMMIT\n");
+            let input = RestoreInput {
+                text,
+                chains_deleted: ours.len(),
+                ..Default::default()
+            };
+            exec::restore(&programs, *family, table, &input)?;
+            tracing::info!(%backend, %family, %table, chains = ours.len(), "planproxy chains removed");
+        }
+    }
+    Ok(())
 }
 
 /// Whether a rule in a built-in chain is one of the jumps planproxy adds: it

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use planproxy_crds::v1alpha1::{EndpointSelection, EndpointSet, ServicePortPlan, TrafficPolicy};
 use planproxy_crds::{ProxyPlan, ProxyPlanSpec};
 use planproxy_render::{Family, Layout, RenderOptions, Table};
-use serde::Deserialize;
 
 use crate::run::plan_set::assemble;
 
@@ -38,6 +37,10 @@ pub struct ExplainArgs {
     /// Do not read the kernel's rules (print the plan's view only).
     #[arg(long)]
     pub no_kernel: bool,
+    /// The backend the agent runs with: `nftables` reads our nftables table,
+    /// any iptables one the iptables chains with their counters.
+    #[arg(long, default_value = "iptables")]
+    pub backend: crate::dataplane::BackendChoice,
 }
 
 /// Why `explain` could not answer.
@@ -153,30 +156,70 @@ pub fn read_kernel() -> (KernelRules, Vec<String>) {
     (rules, problems)
 }
 
-#[derive(Deserialize)]
-struct PlanList {
-    items: Vec<ProxyPlan>,
-}
-
-/// Parses a plan file: one ProxyPlan, several YAML documents, or a List.
-pub fn parse_plans(text: &str) -> Result<Vec<ProxyPlan>, String> {
-    let mut plans = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(text) {
-        let value = serde_yaml::Value::deserialize(document).map_err(|e| e.to_string())?;
-        if value.is_null() {
+/// The objects of our nftables table that belong to service `namespace/name`:
+/// its chains (named after its ports' hashes) and the set and map elements that
+/// lead to them or hold its frontends. nftables keeps no per-rule counters
+/// unless a rule asks for them, and ours do not (they cost on every packet).
+pub fn nft_objects(listing: &str, specs: &[ProxyPlanSpec], namespace: &str, name: &str) -> String {
+    let mut needles: Vec<String> = Vec::new();
+    for port in specs
+        .iter()
+        .flat_map(|s| &s.service_ports)
+        .filter(|p| p.namespace == namespace && p.name == name)
+    {
+        let spn = if port.port_name.is_empty() {
+            format!("{namespace}/{name}")
+        } else {
+            format!("{namespace}/{name}:{}", port.port_name)
+        };
+        needles.push(format!(
+            "-{}",
+            planproxy_render::hash::service_port_hash(&spn, port.protocol.as_lower_str())
+        ));
+        for ip in &port.cluster_ips {
+            needles.push(format!("{ip} . {} ", port.port));
+            needles.push(format!("{ip} . {} . ", port.protocol.as_lower_str()));
+        }
+    }
+    let mut out = String::from("nftables table planproxy (no per-rule counters):\n");
+    let mut in_chain = false;
+    for line in listing.lines() {
+        let trimmed = line.trim();
+        if let Some(chain) = trimmed.strip_prefix("chain ") {
+            in_chain = needles.iter().any(|n| chain.contains(n.trim_end()));
+        }
+        if in_chain {
+            let _ = writeln!(out, "  {trimmed}");
+            if trimmed == "}" {
+                in_chain = false;
+            }
             continue;
         }
-        if value.get("items").is_some() {
-            let list: PlanList = serde_yaml::from_value(value).map_err(|e| e.to_string())?;
-            plans.extend(list.items);
-        } else {
-            plans.push(serde_yaml::from_value(value).map_err(|e| e.to_string())?);
+        for element in trimmed.trim_start_matches("elements = {").split(", ") {
+            let element = element.trim().trim_end_matches([',', '}']).trim();
+            if needles
+                .iter()
+                .any(|n| element.contains(n.as_str()) || format!("{element} ").contains(n.as_str()))
+            {
+                let _ = writeln!(out, "  element {element}");
+            }
         }
     }
-    if plans.is_empty() {
-        return Err("no documents".into());
-    }
-    Ok(plans)
+    out
+}
+
+/// Parses a plan file with the one plan-file reader the other commands use
+/// ([`crate::cli::parse_plan`]: objects, bare specs, several documents or a
+/// List), naming each shard `<node>-<index>` as the controller does.
+pub fn parse_plans(text: &str) -> Result<Vec<ProxyPlan>, String> {
+    let specs = crate::cli::parse_plan(text).map_err(|e| format!("{e:#}"))?;
+    Ok(specs
+        .into_iter()
+        .map(|spec| {
+            let name = format!("{}-{}", spec.node_name, spec.shard.index);
+            ProxyPlan::new(&name, spec)
+        })
+        .collect())
 }
 
 /// Runs `explain` and returns its text.
@@ -218,6 +261,21 @@ pub async fn run(args: ExplainArgs) -> Result<String, Error> {
         crate::run::Layout::Tree => Layout::Tree,
         crate::run::Layout::Flat => Layout::Flat,
     };
+    let nftables = args.backend
+        == crate::dataplane::BackendChoice::Exactly(crate::dataplane::Backend::Nftables);
+    if nftables {
+        let mut text = explain(&node, &specs, namespace, name, layout, None, &[])?;
+        if !args.no_kernel {
+            let listing = tokio::task::spawn_blocking(crate::dataplane::nft_table_text)
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+            text.push_str(&match listing {
+                Ok(listing) => nft_objects(&listing, &specs, namespace, name),
+                Err(error) => format!("nftables table not read: {error}\n"),
+            });
+        }
+        return Ok(text);
+    }
     let (kernel, mut notes) = if args.no_kernel {
         (None, Vec::new())
     } else {
@@ -695,7 +753,7 @@ mod tests {
     }
 
     #[test]
-    fn endpoint_chain_reached_straight_from_dispatch_is_listed() {
+    fn service_chain_of_a_cluster_ip_only_service_with_a_local_endpoint_is_listed() {
         let spec = r#"
 nodeName: node1
 shard: {index: 0, count: 1, generation: 1}
@@ -721,11 +779,34 @@ servicePorts:
         let spec: ProxyPlanSpec = serde_yaml::from_str(spec).expect("the test spec must parse");
         let text = explain("node1", &[spec], "default", "web", Layout::Tree, None, &[])
             .expect("web is in the plan");
-        let sep = format!(
-            "PPX-SEP-{}",
-            planproxy_render::hash::endpoint_hash("default/web", "tcp", "10.244.1.2:8080")
+        // Hairpin masquerade is node-wide now; the service keeps its own chain.
+        let svc = format!(
+            "PPX-SVC-{}",
+            planproxy_render::hash::service_port_hash("default/web", "tcp")
         );
-        assert!(text.contains(&format!("{sep} (kernel not read)")), "{text}");
+        assert!(text.contains(&format!("{svc} (kernel not read)")), "{text}");
+    }
+
+    #[test]
+    fn nftables_objects_of_the_service_are_listed() {
+        let spec: ProxyPlanSpec = serde_yaml::from_str(
+            "nodeName: n1\nshard: {index: 0, count: 1, generation: 1}\nsettings: {masqueradeBit: 14, localTrafficDetector: {mode: None}, minSyncPeriod: 1s, syncPeriod: 30s}\nservicePorts:\n- {namespace: default, name: web, protocol: TCP, clusterIPs: [10.96.0.10], port: 80, externalTrafficPolicy: Cluster, internalTrafficPolicy: Cluster, noEndpointsAction: Reject, hasEndpoints: true}\n",
+        )
+        .expect("the test spec must parse");
+        let hash = planproxy_render::hash::service_port_hash("default/web", "tcp");
+        let listing = format!(
+            "table inet planproxy {{\n\tmap services4 {{\n\t\telements = {{ 10.96.0.10 . tcp . 80 : goto svc4-{hash},\n\t\t\t     10.96.0.11 . tcp . 80 : goto other }}\n\t}}\n\tchain svc4-{hash} {{\n\t\tmeta l4proto tcp dnat ip to 10.244.1.2:8080\n\t}}\n\tchain other {{\n\t\tdrop\n\t}}\n}}\n"
+        );
+        let text = nft_objects(&listing, &[spec], "default", "web");
+        assert!(
+            text.contains(&format!("element 10.96.0.10 . tcp . 80 : goto svc4-{hash}")),
+            "{text}"
+        );
+        assert!(text.contains("dnat ip to 10.244.1.2:8080"), "{text}");
+        assert!(
+            !text.contains("10.96.0.11") && !text.contains("drop"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -58,21 +58,7 @@ impl Kernel for crate::dataplane::DataPlane {
         for skipped in &report.skipped {
             tracing::warn!(%skipped, "service port not programmed");
         }
-        let mut rules_per_table = BTreeMap::new();
-        if let Some(rule_set) = self.applied() {
-            for (family, rules) in &rule_set.families {
-                let family = match family {
-                    planproxy_render::Family::V4 => "IPv4",
-                    planproxy_render::Family::V6 => "IPv6",
-                };
-                for table in planproxy_render::Table::ALL {
-                    rules_per_table.insert(
-                        (family.to_owned(), table.as_str().to_owned()),
-                        rules.table(table).rule_count(),
-                    );
-                }
-            }
-        }
+        let rules_per_table = self.rules_per_table();
         Ok(Applied {
             full: report.full,
             duration: report.duration,

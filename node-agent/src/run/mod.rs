@@ -57,6 +57,12 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = Layout::Tree)]
     pub layout: Layout,
 
+    /// The data-plane backend: `nftables`, `iptables` (the variant the host
+    /// uses), `iptables-nft` or `iptables-legacy`. Switching a live node removes
+    /// the other backend's rules once the new ones are in place.
+    #[arg(long, env = "PLANPROXY_BACKEND", default_value = "iptables")]
+    pub backend: crate::dataplane::BackendChoice,
+
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

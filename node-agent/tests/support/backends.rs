@@ -1,0 +1,46 @@
+//! Running one kernel test against every data-plane backend.
+
+use planproxy_crds::ProxyPlanSpec;
+use planproxy_netns::Node;
+use planproxy_node_agent::dataplane::{Backend, BackendChoice, DataPlaneConfig};
+
+/// `planproxy-agent apply --backend <backend>` of `spec`, which must succeed.
+pub fn apply_on(backend: Backend, node: &Node, spec: &ProxyPlanSpec) {
+    super::apply_with(node, spec, &["--backend", backend.as_str()]);
+}
+
+/// A data-plane configuration for `backend` with the default layout.
+pub fn config(backend: Backend) -> DataPlaneConfig {
+    DataPlaneConfig {
+        backend: BackendChoice::Exactly(backend),
+        ..DataPlaneConfig::default()
+    }
+}
+
+/// `nft list ruleset` in the node's namespace.
+pub fn nft_ruleset(node: &Node) -> String {
+    node.ns
+        .exec_ok(&["nft", "list", "ruleset"])
+        .expect("nft list ruleset in the node namespace")
+}
+
+/// Declares `#[test]`s `<name>::iptables_nft` and `<name>::nftables`, each
+/// calling `name(backend)`.
+#[macro_export]
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn iptables_nft() {
+                    super::$name(planproxy_node_agent::dataplane::Backend::IptablesNft);
+                }
+
+                #[test]
+                fn nftables() {
+                    super::$name(planproxy_node_agent::dataplane::Backend::Nftables);
+                }
+            }
+        )*
+    };
+}
