@@ -182,12 +182,7 @@ async fn cluster(nodes: usize) -> ControlPlane {
         ..ControlPlaneConfig::default()
     })
     .expect("control plane starts");
-    server
-        .apply_file(
-            &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../charts/planproxy/crds/planproxy.dev.yaml"),
-        )
-        .expect("the CRDs install");
+    server.install_planproxy_crds().expect("the CRDs install");
     for i in 0..nodes {
         server
             .create(node(&format!("node-{i}"), &format!("10.0.0.{}", i + 1)))

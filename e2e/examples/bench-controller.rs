@@ -227,15 +227,6 @@ fn populate(server: &ControlPlane, nodes: usize, services: usize) -> Result<usiz
     Ok(plans)
 }
 
-fn vm_hwm_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kib| kib / 1024.0)
-}
-
 struct Killed(Child);
 
 impl Drop for Killed {
@@ -269,7 +260,7 @@ async fn run_scale(nodes: usize, services: usize, budget: u32) -> Result<Row, Bo
         controllers: Vec::new(),
         ..ControlPlaneConfig::default()
     })?;
-    server.apply_file(&planproxy_e2e::cluster::chart_crds_path())?;
+    server.install_planproxy_crds()?;
     let plans = populate(&server, nodes, services)?;
     eprintln!("   {plans} ProxyPlans stored; starting the controller");
 
@@ -334,7 +325,7 @@ async fn run_scale(nodes: usize, services: usize, budget: u32) -> Result<Row, Bo
     let change_to_written = change.elapsed();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let change_writes = server.write_count(PLANS);
-    let vm_hwm_mib = vm_hwm_mib(pid);
+    let vm_hwm_mib = planproxy_e2e::process::peak_rss_mib(pid);
     drop(controller);
     Ok(Row {
         nodes,

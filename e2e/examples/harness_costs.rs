@@ -97,7 +97,7 @@ fn main() -> Result<(), E2eError> {
         }
         reachable.push(started.elapsed());
         for (name, pid) in cluster.apiserver().pids() {
-            let mib = vm_hwm_mib(pid);
+            let mib = planproxy_e2e::process::peak_rss_mib(pid);
             let entry = peak.entry(name).or_default();
             *entry = entry.max(mib);
         }
@@ -117,13 +117,4 @@ fn main() -> Result<(), E2eError> {
         println!("| {name} | {mib:.0} |");
     }
     Ok(())
-}
-
-fn vm_hwm_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kib| kib / 1024.0)
 }

@@ -1258,7 +1258,7 @@ fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<
 /// The Helm chart's CRD file, which `helm install` puts in the namespace
 /// cluster (rather than the Rust types' view of it).
 pub fn chart_crds_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../charts/planproxy/crds/planproxy.dev.yaml")
+    planproxy_control_plane::chart_crds_path()
 }
 
 /// The CRDs of the Helm chart ([`chart_crds_path`]).

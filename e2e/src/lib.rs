@@ -98,6 +98,7 @@ mod error;
 pub mod install;
 pub mod objects;
 pub mod plans;
+pub mod process;
 pub mod target;
 pub mod traffic;
 pub mod wait;

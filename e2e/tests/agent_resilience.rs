@@ -135,12 +135,23 @@ fn http_status(ns: &Netns, addr: SocketAddr, path: &str) -> Option<u16> {
 
 #[test]
 fn api_server_outage_keeps_traffic_flowing_and_agents_converge_after() {
-    let cluster = cluster_with_web(ClusterSpec::default(), None);
-    let vip = cluster.service_addr("default", "web", 80, false).unwrap();
+    outage_keeps_traffic_flowing_and_agents_converge_after(OutageMode::Refuse);
+}
 
-    cluster
-        .apiserver()
-        .outage(Duration::from_secs(8), OutageMode::Refuse);
+/// kube-apiserver frozen with SIGSTOP: connections stay open and nothing
+/// answers, not even TLS, until it resumes.
+#[test]
+fn api_server_frozen_keeps_traffic_flowing_and_agents_converge_after() {
+    outage_keeps_traffic_flowing_and_agents_converge_after(OutageMode::Hang);
+}
+
+fn outage_keeps_traffic_flowing_and_agents_converge_after(mode: OutageMode) {
+    let cluster = cluster_with_web(ClusterSpec::default(), None);
+    let vip = cluster
+        .service_addr("default", "web", 80, false)
+        .expect("web has a cluster IP");
+
+    cluster.apiserver().outage(Duration::from_secs(8), mode);
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(8) {
         for node in 1..=2 {
@@ -157,12 +168,12 @@ fn api_server_outage_keeps_traffic_flowing_and_agents_converge_after() {
     // After the outage a change reaches every node's kernel.
     cluster
         .run(|api| async move {
-            api.scale("default", "web", 3).await.unwrap();
+            api.scale("default", "web", 3).await.expect("scaled");
             api.wait_programmed(Some(("default/web", true)), CONVERGE_AFTER_OUTAGE)
                 .await
-                .unwrap();
+                .expect("every node programs the change");
         })
-        .unwrap();
+        .expect("the scenario runs");
     let pods = cluster.ready_pod_names("default", "web");
     assert_eq!(pods.len(), 3);
     for node in 1..=2 {
@@ -173,7 +184,7 @@ fn api_server_outage_keeps_traffic_flowing_and_agents_converge_after() {
             &pods,
             CONVERGE,
         )
-        .unwrap();
+        .expect("every pod answers from every node");
     }
 }
 

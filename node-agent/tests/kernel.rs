@@ -671,6 +671,17 @@ fn a_failed_restore_keeps_the_old_rules_and_names_table_and_line() {
 
 #[test]
 fn a_flush_of_our_chains_is_detected_and_repaired_by_a_full_sync() {
+    // A firewall reload flushes the nat table.
+    breakage_is_detected_and_repaired(
+        DataPlaneConfig::default(),
+        &[&["iptables", "-t", "nat", "-F"]],
+    );
+}
+
+/// Programs one service, runs each of `breakages` inside the node, and checks
+/// that the service stops answering, the drift is detected, and a full sync
+/// repairs it.
+fn breakage_is_detected_and_repaired(config: DataPlaneConfig, breakages: &[&[&str]]) {
     let t = topology(2, 1, 0);
     let (n1, n2) = (t.node(1), t.node(2));
     let _echo = serve_all([(&n2.pods[0], "backend")]);
@@ -682,43 +693,37 @@ fn a_flush_of_our_chains_is_detected_and_repaired_by_a_full_sync() {
             vec![endpoint(&n2.pods[0], 1, false)],
         )],
     );
-    let mut dataplane = n1
-        .ns
-        .run_in(|| DataPlane::new(DataPlaneConfig::default()))
-        .expect("data plane");
+    let mut dataplane = n1.ns.run_in(|| DataPlane::new(config)).expect("data plane");
     n1.ns
         .run_in(|| dataplane.sync(std::slice::from_ref(&spec), false))
         .expect("sync");
     assert!(!n1.ns.run_in(|| dataplane.drift_detected()).expect("check"));
-
-    // A firewall reload flushes the nat table.
-    n1.ns
-        .exec_ok(&["iptables", "-t", "nat", "-F"])
-        .expect("flush");
-    assert!(
-        !n1.pods[0]
+    for breakage in breakages {
+        n1.ns.exec_ok(breakage).expect("break our rules");
+        assert!(
+            !n1.pods[0]
+                .ns
+                .connect_tcp(
+                    sa(CLUSTER_IP, 80),
+                    &ConnectOpts::with_timeout(Duration::from_millis(500))
+                )
+                .is_ok()
+        );
+        assert!(n1.ns.run_in(|| dataplane.drift_detected()).expect("check"));
+        let report = n1
             .ns
-            .connect_tcp(
-                sa(CLUSTER_IP, 80),
-                &ConnectOpts::with_timeout(Duration::from_millis(500))
-            )
-            .is_ok()
-    );
-    assert!(n1.ns.run_in(|| dataplane.drift_detected()).expect("check"));
-
-    let report = n1
-        .ns
-        .run_in(|| dataplane.sync(std::slice::from_ref(&spec), true))
-        .expect("repair");
-    assert!(report.full);
-    assert!(!n1.ns.run_in(|| dataplane.drift_detected()).expect("check"));
-    n1.ns
-        .run_in(|| dataplane.verify())
-        .expect("the kernel holds the plan again");
-    let a = n1.pods[0]
-        .ns
-        .connect_tcp(sa(CLUSTER_IP, 80), &answer_expected());
-    assert_eq!(a.server(), Some("backend"), "{a:?}");
+            .run_in(|| dataplane.sync(std::slice::from_ref(&spec), true))
+            .expect("repair");
+        assert!(report.full);
+        assert!(!n1.ns.run_in(|| dataplane.drift_detected()).expect("check"));
+        n1.ns
+            .run_in(|| dataplane.verify())
+            .expect("the kernel holds the plan again");
+        let a = n1.pods[0]
+            .ns
+            .connect_tcp(sa(CLUSTER_IP, 80), &answer_expected());
+        assert_eq!(a.server(), Some("backend"), "{a:?}");
+    }
 }
 
 #[test]
@@ -960,54 +965,13 @@ fn a_refused_nft_transaction_keeps_the_old_rules_and_names_the_statement() {
 
 #[test]
 fn a_flush_of_our_nftables_table_is_detected_and_repaired_by_a_full_sync() {
-    let t = topology(2, 1, 0);
-    let (n1, n2) = (t.node(1), t.node(2));
-    let _echo = serve_all([(&n2.pods[0], "backend")]);
-    let spec = plan(
-        n1,
-        vec![service(
-            "web",
-            &["10.96.0.10"],
-            vec![endpoint(&n2.pods[0], 1, false)],
-        )],
+    breakage_is_detected_and_repaired(
+        config(Backend::Nftables),
+        &[
+            &["nft", "flush", "table", "inet", "planproxy"],
+            &["nft", "delete", "table", "inet", "planproxy"],
+        ],
     );
-    let mut dataplane = n1
-        .ns
-        .run_in(|| DataPlane::new(config(Backend::Nftables)))
-        .expect("data plane");
-    n1.ns
-        .run_in(|| dataplane.sync(std::slice::from_ref(&spec), false))
-        .expect("sync");
-    assert!(!n1.ns.run_in(|| dataplane.drift_detected()).expect("check"));
-    for breakage in [
-        ["nft", "flush", "table", "inet", "planproxy"],
-        ["nft", "delete", "table", "inet", "planproxy"],
-    ] {
-        n1.ns.exec_ok(&breakage).expect("break our table");
-        assert!(
-            !n1.pods[0]
-                .ns
-                .connect_tcp(
-                    sa(CLUSTER_IP, 80),
-                    &ConnectOpts::with_timeout(Duration::from_millis(500))
-                )
-                .is_ok()
-        );
-        assert!(n1.ns.run_in(|| dataplane.drift_detected()).expect("check"));
-        let report = n1
-            .ns
-            .run_in(|| dataplane.sync(std::slice::from_ref(&spec), true))
-            .expect("repair");
-        assert!(report.full);
-        assert!(!n1.ns.run_in(|| dataplane.drift_detected()).expect("check"));
-        n1.ns
-            .run_in(|| dataplane.verify())
-            .expect("the kernel holds the plan again");
-        let a = n1.pods[0]
-            .ns
-            .connect_tcp(sa(CLUSTER_IP, 80), &answer_expected());
-        assert_eq!(a.server(), Some("backend"), "{a:?}");
-    }
 }
 
 #[test]

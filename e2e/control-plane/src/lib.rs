@@ -172,6 +172,12 @@ pub fn binaries_dir() -> Result<PathBuf> {
     .map_err(ControlPlaneError::Binaries)
 }
 
+/// planproxy's CRDs as the Helm chart ships them (what `helm install`
+/// applies), for tests that need the kinds served but not the whole chart.
+pub fn chart_crds_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../charts/planproxy/crds/planproxy.dev.yaml")
+}
+
 fn free_port(ip: IpAddr) -> Result<u16> {
     let listener = TcpListener::bind((ip, 0))
         .map_err(|e| ControlPlaneError::io(format!("finding a free port on {ip}"), e))?;
@@ -402,6 +408,12 @@ impl ControlPlane {
             }
             Ok(())
         })
+    }
+
+    /// Installs planproxy's CRDs from the chart ([`chart_crds_path`]) and
+    /// waits until they are served.
+    pub fn install_planproxy_crds(&self) -> Result<()> {
+        self.apply_file(&chart_crds_path())
     }
 
     /// Merge-patches the status subresource of an object.

@@ -88,10 +88,11 @@ fn a_ready_pod_reaches_an_endpoint_slice_written_by_the_real_controller() {
     plane.check_running().expect("every component still runs");
 }
 
-#[test]
-fn counts_requests_and_refuses_then_serves_again() {
+/// etcd and kube-apiserver alone, and a client through the proxy.
+fn api_server_only(watch_cache: bool) -> (ControlPlane, tokio::runtime::Runtime, kube::Client) {
     let plane = ControlPlane::start(ControlPlaneConfig {
         controllers: Vec::new(),
+        watch_cache,
         ..ControlPlaneConfig::default()
     })
     .expect("control plane starts");
@@ -99,6 +100,12 @@ fn counts_requests_and_refuses_then_serves_again() {
     let client = rt
         .block_on(plane.client("someone", Some(MASTERS)))
         .expect("client");
+    (plane, rt, client)
+}
+
+#[test]
+fn counts_requests_and_refuses_then_serves_again() {
+    let (plane, rt, client) = api_server_only(true);
     plane.reset_request_counts();
     rt.block_on(async {
         let api: kube::Api<ConfigMap> = kube::Api::namespaced(client.clone(), "default");
@@ -129,16 +136,7 @@ fn counts_requests_and_refuses_then_serves_again() {
 
 #[test]
 fn expired_resource_versions_answer_410_gone() {
-    let plane = ControlPlane::start(ControlPlaneConfig {
-        controllers: Vec::new(),
-        watch_cache: false,
-        ..ControlPlaneConfig::default()
-    })
-    .expect("control plane starts");
-    let rt = runtime();
-    let client = rt
-        .block_on(plane.client("someone", Some(MASTERS)))
-        .expect("client");
+    let (plane, rt, client) = api_server_only(false);
     let api: kube::Api<ConfigMap> = kube::Api::namespaced(client, "default");
     let old = rt
         .block_on(api.list(&ListParams::default()))

@@ -52,9 +52,7 @@ impl TestCluster {
             ..ControlPlaneConfig::default()
         })
         .expect("the control plane starts");
-        server
-            .apply_file(&planproxy_e2e::cluster::chart_crds_path())
-            .expect("the CRDs install");
+        server.install_planproxy_crds().expect("the CRDs install");
         for i in 0..nodes {
             server.create(node(&node_name(i), i)).expect("node");
         }

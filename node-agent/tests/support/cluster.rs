@@ -55,10 +55,7 @@ impl Cluster {
             })
             .expect("the control plane must start");
         server
-            .apply_file(
-                &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("../charts/planproxy/crds/planproxy.dev.yaml"),
-            )
+            .install_planproxy_crds()
             .expect("the CRDs must install");
         let mut kubeconfig = tempfile::NamedTempFile::new().expect("a temp file");
         kubeconfig
