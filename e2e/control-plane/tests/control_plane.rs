@@ -147,11 +147,20 @@ fn expired_resource_versions_answer_410_gone() {
     plane.expire_resource_versions().expect("compaction");
     let gone = rt.block_on(async {
         use futures::StreamExt;
-        let mut stream = api
-            .watch(&WatchParams::default(), &old)
-            .await
-            .expect("the watch opens")
-            .boxed();
+        // The expiry closed every connection: a pooled one may still be
+        // taken once and reset, as any client must expect.
+        let mut attempts = 0;
+        let mut stream = loop {
+            match api.watch(&WatchParams::default(), &old).await {
+                Ok(stream) => break stream.boxed(),
+                Err(kube::Error::Service(e)) if attempts < 5 => {
+                    attempts += 1;
+                    eprintln!("retrying the watch after {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("the watch does not open: {e:?}"),
+            }
+        };
         stream.next().await
     });
     match gone {
