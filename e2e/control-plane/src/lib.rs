@@ -125,6 +125,7 @@ struct Inner {
     url: String,
     proxy: FaultProxy,
     admin: kube::Client,
+    discovery: DiscoveryCache,
     components: Mutex<Components>,
     baseline: Mutex<RequestCounts>,
 }
@@ -338,8 +339,9 @@ impl ControlPlane {
     /// Creates `object` (any kind the server serves).
     pub fn create(&self, object: Value) -> Result<Value> {
         let client = self.admin();
+        let cache = self.inner.discovery.clone();
         self.block(async move {
-            let (api, object) = dynamic_api(&client, object).await?;
+            let (api, object) = dynamic_api(&client, &cache, object).await?;
             let created = api.create(&PostParams::default(), &object).await?;
             Ok(serde_json::to_value(created).unwrap_or_default())
         })
@@ -348,8 +350,9 @@ impl ControlPlane {
     /// Creates or updates `object` with server-side apply as the harness.
     pub fn apply(&self, object: Value) -> Result<Value> {
         let client = self.admin();
+        let cache = self.inner.discovery.clone();
         self.block(async move {
-            let (api, object) = dynamic_api(&client, object).await?;
+            let (api, object) = dynamic_api(&client, &cache, object).await?;
             let name = object.metadata.name.clone().unwrap_or_default();
             let applied = api
                 .patch(
@@ -426,10 +429,12 @@ impl ControlPlane {
         status: Value,
     ) -> Result<Value> {
         let client = self.admin();
+        let cache = self.inner.discovery.clone();
         let (api_version, kind, name) = (api_version.to_owned(), kind.to_owned(), name.to_owned());
         let namespace = namespace.map(str::to_owned);
         self.block(async move {
-            let api = resource_api(&client, &api_version, &kind, namespace.as_deref()).await?;
+            let api =
+                resource_api(&client, &cache, &api_version, &kind, namespace.as_deref()).await?;
             let patched = api
                 .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
                 .await?;
@@ -448,10 +453,12 @@ impl ControlPlane {
         grace_period_seconds: Option<u32>,
     ) -> Result<()> {
         let client = self.admin();
+        let cache = self.inner.discovery.clone();
         let (api_version, kind, name) = (api_version.to_owned(), kind.to_owned(), name.to_owned());
         let namespace = namespace.map(str::to_owned);
         self.block(async move {
-            let api = resource_api(&client, &api_version, &kind, namespace.as_deref()).await?;
+            let api =
+                resource_api(&client, &cache, &api_version, &kind, namespace.as_deref()).await?;
             let params = kube::api::DeleteParams {
                 grace_period_seconds,
                 ..Default::default()
@@ -473,10 +480,12 @@ impl ControlPlane {
         name: &str,
     ) -> Option<Value> {
         let client = self.admin();
+        let cache = self.inner.discovery.clone();
         let (api_version, kind, name) = (api_version.to_owned(), kind.to_owned(), name.to_owned());
         let namespace = namespace.map(str::to_owned);
         self.block(async move {
-            let api = resource_api(&client, &api_version, &kind, namespace.as_deref()).await?;
+            let api =
+                resource_api(&client, &cache, &api_version, &kind, namespace.as_deref()).await?;
             Ok(api
                 .get_opt(&name)
                 .await?
@@ -489,9 +498,10 @@ impl ControlPlane {
     /// Every object of a kind, in every namespace.
     pub fn list(&self, api_version: &str, kind: &str) -> Vec<Value> {
         let client = self.admin();
+        let cache = self.inner.discovery.clone();
         let (api_version, kind) = (api_version.to_owned(), kind.to_owned());
         self.block(async move {
-            let api = resource_api(&client, &api_version, &kind, None).await?;
+            let api = resource_api(&client, &cache, &api_version, &kind, None).await?;
             let list = api.list(&Default::default()).await?;
             Ok(list
                 .items
@@ -692,6 +702,11 @@ impl Drop for ControlPlane {
     }
 }
 
+/// What API discovery said about each kind the harness used: kinds do not
+/// change while a control plane runs, so each is looked up once.
+type DiscoveryCache =
+    Arc<Mutex<std::collections::BTreeMap<String, (ApiResource, kube::discovery::Scope)>>>;
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -722,16 +737,33 @@ async fn client_from_kubeconfig(yaml: &str) -> Result<kube::Client> {
     Ok(kube::Client::try_from(config)?)
 }
 
+async fn discover(
+    client: &kube::Client,
+    cache: &DiscoveryCache,
+    api_version: &str,
+    kind: &str,
+) -> Result<(ApiResource, kube::discovery::Scope)> {
+    let key = format!("{api_version}/{kind}");
+    if let Some(found) = lock(cache).get(&key) {
+        return Ok(found.clone());
+    }
+    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+    let gvk = GroupVersionKind::gvk(group, version, kind);
+    let (resource, capabilities) = kube::discovery::pinned_kind(client, &gvk).await?;
+    let found = (resource, capabilities.scope);
+    lock(cache).insert(key, found.clone());
+    Ok(found)
+}
+
 async fn resource_api(
     client: &kube::Client,
+    cache: &DiscoveryCache,
     api_version: &str,
     kind: &str,
     namespace: Option<&str>,
 ) -> Result<kube::Api<DynamicObject>> {
-    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
-    let gvk = GroupVersionKind::gvk(group, version, kind);
-    let (resource, capabilities) = kube::discovery::pinned_kind(client, &gvk).await?;
-    Ok(match (capabilities.scope, namespace) {
+    let (resource, scope) = discover(client, cache, api_version, kind).await?;
+    Ok(match (scope, namespace) {
         (kube::discovery::Scope::Namespaced, Some(ns)) => {
             kube::Api::namespaced_with(client.clone(), ns, &resource)
         }
@@ -739,8 +771,11 @@ async fn resource_api(
     })
 }
 
+/// The API for `object`'s kind; a namespaced kind without a namespace lands
+/// in `default`, as kubectl does.
 async fn dynamic_api(
     client: &kube::Client,
+    cache: &DiscoveryCache,
     object: Value,
 ) -> Result<(kube::Api<DynamicObject>, DynamicObject)> {
     let api_version = object["apiVersion"].as_str().unwrap_or_default().to_owned();
@@ -748,20 +783,11 @@ async fn dynamic_api(
     let namespace = object
         .pointer("/metadata/namespace")
         .and_then(Value::as_str)
-        .map(str::to_owned);
-    let mut api = resource_api(client, &api_version, &kind, namespace.as_deref()).await?;
+        .unwrap_or("default")
+        .to_owned();
+    let api = resource_api(client, cache, &api_version, &kind, Some(&namespace)).await?;
     let object: DynamicObject = serde_json::from_value(object)
         .map_err(|e| ControlPlaneError::Invalid(format!("not a Kubernetes object: {e}")))?;
-    if namespace.is_none() && object.metadata.namespace.is_none() {
-        // A namespaced kind without a namespace lands in `default`, as kubectl does.
-        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", &api_version));
-        let gvk = GroupVersionKind::gvk(group, version, &kind);
-        let (resource, capabilities): (ApiResource, _) =
-            kube::discovery::pinned_kind(client, &gvk).await?;
-        if capabilities.scope == kube::discovery::Scope::Namespaced {
-            api = kube::Api::namespaced_with(client.clone(), "default", &resource);
-        }
-    }
     Ok((api, object))
 }
 
@@ -869,6 +895,7 @@ async fn boot(config: ControlPlaneConfig) -> Result<Inner> {
         url,
         proxy,
         admin,
+        discovery: DiscoveryCache::default(),
         components,
         baseline: Mutex::new(RequestCounts::default()),
     })
