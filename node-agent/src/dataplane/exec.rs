@@ -75,40 +75,64 @@ pub(crate) fn restore(
     table: Table,
     input: &RestoreInput,
 ) -> Result<(), Error> {
-    let mut child = Command::new(programs.restore)
+    let mut command = Command::new(programs.restore);
+    command
         .arg(format!("--wait={}", XTABLES_LOCK_WAIT.as_secs()))
-        .arg("--noflush")
+        .arg("--noflush");
+    feed(command, programs.restore, &input.text, failed_line)?.map_err(|refused| Error::Restore {
+        family,
+        table,
+        line: refused.line,
+        rule: refused.statement,
+        stderr: refused.stderr,
+    })
+}
+
+/// Why a program reading a whole input on stdin refused it.
+pub(crate) struct Refused {
+    pub(crate) stderr: String,
+    /// The input line it complained about (1-based), and that line's text.
+    pub(crate) line: Option<usize>,
+    pub(crate) statement: Option<String>,
+}
+
+/// Runs `command` with `input` on stdin (iptables-restore, `nft -f -`): Ok(Ok)
+/// when it succeeded, Ok(Err) with the line `failed_line` finds in its
+/// complaint when it refused the input, Err when it could not run at all.
+pub(crate) fn feed(
+    mut command: Command,
+    program: &str,
+    input: &str,
+    failed_line: fn(&str) -> Option<usize>,
+) -> Result<Result<(), Refused>, Error> {
+    let spawn_error = |source| Error::Spawn {
+        program: program.to_owned(),
+        source,
+    };
+    let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|source| Error::Spawn {
-            program: programs.restore.to_owned(),
-            source,
-        })?;
+        .map_err(spawn_error)?;
     if let Some(mut stdin) = child.stdin.take() {
         // A write error means the program exited early; its status says why.
-        let _ = stdin.write_all(input.text.as_bytes());
+        let _ = stdin.write_all(input.as_bytes());
     }
-    let out = child.wait_with_output().map_err(|source| Error::Spawn {
-        program: programs.restore.to_owned(),
-        source,
-    })?;
+    let out = child.wait_with_output().map_err(spawn_error)?;
     if out.status.success() {
-        return Ok(());
+        return Ok(Ok(()));
     }
     let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
     let line = failed_line(&stderr);
-    let rule = line
-        .and_then(|l| input.text.lines().nth(l.checked_sub(1)?))
+    let statement = line
+        .and_then(|l| input.lines().nth(l.checked_sub(1)?))
         .map(str::to_owned);
-    Err(Error::Restore {
-        family,
-        table,
-        line,
-        rule,
+    Ok(Err(Refused {
         stderr,
-    })
+        line,
+        statement,
+    }))
 }
 
 /// The line number in iptables-restore's complaint: `line 5 failed` (legacy),

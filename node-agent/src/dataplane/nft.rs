@@ -2,8 +2,7 @@
 //! drift detection, cleanup and the tests).
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use planproxy_render::nft::TABLE;
 
@@ -12,36 +11,12 @@ use super::Error;
 /// Feeds `text` to `nft -f -` as one transaction: the kernel applies all of it
 /// or none of it. On failure the error names the statement nft refused.
 pub(crate) fn transaction(text: &str) -> Result<(), Error> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| Error::Spawn {
-            program: "nft".to_owned(),
-            source,
-        })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        // A write error means nft exited early; its status says why.
-        let _ = stdin.write_all(text.as_bytes());
-    }
-    let out = child.wait_with_output().map_err(|source| Error::Spawn {
-        program: "nft".to_owned(),
-        source,
-    })?;
-    if out.status.success() {
-        return Ok(());
-    }
-    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-    let line = failed_line(&stderr);
-    let statement = line
-        .and_then(|l| text.lines().nth(l.checked_sub(1)?))
-        .map(str::to_owned);
-    Err(Error::Transaction {
-        line,
-        statement,
-        stderr,
+    let mut command = Command::new("nft");
+    command.args(["-f", "-"]);
+    super::exec::feed(command, "nft", text, failed_line)?.map_err(|refused| Error::Transaction {
+        line: refused.line,
+        statement: refused.statement,
+        stderr: refused.stderr,
     })
 }
 
