@@ -1,5 +1,6 @@
-//! Data-plane benchmark: programs N services (one TCP port, 10 endpoints each)
-//! into an isolated network namespace and prints a table of cold-start (full
+//! Data-plane benchmark: programs N services (one TCP port, 10 endpoints each,
+//! in shards of about 16 service ports as the controller cuts them) into an
+//! isolated network namespace and prints a table of cold-start (full
 //! sync) time, incremental-sync time for one endpoint change and for one new
 //! service, what was written, the CPU time of the syncs (agent and the programs
 //! it runs), and the first-packet connect latency to the first and the last
@@ -18,6 +19,7 @@
 //! removes them when done.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use planproxy_crds::ProxyPlanSpec;
@@ -160,7 +162,25 @@ enum Change {
     NewService,
 }
 
-fn plan(n: usize, endpoints: &[Ipv4Addr], shape: Shape, change: Change) -> ProxyPlanSpec {
+/// Service ports per shard: about what the controller puts in its 32 KiB
+/// shards for services of 10 endpoints.
+const PORTS_PER_SHARD: usize = 16;
+
+/// The shard count the controller would pick for `n` services (a power of two).
+fn shard_count(n: usize) -> usize {
+    n.div_ceil(PORTS_PER_SHARD).next_power_of_two()
+}
+
+/// The node's plan after `change`, in shards; a service's shard is its index
+/// modulo the count. Shards the change does not touch are the very objects of
+/// `before`, as the agent's watch hands them over.
+fn plan(
+    n: usize,
+    endpoints: &[Ipv4Addr],
+    shape: Shape,
+    change: Change,
+    before: Option<&[Arc<ProxyPlanSpec>]>,
+) -> Vec<Arc<ProxyPlanSpec>> {
     let mut service_ports: Vec<_> = (0..n).map(|i| service(i, endpoints, shape)).collect();
     if change != Change::None
         && let Some(eps) = service_ports[0].cluster_endpoints.as_mut()
@@ -170,7 +190,29 @@ fn plan(n: usize, endpoints: &[Ipv4Addr], shape: Shape, change: Change) -> Proxy
     if change == Change::NewService {
         service_ports.push(service(n, endpoints, shape));
     }
-    mk_plan("bench", mk_settings(&["10.244.0.0/16"]), service_ports)
+    let count = shard_count(n);
+    let mut shards: Vec<Vec<ServicePortPlan>> = vec![Vec::new(); count];
+    for (i, sp) in service_ports.into_iter().enumerate() {
+        shards[i % count].push(sp);
+    }
+    let touched = match change {
+        Change::None => vec![],
+        Change::Endpoint => vec![0],
+        Change::NewService => vec![0, n % count],
+    };
+    shards
+        .into_iter()
+        .enumerate()
+        .map(|(index, ports)| match before {
+            Some(before) if !touched.contains(&index) => before[index].clone(),
+            _ => {
+                let mut spec = mk_plan("bench", mk_settings(&["10.244.0.0/16"]), ports);
+                spec.shard.index = u32::try_from(index).expect("few shards");
+                spec.shard.count = u32::try_from(count).expect("few shards");
+                Arc::new(spec)
+            }
+        })
+        .collect()
 }
 
 /// CPU time (user + system) of this process and of the children it waited for.
@@ -301,8 +343,16 @@ impl Row {
         opts: &ConnectOpts,
     ) -> anyhow::Result<()> {
         let (n, shape) = (self.n, self.shape);
-        let plans = [Change::None, Change::Endpoint, Change::NewService]
-            .map(|change| plan(n, endpoints, shape, change));
+        let initial = plan(n, endpoints, shape, Change::None, None);
+        let endpoint_changed = plan(n, endpoints, shape, Change::Endpoint, Some(&initial));
+        let service_added = plan(
+            n,
+            endpoints,
+            shape,
+            Change::NewService,
+            Some(&endpoint_changed),
+        );
+        let plans = [initial, endpoint_changed, service_added];
         let config = DataPlaneConfig {
             layout: self.layout,
             backend: BackendChoice::Exactly(self.backend),
@@ -310,9 +360,9 @@ impl Row {
         };
         let mut dataplane = node.run_in(|| DataPlane::new(config))?;
         let cpu_before = cpu_time();
-        let full = node.run_in(|| dataplane.sync(std::slice::from_ref(&plans[0]), true))?;
-        let endpoint = node.run_in(|| dataplane.sync(std::slice::from_ref(&plans[1]), false))?;
-        let new_service = node.run_in(|| dataplane.sync(std::slice::from_ref(&plans[2]), false))?;
+        let full = node.run_in(|| dataplane.sync(&plans[0], true))?;
+        let endpoint = node.run_in(|| dataplane.sync(&plans[1], false))?;
+        let new_service = node.run_in(|| dataplane.sync(&plans[2], false))?;
         let cpu = cpu_time().saturating_sub(cpu_before);
         let first = connect(client, cluster_ip(1), connections, opts);
         let last = connect(client, cluster_ip(n - 1), connections, opts);

@@ -8,6 +8,7 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, UdpSocket};
+use std::sync::Arc;
 use std::time::Duration;
 
 use backends::{apply_on, config, nft_ruleset};
@@ -411,7 +412,7 @@ fn incremental_updates_while_traffic_flows_fail_no_connection(via: Backend) {
         .expect("data plane");
     let first = n1
         .ns
-        .run_in(|| dataplane.sync(std::slice::from_ref(&plans[0]), false))
+        .run_in(|| dataplane.sync(&[Arc::new(plans[0].clone())], false))
         .expect("first sync");
     assert!(first.full, "the first sync after start is full");
 
@@ -436,7 +437,7 @@ fn incremental_updates_while_traffic_flows_fail_no_connection(via: Backend) {
         for i in 1..=10 {
             let report = n1
                 .ns
-                .run_in(|| dataplane.sync(std::slice::from_ref(&plans[i % 2]), false))
+                .run_in(|| dataplane.sync(&[Arc::new(plans[i % 2].clone())], false))
                 .expect("incremental sync");
             assert!(!report.full);
             // Only the changed service's chain and the dispatch are rewritten.
@@ -695,7 +696,7 @@ fn breakage_is_detected_and_repaired(config: DataPlaneConfig, breakages: &[&[&st
     );
     let mut dataplane = n1.ns.run_in(|| DataPlane::new(config)).expect("data plane");
     n1.ns
-        .run_in(|| dataplane.sync(std::slice::from_ref(&spec), false))
+        .run_in(|| dataplane.sync(&[Arc::new(spec.clone())], false))
         .expect("sync");
     assert!(!n1.ns.run_in(|| dataplane.drift_detected()).expect("check"));
     for breakage in breakages {
@@ -712,7 +713,7 @@ fn breakage_is_detected_and_repaired(config: DataPlaneConfig, breakages: &[&[&st
         assert!(n1.ns.run_in(|| dataplane.drift_detected()).expect("check"));
         let report = n1
             .ns
-            .run_in(|| dataplane.sync(std::slice::from_ref(&spec), true))
+            .run_in(|| dataplane.sync(&[Arc::new(spec.clone())], true))
             .expect("repair");
         assert!(report.full);
         assert!(!n1.ns.run_in(|| dataplane.drift_detected()).expect("check"));
@@ -914,7 +915,7 @@ fn a_refused_nft_transaction_keeps_the_old_rules_and_names_the_statement() {
         .run_in(|| DataPlane::new(config(Backend::Nftables)))
         .expect("data plane");
     n1.ns
-        .run_in(|| dataplane.sync(&[plan(n1, vec![old])], false))
+        .run_in(|| dataplane.sync(&[Arc::new(plan(n1, vec![old]))], false))
         .expect("first sync");
     // Someone else jumps into the old service's external chain, so the kernel
     // refuses to delete it, and with it the whole transaction.
@@ -941,7 +942,10 @@ fn a_refused_nft_transaction_keeps_the_old_rules_and_names_the_statement() {
         .ns
         .run_in(|| {
             dataplane.sync(
-                &[plan(n1, vec![service("new", &["10.96.0.11"], ep)])],
+                &[Arc::new(plan(
+                    n1,
+                    vec![service("new", &["10.96.0.11"], ep)],
+                ))],
                 false,
             )
         })

@@ -48,6 +48,19 @@ pub struct ProxyPlanSpec {
     pub service_ports: Vec<ServicePortPlan>,
 }
 
+/// Plans and their specs both lend the spec, so the renderer takes either.
+impl AsRef<ProxyPlanSpec> for ProxyPlanSpec {
+    fn as_ref(&self) -> &ProxyPlanSpec {
+        self
+    }
+}
+
+impl AsRef<ProxyPlanSpec> for ProxyPlan {
+    fn as_ref(&self) -> &ProxyPlanSpec {
+        &self.spec
+    }
+}
+
 /// Position of a shard in its node's plan.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(rename_all = "camelCase")]

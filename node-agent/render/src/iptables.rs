@@ -49,7 +49,10 @@ pub struct Rendered {
 }
 
 /// Parses and renders a complete set of shards.
-pub fn render(shards: &[ProxyPlanSpec], options: &RenderOptions) -> Result<Rendered, PlanError> {
+pub fn render<S: AsRef<ProxyPlanSpec>>(
+    shards: &[S],
+    options: &RenderOptions,
+) -> Result<Rendered, PlanError> {
     let model = model::parse(shards)?;
     Ok(render_model(model, options))
 }

@@ -228,14 +228,14 @@ pub fn family_of_net(net: &IpNet) -> Family {
 }
 
 /// Parses a complete set of shards of one node.
-pub fn parse(shards: &[ProxyPlanSpec]) -> Result<NodeModel, PlanError> {
-    let first = shards.first().ok_or(PlanError::NoShards)?;
+pub fn parse<S: AsRef<ProxyPlanSpec>>(shards: &[S]) -> Result<NodeModel, PlanError> {
+    let first = shards.first().ok_or(PlanError::NoShards)?.as_ref();
     check_complete(shards)?;
     let settings = parse_settings(first)?;
 
     let mut service_ports = Vec::new();
     let mut skipped = Vec::new();
-    for shard in shards {
+    for shard in shards.iter().map(AsRef::as_ref) {
         for (i, plan) in shard.service_ports.iter().enumerate() {
             match parse_service_port(shard.shard.index, i, plan) {
                 Ok(sp) => service_ports.push(sp),
@@ -250,16 +250,11 @@ pub fn parse(shards: &[ProxyPlanSpec]) -> Result<NodeModel, PlanError> {
     service_ports.retain(|sp| {
         let fresh = seen.insert((sp.name.clone(), sp.protocol));
         if !fresh {
-            skipped.push(InvalidServicePort {
-                service_port: format!("{} {}", sp.name, sp.protocol.as_lower_str()),
-                shard: sp.shard,
-                field: "spec.servicePorts".into(),
-                message: "the same service port appears twice in the node's plan".into(),
-            });
+            skipped.push(duplicate(sp));
         }
         fresh
     });
-    let mut indexes: Vec<u32> = shards.iter().map(|s| s.shard.index).collect();
+    let mut indexes: Vec<u32> = shards.iter().map(|s| s.as_ref().shard.index).collect();
     indexes.sort_unstable();
     Ok(NodeModel {
         node_name: first.node_name.clone(),
@@ -270,12 +265,24 @@ pub fn parse(shards: &[ProxyPlanSpec]) -> Result<NodeModel, PlanError> {
     })
 }
 
-fn check_complete(shards: &[ProxyPlanSpec]) -> Result<(), PlanError> {
-    let first = &shards[0];
+/// Why the second of two shards' copies of one service port is skipped.
+pub(crate) fn duplicate(sp: &ServicePort) -> InvalidServicePort {
+    InvalidServicePort {
+        service_port: format!("{} {}", sp.name, sp.protocol.as_lower_str()),
+        shard: sp.shard,
+        field: "spec.servicePorts".into(),
+        message: "the same service port appears twice in the node's plan".into(),
+    }
+}
+
+pub(crate) fn check_complete<S: AsRef<ProxyPlanSpec>>(shards: &[S]) -> Result<(), PlanError> {
+    let Some(first) = shards.first().map(AsRef::as_ref) else {
+        return Err(PlanError::NoShards);
+    };
     let count = first.shard.count;
     let generation = first.shard.generation;
     let mut present = BTreeSet::new();
-    for s in shards {
+    for s in shards.iter().map(AsRef::as_ref) {
         if s.node_name != first.node_name {
             return Err(PlanError::IncompleteShards(format!(
                 "shards of two nodes ({:?} and {:?})",
@@ -321,7 +328,7 @@ fn check_complete(shards: &[ProxyPlanSpec]) -> Result<(), PlanError> {
     Ok(())
 }
 
-fn parse_settings(spec: &ProxyPlanSpec) -> Result<Settings, PlanError> {
+pub(crate) fn parse_settings(spec: &ProxyPlanSpec) -> Result<Settings, PlanError> {
     let shard = spec.shard.index;
     let bad = |field: String, message: String| PlanError::InvalidSettings {
         shard,
@@ -419,7 +426,7 @@ impl PortErrors<'_> {
     }
 }
 
-fn parse_service_port(
+pub(crate) fn parse_service_port(
     shard: u32,
     index: usize,
     plan: &ServicePortPlan,

@@ -1,6 +1,7 @@
 //! Properties of rendering over arbitrary plans, including hostile ones.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use planproxy_crds::ProxyPlanSpec;
 use planproxy_crds::testing::{NodeSettingsExt, mk_plan, mk_settings};
@@ -613,10 +614,96 @@ proptest! {
         let mut kernel = NftModel::default();
         nft_apply(&mut kernel, &nft::full_text(&ra)).map_err(TestCaseError::fail)?;
         prop_assert_eq!(&kernel, &nft_expected(&ra));
-        nft_apply(&mut kernel, &nft::incremental_text(&ra, &rb).text).map_err(TestCaseError::fail)?;
+        let text = match nft::incremental_text(&ra, &rb) {
+            Some(delta) => delta.text,
+            None => nft::full_text(&rb),
+        };
+        nft_apply(&mut kernel, &text).map_err(TestCaseError::fail)?;
         prop_assert_eq!(&kernel, &nft_expected(&rb));
         let mut full = NftModel::default();
         nft_apply(&mut full, &nft::full_text(&rb)).map_err(TestCaseError::fail)?;
         prop_assert_eq!(&full, &kernel);
+    }
+
+    #[test]
+    fn nft_program_fed_a_then_b_holds_what_b_alone_gives(a in plan(), b in plan(), same_node in any::<bool>()) {
+        // Plans of the same node differ in their service ports only, and (but
+        // for a redeclared affinity set) take the incremental path; plans with
+        // other node settings rebuild.
+        let mut b = b;
+        if same_node {
+            b.node_name = a.node_name.clone();
+            b.shard = a.shard.clone();
+            b.settings = a.settings.clone();
+        }
+        let mut program = nft::NftProgram::new(&[]);
+        program.update(&[Arc::new(a.clone())]).expect("a renders");
+        let mut kernel = NftModel::default();
+        nft_apply(&mut kernel, &program.table().full_text()).map_err(TestCaseError::fail)?;
+        let text = match program.update(&[Arc::new(b.clone())]).expect("b renders") {
+            nft::NftChange::Delta(delta) => delta.text,
+            nft::NftChange::Rebuild => program.table().full_text(),
+        };
+        nft_apply(&mut kernel, &text).map_err(TestCaseError::fail)?;
+        let alone = nft::render_nft(std::slice::from_ref(&b), &[]).expect("b renders");
+        prop_assert_eq!(&kernel, &nft_expected(&alone.rules));
+        prop_assert_eq!(&program.table().rule_set(), &alone.rules);
+        prop_assert_eq!(program.per_shard(), alone.per_shard);
+        let sorted = |mut v: Vec<planproxy_render::InvalidServicePort>| {
+            v.sort_by(|x, y| (x.shard, &x.field, &x.service_port).cmp(&(y.shard, &y.field, &y.service_port)));
+            v
+        };
+        prop_assert_eq!(sorted(program.skipped()), sorted(alone.skipped));
+    }
+
+    #[test]
+    fn nft_program_skipping_unchanged_shards_holds_what_reading_them_gives(
+        a in plan(),
+        b in plan(),
+        kept in any::<[bool; 4]>(),
+    ) {
+        // Four shards of one node; the second plan keeps some of the first's
+        // shard objects as they are and replaces the others.
+        let split = |spec: &ProxyPlanSpec| -> Vec<Arc<ProxyPlanSpec>> {
+            (0..4u32)
+                .map(|index| {
+                    let mut shard = a.clone();
+                    shard.shard.index = index;
+                    shard.shard.count = 4;
+                    shard.service_ports = spec
+                        .service_ports
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| *i % 4 == index as usize)
+                        .map(|(_, p)| p.clone())
+                        .collect();
+                    Arc::new(shard)
+                })
+                .collect()
+        };
+        let first = split(&a);
+        let replacement = split(&b);
+        let second: Vec<Arc<ProxyPlanSpec>> = (0..4)
+            .map(|i| if kept[i] { first[i].clone() } else { replacement[i].clone() })
+            .collect();
+        let mut program = nft::NftProgram::new(&[]);
+        program.update(&first).expect("the first plan renders");
+        program.update(&second).expect("the second plan renders");
+        let plain: Vec<ProxyPlanSpec> = second.iter().map(|s| (**s).clone()).collect();
+        let alone = nft::render_nft(&plain, &[]).expect("the second plan renders");
+        prop_assert_eq!(&program.table().rule_set(), &alone.rules);
+        prop_assert_eq!(program.per_shard(), alone.per_shard);
+        prop_assert_eq!(program.skipped().len(), alone.skipped.len());
+    }
+
+    #[test]
+    fn nft_and_iptables_count_the_same_ports_and_endpoints_per_shard(spec in plan()) {
+        // Both emitters count the same service ports and endpoints per shard.
+        let nft = nft::render_nft(std::slice::from_ref(&spec), &[]).expect("renders");
+        let ipt = planproxy_render::render(std::slice::from_ref(&spec), &Default::default()).expect("renders");
+        let ports = |m: &std::collections::BTreeMap<u32, planproxy_crds::v1alpha1::ProgrammedSummary>| -> Vec<(u32, i32, i32)> {
+            m.iter().map(|(s, p)| (*s, p.service_ports, p.endpoints)).collect()
+        };
+        prop_assert_eq!(ports(&nft.per_shard), ports(&ipt.per_shard));
     }
 }

@@ -394,7 +394,7 @@ fn an_incomplete_or_mixed_shard_set_is_refused() {
     other.shard.generation = 1;
     assert!(render(&[one, other], &RenderOptions::default()).is_ok());
     assert!(matches!(
-        render(&[], &RenderOptions::default()),
+        render::<ProxyPlanSpec>(&[], &RenderOptions::default()),
         Err(PlanError::NoShards)
     ));
 }

@@ -129,6 +129,7 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
             backend: args.backend,
             families: args.family.into_iter().collect(),
         })?;
+        let shards: Vec<std::sync::Arc<_>> = shards.into_iter().map(std::sync::Arc::new).collect();
         let report = dataplane.sync(&shards, true)?;
         dataplane.verify()?;
         for skipped in &report.skipped {

@@ -14,7 +14,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 
 use planproxy_crds::v1alpha1::Protocol;
-use planproxy_render::{Family, NodeModel};
+use planproxy_render::Family;
+use planproxy_render::model::{ServicePort, Settings};
 
 use super::Error;
 
@@ -32,7 +33,11 @@ pub(crate) struct UdpTargets {
 
 impl UdpTargets {
     /// The UDP targets of `model` in `family`.
-    pub(crate) fn of(model: &NodeModel, family: Family) -> Self {
+    pub(crate) fn of<'a>(
+        settings: &Settings,
+        ports: impl IntoIterator<Item = &'a ServicePort>,
+        family: Family,
+    ) -> Self {
         let in_family = |ip: &IpAddr| {
             matches!(
                 (ip, family),
@@ -40,8 +45,7 @@ impl UdpTargets {
             )
         };
         let mut targets = UdpTargets {
-            node_ips: model
-                .settings
+            node_ips: settings
                 .node_ips
                 .iter()
                 .copied()
@@ -49,7 +53,7 @@ impl UdpTargets {
                 .collect(),
             ..Default::default()
         };
-        for sp in &model.service_ports {
+        for sp in ports {
             if sp.protocol != Protocol::Udp || !sp.cluster_ips.iter().any(in_family) {
                 continue;
             }

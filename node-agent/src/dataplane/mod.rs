@@ -16,14 +16,16 @@ mod nft;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use iptables::IPTables;
+use planproxy_crds::ProxyPlanSpec;
 use planproxy_crds::v1alpha1::ProgrammedSummary;
 use planproxy_render::hash::CHAIN_PREFIX;
-use planproxy_render::nft::{NftRuleSet, RenderedNft, full_text, incremental_text};
+use planproxy_render::nft::{NftChange, NftProgram, NftTable};
 use planproxy_render::{
-    FamilyRules, Layout, NodeModel, PlanError, RenderOptions, RestoreInput, RuleSet, Table, chains,
+    FamilyRules, Layout, PlanError, RenderOptions, RestoreInput, RuleSet, Table, chains,
     restore_full, restore_incremental,
 };
 
@@ -212,12 +214,12 @@ pub fn nft_table_text() -> Result<String, String> {
 }
 
 /// The rules a backend last programmed.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum AppliedRules {
     /// iptables chains by family and table.
     Iptables(RuleSet),
-    /// The nftables table.
-    Nftables(NftRuleSet),
+    /// The nftables table, and the plan it was built from.
+    Nftables(Box<NftProgram>),
 }
 
 /// The canary chain's only rule: a flush of our chains empties it, a delete
@@ -289,10 +291,10 @@ impl DataPlane {
                     }
                 }
             }
-            Some(AppliedRules::Nftables(rules)) => {
+            Some(AppliedRules::Nftables(program)) => {
                 out.insert(
                     ("inet".to_owned(), planproxy_render::nft::TABLE.to_owned()),
-                    rules.rule_count(),
+                    program.table().rule_count(),
                 );
             }
             None => {}
@@ -314,13 +316,13 @@ impl DataPlane {
     /// [`DataPlane::new`]; incremental (only what changed) otherwise. On error
     /// the kernel keeps its previous rules and the next call is a full sync.
     /// Blocking: it spawns iptables-restore or nft.
-    pub fn sync(
-        &mut self,
-        shards: &[planproxy_crds::ProxyPlanSpec],
-        full: bool,
-    ) -> Result<SyncReport, Error> {
+    pub fn sync<T>(&mut self, shards: &[Arc<T>], full: bool) -> Result<SyncReport, Error>
+    where
+        T: AsRef<ProxyPlanSpec> + Send + Sync + 'static,
+    {
         let start = Instant::now();
-        let node = shards
+        let specs: Vec<&ProxyPlanSpec> = shards.iter().map(|s| (**s).as_ref()).collect();
+        let node = specs
             .first()
             .map(|s| s.node_name.as_str())
             .unwrap_or_default();
@@ -341,43 +343,44 @@ impl DataPlane {
             lock_wait: std::mem::take(&mut self.unreported_lock_wait),
             ..Default::default()
         };
-        let (model, per_shard, skipped, applied) = if self.backend.is_iptables() {
+        let (per_shard, skipped, applied) = if self.backend.is_iptables() {
             let options = RenderOptions {
                 layout: self.layout,
                 families: self.families.clone(),
             };
-            let rendered = planproxy_render::render(shards, &options)?;
+            let rendered = planproxy_render::render(&specs, &options)?;
             let previous = match previous {
                 Some(AppliedRules::Iptables(p)) if !full => Some(p),
                 _ => None,
             };
             self.program_iptables(&rendered.rule_set, previous.as_ref(), &mut report)?;
+            self.reconcile_conntrack(
+                &rendered.model.settings,
+                &rendered.model.service_ports,
+                &mut report,
+            );
             let applied = AppliedRules::Iptables(rendered.rule_set);
-            (
-                rendered.model,
-                rendered.per_shard,
-                rendered.skipped,
-                applied,
-            )
+            (rendered.per_shard, rendered.skipped, applied)
         } else {
-            let rendered = planproxy_render::nft::render_nft(shards, &self.families)?;
-            let previous = match previous {
-                Some(AppliedRules::Nftables(p)) if !full => Some(p),
-                _ => None,
+            let program = match previous {
+                Some(AppliedRules::Nftables(p)) if !full => p,
+                _ => Box::new(NftProgram::new(&self.families)),
             };
-            self.program_nftables(&rendered, previous.as_ref(), &mut report)?;
-            let RenderedNft {
-                rules,
-                per_shard,
-                skipped,
-                model,
-            } = rendered;
-            (model, per_shard, skipped, AppliedRules::Nftables(rules))
+            let program = self.program_nftables(program, shards, !full, &mut report)?;
+            if let Some(settings) = program.settings() {
+                let ports: Vec<&planproxy_render::model::ServicePort> =
+                    program.service_ports().collect();
+                self.reconcile_conntrack(settings, ports, &mut report);
+            }
+            (
+                program.per_shard(),
+                program.skipped(),
+                AppliedRules::Nftables(program),
+            )
         };
         if full {
             self.remove_other_backends();
         }
-        self.reconcile_conntrack(&model, &mut report);
         report.per_shard = per_shard;
         report.skipped = skipped.iter().map(ToString::to_string).collect();
         for skipped in &report.skipped {
@@ -436,35 +439,39 @@ impl DataPlane {
         Ok(())
     }
 
-    /// One `nft -f` transaction: the whole table rebuilt, or only what differs
-    /// from `previous` (changed chains refilled, changed elements replaced).
-    fn program_nftables(
+    /// Brings `program` to `shards` and the kernel along with one `nft -f`
+    /// transaction: only what differs when `incremental` and the table allows
+    /// it, else the whole table rebuilt.
+    fn program_nftables<T>(
         &mut self,
-        rendered: &RenderedNft,
-        previous: Option<&NftRuleSet>,
+        mut program: Box<NftProgram>,
+        shards: &[Arc<T>],
+        incremental: bool,
         report: &mut SyncReport,
-    ) -> Result<(), Error> {
-        let next = &rendered.rules;
-        let (text, chains, rules, deleted) = match previous {
-            Some(previous) => {
-                let delta = incremental_text(previous, next);
-                (
-                    delta.text,
-                    delta.chains_written,
-                    delta.rules_written,
-                    delta.deleted,
-                )
+    ) -> Result<Box<NftProgram>, Error>
+    where
+        T: AsRef<ProxyPlanSpec> + Send + Sync + 'static,
+    {
+        let change = program.update(shards)?;
+        let text = match change {
+            NftChange::Delta(delta) if incremental => {
+                report.chains_written += delta.chains_written;
+                report.rules_written += delta.rules_written;
+                report.chains_deleted += delta.deleted;
+                delta.text
             }
-            None => (full_text(next), next.chains.len(), next.rule_count(), 0),
+            _ => {
+                report.full = true;
+                let table = program.table();
+                report.chains_written += table.chains().count();
+                report.rules_written += table.rule_count();
+                table.full_text()
+            }
         };
-        if text.is_empty() {
-            return Ok(());
+        if !text.is_empty() {
+            nft::transaction(&text)?;
         }
-        nft::transaction(&text)?;
-        report.chains_written += chains;
-        report.rules_written += rules;
-        report.chains_deleted += deleted;
-        Ok(())
+        Ok(program)
     }
 
     /// After a full sync, removes what the other backends wrote (a node
@@ -494,9 +501,14 @@ impl DataPlane {
     }
 
     /// Deletes stale UDP flows; shared by every backend.
-    fn reconcile_conntrack(&mut self, model: &NodeModel, report: &mut SyncReport) {
+    fn reconcile_conntrack<'a>(
+        &mut self,
+        settings: &planproxy_render::model::Settings,
+        ports: impl IntoIterator<Item = &'a planproxy_render::model::ServicePort> + Clone,
+        report: &mut SyncReport,
+    ) {
         for family in self.families.clone() {
-            let targets = conntrack::UdpTargets::of(model, family);
+            let targets = conntrack::UdpTargets::of(settings, ports.clone(), family);
             let now: BTreeSet<SocketAddr> = targets.frontends.keys().copied().collect();
             let before = self
                 .udp_frontends
@@ -596,7 +608,7 @@ impl DataPlane {
     pub fn verify(&self) -> Result<(), Error> {
         let applied = match &self.applied {
             None => return Err(Error::NotSynced),
-            Some(AppliedRules::Nftables(rules)) => return verify_nftables(rules),
+            Some(AppliedRules::Nftables(program)) => return verify_nftables(program.table()),
             Some(AppliedRules::Iptables(rule_set)) => rule_set,
         };
         for (family, rules) in &applied.families {
@@ -664,14 +676,14 @@ impl DataPlane {
 
 /// Checks that our table holds every chain with its number of rules and every
 /// set with its elements (dynamic sets excepted: the kernel fills them).
-fn verify_nftables(rules: &NftRuleSet) -> Result<(), Error> {
+fn verify_nftables(table: &NftTable) -> Result<(), Error> {
     let bad = |detail: String| Error::Verify {
         family: Family::V4,
         table: Table::Nat,
         detail: format!("nftables table {}: {detail}", planproxy_render::nft::TABLE),
     };
     let listing = nft::list_table()?.ok_or_else(|| bad("missing".to_owned()))?;
-    for (name, chain) in &rules.chains {
+    for (name, chain) in table.chains() {
         match listing.chains.get(name) {
             None => return Err(bad(format!("chain {name} is missing"))),
             Some(found) if found.len() != chain.rules.len() => {
@@ -684,12 +696,11 @@ fn verify_nftables(rules: &NftRuleSet) -> Result<(), Error> {
             Some(_) => {}
         }
     }
-    for (name, set) in rules.sets.iter().filter(|(_, s)| !s.dynamic) {
+    for (name, _, count) in table.sets().filter(|(_, d, _)| !d.dynamic) {
         let found = listing.sets.get(name).copied();
-        if found != Some(set.elements.len()) {
+        if found != Some(count) {
             return Err(bad(format!(
-                "set {name} has {found:?} elements, expected {}",
-                set.elements.len()
+                "set {name} has {found:?} elements, expected {count}"
             )));
         }
     }

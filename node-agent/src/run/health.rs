@@ -118,9 +118,14 @@ pub struct ServiceHealth {
 /// The health-check node ports `shards` ask for. A service's ports share one
 /// health-check port; a terminating endpoint counts as none, so load balancers
 /// drain a node whose last local endpoints are going away.
-pub fn health_check_services(shards: &[ProxyPlanSpec]) -> BTreeMap<u16, ServiceHealth> {
+pub fn health_check_services<S: AsRef<ProxyPlanSpec>>(
+    shards: &[S],
+) -> BTreeMap<u16, ServiceHealth> {
     let mut ips: BTreeMap<u16, (ServiceHealth, BTreeSet<&str>)> = BTreeMap::new();
-    for port in shards.iter().flat_map(|shard| &shard.service_ports) {
+    for port in shards
+        .iter()
+        .flat_map(|shard| &shard.as_ref().service_ports)
+    {
         let Some(hc_port) = port.health_check_node_port else {
             continue;
         };

@@ -2,9 +2,10 @@
 //! whatever owns the node's rules, so the loop can be tested with a fake kernel.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use planproxy_crds::ProxyPlanSpec;
+use planproxy_crds::ProxyPlan;
 use planproxy_crds::v1alpha1::ProgrammedSummary;
 
 /// Something that programs a node's complete plan into the kernel.
@@ -14,8 +15,9 @@ use planproxy_crds::v1alpha1::ProgrammedSummary;
 pub trait Kernel: Send + 'static {
     /// Programs `shards` (a complete set, sorted by index). `full` rewrites every
     /// chain we own; otherwise only what changed since the last successful sync.
-    /// On error the kernel keeps the rules it had.
-    fn sync(&mut self, shards: &[ProxyPlanSpec], full: bool) -> Result<Applied, ApplyError>;
+    /// On error the kernel keeps the rules it had. Shards are handed over as
+    /// watched, so one that did not change is the same allocation as before.
+    fn sync(&mut self, shards: &[Arc<ProxyPlan>], full: bool) -> Result<Applied, ApplyError>;
 
     /// Whether the kernel's rules differ from what the last sync wrote (someone
     /// flushed or edited our chains).
@@ -52,7 +54,7 @@ pub struct ApplyError {
 // === impl Kernel for DataPlane ===
 
 impl Kernel for crate::dataplane::DataPlane {
-    fn sync(&mut self, shards: &[ProxyPlanSpec], full: bool) -> Result<Applied, ApplyError> {
+    fn sync(&mut self, shards: &[Arc<ProxyPlan>], full: bool) -> Result<Applied, ApplyError> {
         let report =
             crate::dataplane::DataPlane::sync(self, shards, full).map_err(ApplyError::from)?;
         for skipped in &report.skipped {

@@ -51,8 +51,8 @@ pub struct SyncLoop<K> {
     schedule: SyncSchedule,
     /// Shard name → what the kernel holds for it (from this agent's syncs).
     applied: BTreeMap<String, AppliedShard>,
-    /// The last complete set the kernel took, by shard name, sorted by index.
-    applied_specs: Vec<(String, ProxyPlanSpec)>,
+    /// The last complete set the kernel took, sorted by index.
+    applied_specs: Vec<Arc<ProxyPlan>>,
     last_failure: Option<ApplyError>,
     /// Service port → the trigger time whose latency was already observed.
     trigger_times: BTreeMap<String, Time>,
@@ -228,17 +228,8 @@ impl<K: Kernel> SyncLoop<K> {
 
     async fn sync(&mut self, plan: Option<&NodePlan>, full: bool) -> Result<(), Error> {
         let started = Instant::now();
-        let specs: Vec<(String, ProxyPlanSpec)> = match plan {
-            Some(plan) if plan.is_complete() => plan
-                .shards
-                .iter()
-                .map(|shard| {
-                    (
-                        shard.metadata.name.clone().unwrap_or_default(),
-                        shard.spec.clone(),
-                    )
-                })
-                .collect(),
+        let specs: Vec<Arc<ProxyPlan>> = match plan {
+            Some(plan) if plan.is_complete() => plan.shards.clone(),
             // No complete plan: a due full resync re-applies what the kernel should hold.
             _ if full && !self.applied_specs.is_empty() => self.applied_specs.clone(),
             _ => {
@@ -254,7 +245,7 @@ impl<K: Kernel> SyncLoop<K> {
             .kernel
             .take()
             .expect("the kernel must be home when no sync runs");
-        let input: Vec<ProxyPlanSpec> = specs.iter().map(|(_, spec)| spec.clone()).collect();
+        let input = specs.clone();
         let (kernel, result) = tokio::task::spawn_blocking(move || {
             let result = kernel.sync(&input, full);
             (kernel, result)
@@ -309,13 +300,23 @@ impl<K: Kernel> SyncLoop<K> {
         Ok(())
     }
 
-    async fn sync_succeeded(&mut self, specs: Vec<(String, ProxyPlanSpec)>, applied: Applied) {
+    async fn sync_succeeded(&mut self, specs: Vec<Arc<ProxyPlan>>, applied: Applied) {
         let now = self.last_event_at;
         let duration_millis = i64::try_from(applied.duration.as_millis()).unwrap_or(i64::MAX);
         let mut held = BTreeMap::new();
-        for (name, spec) in &specs {
-            let hash = spec_hash(spec);
-            let synced_at = match self.applied.get(name) {
+        for shard in &specs {
+            let name = shard.metadata.name.clone().unwrap_or_default();
+            let spec = &shard.spec;
+            // A shard that is the same object as last time has the same hash.
+            let unchanged = self
+                .applied_specs
+                .iter()
+                .any(|previous| Arc::ptr_eq(previous, shard));
+            let hash = match self.applied.get(&name) {
+                Some(previous) if unchanged => previous.hash.clone(),
+                _ => spec_hash(spec),
+            };
+            let synced_at = match self.applied.get(&name) {
                 Some(previous) if previous.hash == hash => previous.synced_at.clone(),
                 _ => Time(now),
             };
@@ -325,7 +326,7 @@ impl<K: Kernel> SyncLoop<K> {
                 .cloned()
                 .unwrap_or_default();
             held.insert(
-                name.clone(),
+                name,
                 AppliedShard {
                     hash,
                     summary,
@@ -358,7 +359,7 @@ impl<K: Kernel> SyncLoop<K> {
         self.metrics
             .conntrack_deleted(applied.conntrack_entries_deleted);
         self.observe_programming_latency(&specs, now);
-        let (internal, external) = no_local_endpoints(specs.iter().map(|(_, spec)| spec));
+        let (internal, external) = no_local_endpoints(specs.iter().map(|shard| &shard.spec));
         self.metrics.set_no_local_endpoints("internal", internal);
         self.metrics.set_no_local_endpoints("external", external);
 
@@ -370,15 +371,18 @@ impl<K: Kernel> SyncLoop<K> {
             }
         });
 
-        let only_specs: Vec<ProxyPlanSpec> = specs.iter().map(|(_, spec)| spec.clone()).collect();
-        let addresses = only_specs
+        let addresses = specs
             .first()
+            .map(|shard| &shard.spec)
             .map(|spec| {
                 listen_addresses(&spec.settings.node_port_addresses, &spec.settings.node_ips)
             })
             .unwrap_or_default();
         self.health_checks
-            .update(health_check_services(&only_specs), &addresses)
+            .update(
+                health_check_services(&specs.iter().map(|s| &s.spec).collect::<Vec<_>>()),
+                &addresses,
+            )
             .await;
         self.applied_specs = specs;
     }
@@ -386,9 +390,9 @@ impl<K: Kernel> SyncLoop<K> {
     /// Observes, once per service port and trigger time, how long the change took
     /// to reach this node's kernel. Changes from before the agent started are
     /// skipped: their latency would measure the agent's downtime.
-    fn observe_programming_latency(&mut self, specs: &[(String, ProxyPlanSpec)], now: Timestamp) {
+    fn observe_programming_latency(&mut self, specs: &[Arc<ProxyPlan>], now: Timestamp) {
         let mut seen = BTreeMap::new();
-        for port in specs.iter().flat_map(|(_, spec)| &spec.service_ports) {
+        for port in specs.iter().flat_map(|shard| &shard.spec.service_ports) {
             let Some(trigger) = &port.last_change_trigger_time else {
                 continue;
             };
@@ -507,11 +511,11 @@ mod tests {
     }
 
     impl Kernel for FakeKernel {
-        fn sync(&mut self, shards: &[ProxyPlanSpec], full: bool) -> Result<Applied, ApplyError> {
+        fn sync(&mut self, shards: &[Arc<ProxyPlan>], full: bool) -> Result<Applied, ApplyError> {
             self.calls.lock().expect("fake kernel lock").push(Call {
                 at: Instant::now(),
                 full,
-                hashes: shards.iter().map(spec_hash).collect(),
+                hashes: shards.iter().map(|shard| spec_hash(&shard.spec)).collect(),
             });
             let mut fail = self.fail_next.lock().expect("fake kernel lock");
             if *fail > 0 {
@@ -526,11 +530,11 @@ mod tests {
                 duration: Duration::from_millis(3),
                 per_shard: shards
                     .iter()
-                    .map(|spec| {
+                    .map(|shard| {
                         (
-                            spec.shard.index,
+                            shard.spec.shard.index,
                             ProgrammedSummary {
-                                service_ports: i32::try_from(spec.service_ports.len())
+                                service_ports: i32::try_from(shard.spec.service_ports.len())
                                     .unwrap_or_default(),
                                 rules: 10,
                                 ..Default::default()

@@ -1,150 +1,18 @@
-//! The nftables emitter: the same per-service-port decisions as the iptables
-//! emitter ([`crate::decide`]), rendered into one `inet` table of our own, so one
-//! `nft -f` transaction covers both families and the nat and filter hooks.
-//!
-//! Layout, chosen by measurement (see the README's benchmark section):
-//!
-//! * Dispatch is one verdict-map lookup per family on
-//!   `daddr . l4proto . dport` (`services4`), O(1) whatever the number of services.
-//! * Rules that reference a set are costly to load and super-linear when many
-//!   chains bind the same set, while set elements are cheap. A service reached only
-//!   through its cluster IP and without affinity (most services) therefore gets no
-//!   chain at all: its dispatch element jumps to a shared chain `lb4-<masq>-<n>`
-//!   (one per protocol, endpoint count and masquerade kind) whose single rule
-//!   picks the endpoint with `numgen` from one shared map per protocol keyed by
-//!   the frontend (`endpoints4-tcp`: `cluster IP . port . index`). A
-//!   one-endpoint change is then a few element updates.
-//! * Every other service gets per-service chains like the iptables ones, with
-//!   plain `numgen random mod k 0` rules (kube-proxy's probability series, which
-//!   reference no set) and, under ClientIP affinity, one dynamic set with a
-//!   timeout per endpoint.
-//! * Hairpin masquerade is one set of `address . address` pairs checked in
-//!   postrouting, not a chain per local endpoint.
-//!
-//! Every value in the text comes from a parsed type or a hash; nothing written
-//! by a user reaches the ruleset.
+//! The nftables emitter: one [`Fragment`] for the node-wide chains and maps, and
+//! one per service port and family, from the same per-service-port decisions as
+//! the iptables emitter ([`crate::decide`]). [`super::table::NftTable`] puts the
+//! fragments together.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
-
-use planproxy_crds::ProxyPlanSpec;
-use planproxy_crds::v1alpha1::ProgrammedSummary;
 
 use crate::Family;
 use crate::decide::{ClusterMasquerade, NodeDecision, NodePortDestinations, PortDecision, Refusal};
 use crate::hash::{endpoint_hash, service_port_hash};
-use crate::iptables::count_ports;
-use crate::model::{self, Endpoint, InvalidServicePort, NodeModel, PlanError, ServicePort};
+use crate::model::{Endpoint, ServicePort};
 
-/// The table planproxy owns; nothing else in the ruleset is ever touched.
-pub const TABLE: &str = "planproxy";
-
-/// How many elements one `add element` command carries: nft parses large
-/// element lists faster in chunks.
-const ELEMENT_CHUNK: usize = 1000;
-
-/// One chain of the table.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NftChain {
-    /// `type … hook … priority …; policy accept;` for base chains.
-    pub hook: Option<String>,
-    /// The rules, in order.
-    pub rules: Vec<String>,
-    /// The shard owning it; `None` for node-wide chains.
-    pub owner: Option<u32>,
-}
-
-/// One named set or map.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NftSet {
-    /// `set` or `map`.
-    pub keyword: &'static str,
-    /// The body: `type …; flags …;`.
-    pub spec: String,
-    /// Key → value (`""` for plain sets).
-    pub elements: BTreeMap<String, String>,
-    /// The kernel adds elements itself (affinity): a sync never rewrites them.
-    pub dynamic: bool,
-}
-
-/// Everything planproxy wants in its table.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NftRuleSet {
-    /// Chains by name.
-    pub chains: BTreeMap<String, NftChain>,
-    /// Sets and maps by name.
-    pub sets: BTreeMap<String, NftSet>,
-}
-
-impl NftRuleSet {
-    /// Rules in all chains plus elements in all non-dynamic sets.
-    pub fn rule_count(&self) -> usize {
-        let rules: usize = self.chains.values().map(|c| c.rules.len()).sum();
-        let elements: usize = self
-            .sets
-            .values()
-            .filter(|s| !s.dynamic)
-            .map(|s| s.elements.len())
-            .sum();
-        rules + elements
-    }
-}
-
-/// The result of rendering a node's plan for nftables.
-#[derive(Debug, Clone)]
-pub struct RenderedNft {
-    /// The table's content.
-    pub rules: NftRuleSet,
-    /// What each shard programs.
-    pub per_shard: BTreeMap<u32, ProgrammedSummary>,
-    /// Service ports that were skipped, with the reason.
-    pub skipped: Vec<InvalidServicePort>,
-    /// The parsed plan.
-    pub model: NodeModel,
-}
-
-/// Parses and renders a complete set of shards for `families` (both when empty).
-pub fn render_nft(shards: &[ProxyPlanSpec], families: &[Family]) -> Result<RenderedNft, PlanError> {
-    Ok(render_nft_model(model::parse(shards)?, families))
-}
-
-/// Renders an already parsed plan for `families` (both when empty).
-pub fn render_nft_model(model: NodeModel, families: &[Family]) -> RenderedNft {
-    let families: Vec<Family> = Family::ALL
-        .into_iter()
-        .filter(|f| families.is_empty() || families.contains(f))
-        .collect();
-    let mut per_shard: BTreeMap<u32, ProgrammedSummary> = model
-        .shards
-        .iter()
-        .map(|s| (*s, ProgrammedSummary::default()))
-        .collect();
-    let mut rendered = BTreeSet::new();
-    let mut b = Builder {
-        out: NftRuleSet::default(),
-        per_shard: &mut per_shard,
-    };
-    b.base_chains(&families, &NodeDecision::new(Family::V4, &model.settings));
-    for family in families {
-        let node = NodeDecision::new(family, &model.settings);
-        b.family_chains(&node);
-        for (i, sp) in model.service_ports.iter().enumerate() {
-            if let Some(d) = PortDecision::new(sp, family, &model.settings) {
-                b.service_port(&d);
-                rendered.insert(i);
-            }
-        }
-    }
-    let rules = b.out;
-    count_ports(&model, &rendered, &mut per_shard);
-    RenderedNft {
-        rules,
-        per_shard,
-        skipped: model.skipped.clone(),
-        model,
-    }
-}
+use super::{NftChain, NftRuleSet, SetDecl};
 
 /// `4` / `6`: the suffix of per-family names.
 fn f(family: Family) -> &'static str {
@@ -179,9 +47,75 @@ fn endpoint_value(addr: SocketAddr) -> String {
     format!("{} . {}", addr.ip(), addr.port())
 }
 
-struct Builder<'a> {
-    out: NftRuleSet,
-    per_shard: &'a mut BTreeMap<u32, ProgrammedSummary>,
+/// What one part of the plan puts into the table: chains it owns or shares,
+/// the sets it declares and the elements it adds, and what it counts towards
+/// its shard's summary.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fragment {
+    /// Chains by name, each complete.
+    pub chains: BTreeMap<String, NftChain>,
+    /// Sets and maps it needs, by name.
+    pub sets: BTreeMap<String, SetDecl>,
+    /// `(set, key, value)`; `value` is empty for plain sets.
+    pub elements: Vec<(String, String, String)>,
+    /// Rules and chains counted for each shard, as `(rules, chains)`.
+    pub counts: BTreeMap<u32, (i32, i32)>,
+}
+
+impl Fragment {
+    /// The node-wide chains, sets and maps of the rendered families.
+    pub fn node(nodes: &[NodeDecision]) -> Self {
+        let mut b = Builder::default();
+        let families: Vec<Family> = nodes.iter().map(|n| n.family).collect();
+        if let Some(first) = nodes.first() {
+            b.base_chains(&families, first);
+        }
+        for node in nodes {
+            b.family_chains(node);
+        }
+        b.out
+    }
+
+    /// One service port in one family.
+    pub fn service_port(d: &PortDecision<'_>) -> Self {
+        let mut b = Builder::default();
+        b.service_port(d);
+        b.out
+    }
+
+    /// A whole table's content as one fragment.
+    pub fn of_rule_set(rules: &NftRuleSet) -> Self {
+        Fragment {
+            chains: rules.chains.clone(),
+            sets: rules
+                .sets
+                .iter()
+                .map(|(name, set)| {
+                    let decl = SetDecl {
+                        keyword: set.keyword,
+                        spec: set.spec.clone(),
+                        dynamic: set.dynamic,
+                    };
+                    (name.clone(), decl)
+                })
+                .collect(),
+            elements: rules
+                .sets
+                .iter()
+                .flat_map(|(name, set)| {
+                    set.elements
+                        .iter()
+                        .map(move |(k, v)| (name.clone(), k.clone(), v.clone()))
+                })
+                .collect(),
+            counts: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Builder {
+    out: Fragment,
 }
 
 /// The names of one service port's chains in one family.
@@ -205,18 +139,18 @@ impl Names {
     }
 }
 
-impl Builder<'_> {
-    fn count(&mut self, owner: Option<u32>, rules: u32, chains: u32) {
+impl Builder {
+    fn count(&mut self, owner: Option<u32>, rules: i32, chains: i32) {
         if let Some(shard) = owner {
-            let s = self.per_shard.entry(shard).or_default();
-            s.rules += i32::try_from(rules).unwrap_or(i32::MAX);
-            s.chains += i32::try_from(chains).unwrap_or(i32::MAX);
+            let c = self.out.counts.entry(shard).or_default();
+            c.0 = c.0.saturating_add(rules);
+            c.1 = c.1.saturating_add(chains);
         }
     }
 
     fn rule(&mut self, chain: &str, owner: Option<u32>, rule: String) {
         let created = !self.out.chains.contains_key(chain);
-        self.count(owner, 1, u32::from(created));
+        self.count(owner, 1, i32::from(created));
         self.out
             .chains
             .entry(chain.to_owned())
@@ -232,18 +166,16 @@ impl Builder<'_> {
         self.out
             .sets
             .entry(name.to_owned())
-            .or_insert_with(|| NftSet {
+            .or_insert_with(|| SetDecl {
                 keyword,
                 spec,
-                ..Default::default()
+                dynamic: false,
             });
     }
 
     fn element(&mut self, set: &str, owner: Option<u32>, key: String, value: String) {
         self.count(owner, 1, 0);
-        if let Some(s) = self.out.sets.get_mut(set) {
-            s.elements.insert(key, value);
-        }
+        self.out.elements.push((set.to_owned(), key, value));
     }
 
     /// The hooked chains and the node-wide chains shared by both families.
@@ -723,151 +655,5 @@ impl Builder<'_> {
             rules.push(rule);
         }
         rules
-    }
-}
-
-/// The whole table as one `nft -f` transaction: the table is created if missing,
-/// deleted and rebuilt, so the kernel holds either all of it or the old one.
-pub fn full_text(rules: &NftRuleSet) -> String {
-    let mut out = String::with_capacity(64 * rules.rule_count() + 1024);
-    let _ = writeln!(out, "add table inet {TABLE}");
-    let _ = writeln!(out, "delete table inet {TABLE}");
-    let _ = writeln!(out, "add table inet {TABLE}");
-    for (name, chain) in &rules.chains {
-        declare_chain(&mut out, name, chain);
-    }
-    for (name, set) in &rules.sets {
-        declare_set(&mut out, name, set);
-    }
-    for (name, set) in rules.sets.iter().filter(|(_, s)| !s.dynamic) {
-        let items: Vec<String> = set.elements.iter().map(|(k, v)| element(k, v)).collect();
-        elements(&mut out, "add", name, &items);
-    }
-    for (name, chain) in &rules.chains {
-        for rule in &chain.rules {
-            let _ = writeln!(out, "add rule inet {TABLE} {name} {rule}");
-        }
-    }
-    out
-}
-
-/// What an incremental transaction changes.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NftDelta {
-    /// The `nft -f` input; empty when nothing changed.
-    pub text: String,
-    /// Chains created or refilled.
-    pub chains_written: usize,
-    /// Rules and elements written.
-    pub rules_written: usize,
-    /// Chains and sets deleted.
-    pub deleted: usize,
-}
-
-/// The transaction that turns a table holding `previous` into `next`: only
-/// changed chains are refilled and only changed elements are touched, so its
-/// size follows the change, not the table.
-pub fn incremental_text(previous: &NftRuleSet, next: &NftRuleSet) -> NftDelta {
-    let mut d = NftDelta::default();
-    let mut out = String::new();
-    for (name, set) in &next.sets {
-        if !previous.sets.contains_key(name) {
-            declare_set(&mut out, name, set);
-        }
-    }
-    for (name, chain) in &next.chains {
-        if !previous.chains.contains_key(name) {
-            declare_chain(&mut out, name, chain);
-        }
-    }
-    for (name, chain) in &next.chains {
-        let old = previous.chains.get(name);
-        if old.is_some_and(|o| o.rules == chain.rules) {
-            continue;
-        }
-        if old.is_some() {
-            let _ = writeln!(out, "flush chain inet {TABLE} {name}");
-        }
-        for rule in &chain.rules {
-            let _ = writeln!(out, "add rule inet {TABLE} {name} {rule}");
-        }
-        d.chains_written += 1;
-        d.rules_written += chain.rules.len();
-    }
-    let empty = BTreeMap::new();
-    for (name, set) in next.sets.iter().filter(|(_, s)| !s.dynamic) {
-        let old = previous.sets.get(name).map_or(&empty, |s| &s.elements);
-        let gone: Vec<String> = old
-            .iter()
-            .filter(|(k, v)| set.elements.get(*k) != Some(*v))
-            .map(|(k, _)| k.clone())
-            .collect();
-        elements(&mut out, "delete", name, &gone);
-        let added: Vec<String> = set
-            .elements
-            .iter()
-            .filter(|(k, v)| old.get(*k) != Some(*v))
-            .map(|(k, v)| element(k, v))
-            .collect();
-        d.rules_written += added.len();
-        elements(&mut out, "add", name, &added);
-    }
-    for (name, chain) in &previous.chains {
-        if !next.chains.contains_key(name) && chain.hook.is_none() {
-            let _ = writeln!(out, "flush chain inet {TABLE} {name}");
-        }
-    }
-    for name in previous
-        .chains
-        .keys()
-        .filter(|n| !next.chains.contains_key(*n))
-    {
-        let _ = writeln!(out, "delete chain inet {TABLE} {name}");
-        d.deleted += 1;
-    }
-    for name in previous.sets.keys().filter(|n| !next.sets.contains_key(*n)) {
-        let _ = writeln!(out, "delete set inet {TABLE} {name}");
-        d.deleted += 1;
-    }
-    d.text = out;
-    d
-}
-
-fn declare_chain(out: &mut String, name: &str, chain: &NftChain) {
-    match &chain.hook {
-        Some(hook) => {
-            let _ = writeln!(out, "add chain inet {TABLE} {name} {{ {hook} }}");
-        }
-        None => {
-            let _ = writeln!(out, "add chain inet {TABLE} {name}");
-        }
-    }
-}
-
-fn declare_set(out: &mut String, name: &str, set: &NftSet) {
-    let _ = writeln!(
-        out,
-        "add {} inet {TABLE} {name} {{ {} }}",
-        set.keyword, set.spec
-    );
-}
-
-/// `key` or `key : value`.
-fn element(key: &str, value: &str) -> String {
-    if value.is_empty() {
-        key.to_owned()
-    } else {
-        format!("{key} : {value}")
-    }
-}
-
-/// `add`/`delete element` commands for `items`, in chunks.
-fn elements(out: &mut String, verb: &str, set: &str, items: &[String]) {
-    for chunk in items.chunks(ELEMENT_CHUNK) {
-        let _ = writeln!(
-            out,
-            "{verb} element inet {TABLE} {set} {{ {} }}",
-            chunk.join(", ")
-        );
     }
 }
