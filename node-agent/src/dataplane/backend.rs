@@ -1,10 +1,9 @@
 //! The data-plane backends (`--backend`), which iptables implementation the
 //! host uses, and the programs of each.
 
-use std::process::Command;
-
 use planproxy_render::Family;
 
+use super::netfilter::{self, Netfilter};
 use super::{Backend, BackendChoice, Error};
 
 /// The programs of one backend for one family.
@@ -92,10 +91,10 @@ impl std::str::FromStr for BackendChoice {
 
 impl BackendChoice {
     /// The backend to use: `iptables` detects the host's iptables variant.
-    pub fn resolve(self) -> Result<Backend, Error> {
+    pub fn resolve(self, nf: &dyn Netfilter) -> Result<Backend, Error> {
         match self {
             BackendChoice::Exactly(b) => Ok(b),
-            BackendChoice::Iptables => detect(),
+            BackendChoice::Iptables => detect(nf),
         }
     }
 }
@@ -103,8 +102,8 @@ impl BackendChoice {
 /// The backend the host's `iptables` uses. When the host's default is nf_tables
 /// but only the legacy tables hold rules (a host whose other agents still write
 /// legacy rules), legacy wins, as kube-proxy's iptables wrapper decides.
-pub(crate) fn detect() -> Result<Backend, Error> {
-    let version = output("iptables", &["--version"])?;
+pub(crate) fn detect(nf: &dyn Netfilter) -> Result<Backend, Error> {
+    let version = output(nf, "iptables", &["--version"])?;
     let default = if version.contains("nf_tables") {
         Backend::IptablesNft
     } else if version.contains("legacy") {
@@ -117,7 +116,7 @@ pub(crate) fn detect() -> Result<Backend, Error> {
     };
     if default == Backend::IptablesNft {
         let rules = |save: &str| {
-            output(save, &[])
+            output(nf, save, &[])
                 .map(|s| s.lines().filter(|l| l.starts_with("-A")).count())
                 .unwrap_or(0)
         };
@@ -131,27 +130,21 @@ pub(crate) fn detect() -> Result<Backend, Error> {
 /// Whether `family` can be programmed with `backend` here (the program exists
 /// and the kernel has the nat table for the family). nftables' `inet` table
 /// serves both families.
-pub(crate) fn supports(backend: Backend, family: Family) -> bool {
-    if backend == Backend::Nftables {
-        return Command::new("nft")
-            .args(["--version"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-    }
-    let programs = backend.programs(family);
-    Command::new(programs.iptables)
-        .args(["--wait=5", "-t", "nat", "-S", "POSTROUTING"])
-        .output()
-        .is_ok_and(|o| o.status.success())
+pub(crate) fn supports(nf: &dyn Netfilter, backend: Backend, family: Family) -> bool {
+    let ran = if backend == Backend::Nftables {
+        nf.run("nft", &["--version"], None)
+    } else {
+        let programs = backend.programs(family);
+        nf.run(
+            programs.iptables,
+            &["--wait=5", "-t", "nat", "-S", "POSTROUTING"],
+            None,
+        )
+    };
+    ran.is_ok_and(|r| r.success)
 }
 
-fn output(program: &str, args: &[&str]) -> Result<String, Error> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|source| Error::Spawn {
-            program: program.to_owned(),
-            source,
-        })?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+/// What `program args…` printed on standard output, whatever its exit status.
+fn output(nf: &dyn Netfilter, program: &str, args: &[&str]) -> Result<String, Error> {
+    Ok(netfilter::run(nf, program, args, None)?.stdout)
 }

@@ -11,13 +11,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
-use std::process::Command;
 
 use planproxy_crds::v1alpha1::Protocol;
 use planproxy_render::Family;
 use planproxy_render::model::{ServicePort, Settings};
 
 use super::Error;
+use super::netfilter::{self, Netfilter};
 
 /// What the UDP flows of one family may point at.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -162,6 +162,7 @@ fn family_flag(family: Family) -> &'static str {
 /// Lists the family's UDP flows and deletes the stale ones; returns how many
 /// were deleted.
 pub(crate) fn reconcile(
+    nf: &dyn Netfilter,
     family: Family,
     targets: &UdpTargets,
     gone: &BTreeSet<SocketAddr>,
@@ -170,36 +171,42 @@ pub(crate) fn reconcile(
         return Ok(0);
     }
     let args = ["-L", "-p", "udp", "-f", family_flag(family)];
-    let out = Command::new("conntrack")
-        .args(args)
-        .output()
-        .map_err(|source| Error::Spawn {
-            program: "conntrack".into(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(Error::Command {
-            command: format!("conntrack {}", args.join(" ")),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    let flows = parse_flows(&String::from_utf8_lossy(&out.stdout));
+    let flows = parse_flows(&netfilter::output(nf, "conntrack", &args)?);
     let mut deleted = 0;
     for flow in stale(&flows, targets, gone) {
-        let status = Command::new("conntrack")
-            .args(["-D", "-p", "udp", "-f", family_flag(family)])
-            .args(["--orig-src", &flow.orig_src.ip().to_string()])
-            .args(["--orig-dst", &flow.orig_dst.ip().to_string()])
-            .args(["--sport", &flow.orig_src.port().to_string()])
-            .args(["--dport", &flow.orig_dst.port().to_string()])
-            .args(["--reply-src", &flow.reply_src.ip().to_string()])
-            .output()
-            .map_err(|source| Error::Spawn {
-                program: "conntrack".into(),
-                source,
-            })?;
+        let (src, dst) = (
+            flow.orig_src.ip().to_string(),
+            flow.orig_dst.ip().to_string(),
+        );
+        let (sport, dport) = (
+            flow.orig_src.port().to_string(),
+            flow.orig_dst.port().to_string(),
+        );
+        let reply = flow.reply_src.ip().to_string();
+        let ran = netfilter::run(
+            nf,
+            "conntrack",
+            &[
+                "-D",
+                "-p",
+                "udp",
+                "-f",
+                family_flag(family),
+                "--orig-src",
+                &src,
+                "--orig-dst",
+                &dst,
+                "--sport",
+                &sport,
+                "--dport",
+                &dport,
+                "--reply-src",
+                &reply,
+            ],
+            None,
+        )?;
         // Exit status 1 means the flow expired meanwhile: nothing to do.
-        if status.status.success() {
+        if ran.success {
             deleted += 1;
         }
     }

@@ -1,13 +1,12 @@
 //! Running iptables-restore and iptables-save.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use planproxy_render::{Family, RestoreInput, Table};
 
 use super::backend::Programs;
+use super::netfilter::{self, Netfilter};
 use super::{Backend, Error};
 
 /// Where the legacy backend's xtables lock lives (iptables' own default and override).
@@ -70,16 +69,15 @@ fn wait_for_lock_file(path: &std::path::Path, limit: Duration) -> Duration {
 /// none of it; on failure the error names the line iptables-restore complained
 /// about and its text.
 pub(crate) fn restore(
+    nf: &dyn Netfilter,
     programs: &Programs,
     family: Family,
     table: Table,
     input: &RestoreInput,
 ) -> Result<(), Error> {
-    let mut command = Command::new(programs.restore);
-    command
-        .arg(format!("--wait={}", XTABLES_LOCK_WAIT.as_secs()))
-        .arg("--noflush");
-    feed(command, programs.restore, &input.text, failed_line)?.map_err(|refused| Error::Restore {
+    let wait = format!("--wait={}", XTABLES_LOCK_WAIT.as_secs());
+    let args = [wait.as_str(), "--noflush"];
+    feed(nf, programs.restore, &args, &input.text, failed_line)?.map_err(|refused| Error::Restore {
         family,
         table,
         line: refused.line,
@@ -88,48 +86,34 @@ pub(crate) fn restore(
     })
 }
 
-/// Why a program reading a whole input on stdin refused it.
+/// Why a program refused its input: what it printed, and the input line it
+/// named, with that line's text.
 pub(crate) struct Refused {
     pub(crate) stderr: String,
-    /// The input line it complained about (1-based), and that line's text.
     pub(crate) line: Option<usize>,
     pub(crate) statement: Option<String>,
 }
 
-/// Runs `command` with `input` on stdin (iptables-restore, `nft -f -`): Ok(Ok)
-/// when it succeeded, Ok(Err) with the line `failed_line` finds in its
-/// complaint when it refused the input, Err when it could not run at all.
+/// Runs `program args…` with `input` on its standard input (iptables-restore
+/// and `nft -f -` alike); `Ok(Err(_))` when it refused the input, with the line
+/// `failed_line` finds in its complaint.
 pub(crate) fn feed(
-    mut command: Command,
+    nf: &dyn Netfilter,
     program: &str,
+    args: &[&str],
     input: &str,
     failed_line: fn(&str) -> Option<usize>,
 ) -> Result<Result<(), Refused>, Error> {
-    let spawn_error = |source| Error::Spawn {
-        program: program.to_owned(),
-        source,
-    };
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(spawn_error)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        // A write error means the program exited early; its status says why.
-        let _ = stdin.write_all(input.as_bytes());
-    }
-    let out = child.wait_with_output().map_err(spawn_error)?;
-    if out.status.success() {
+    let ran = netfilter::run(nf, program, args, Some(input))?;
+    if ran.success {
         return Ok(Ok(()));
     }
-    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-    let line = failed_line(&stderr);
+    let line = failed_line(&ran.stderr);
     let statement = line
         .and_then(|l| input.lines().nth(l.checked_sub(1)?))
         .map(str::to_owned);
     Ok(Err(Refused {
-        stderr,
+        stderr: ran.stderr,
         line,
         statement,
     }))
@@ -151,21 +135,8 @@ pub(crate) fn failed_line(stderr: &str) -> Option<usize> {
 }
 
 /// `iptables-save -t <table>`.
-pub(crate) fn save(programs: &Programs, table: Table) -> Result<String, Error> {
-    let out = Command::new(programs.save)
-        .args(["-t", table.as_str()])
-        .output()
-        .map_err(|source| Error::Spawn {
-            program: programs.save.to_owned(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(Error::Command {
-            command: format!("{} -t {table}", programs.save),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+pub(crate) fn save(nf: &dyn Netfilter, programs: &Programs, table: Table) -> Result<String, Error> {
+    netfilter::output(nf, programs.save, &["-t", table.as_str()])
 }
 
 /// The chains of an iptables-save dump with their rule counts.

@@ -12,6 +12,7 @@
 mod backend;
 mod conntrack;
 mod exec;
+mod netfilter;
 mod nft;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,7 +20,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use iptables::IPTables;
 use planproxy_crds::ProxyPlanSpec;
 use planproxy_crds::v1alpha1::ProgrammedSummary;
 use planproxy_render::hash::CHAIN_PREFIX;
@@ -29,7 +29,10 @@ use planproxy_render::{
     restore_full, restore_incremental,
 };
 
+pub use netfilter::{Netfilter, Ran, System};
 pub use planproxy_render::Family;
+
+use netfilter::Iptables;
 
 /// How the node's rules are written: one type for the CLI and the runtime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -199,18 +202,20 @@ pub struct DataPlane {
     udp_frontends: BTreeMap<Family, BTreeSet<SocketAddr>>,
     /// Lock wait spent outside a sync (at start), added to the next report.
     unreported_lock_wait: Duration,
+    /// Where every netfilter program runs.
+    nf: Arc<dyn Netfilter>,
 }
 
 /// `nft list table inet planproxy` (for `explain`).
 pub fn nft_table_text() -> Result<String, String> {
-    let out = std::process::Command::new("nft")
-        .args(["list", "table", "inet", planproxy_render::nft::TABLE])
-        .output()
-        .map_err(|e| format!("cannot run nft: {e}"))?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+    match nft::table_text(&System) {
+        Ok(Some(text)) => Ok(text),
+        Ok(None) => Err(format!(
+            "there is no table inet {}",
+            planproxy_render::nft::TABLE
+        )),
+        Err(e) => Err(e.to_string()),
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The rules a backend last programmed.
@@ -229,14 +234,19 @@ const CANARY_RULE: &str = "-m comment --comment \"planproxy canary\" -j RETURN";
 impl DataPlane {
     /// Detects the backend and the families the kernel supports; touches no rule.
     pub fn new(config: DataPlaneConfig) -> Result<Self, Error> {
-        let backend = config.backend.resolve()?;
+        Self::with_netfilter(config, Arc::new(System))
+    }
+
+    /// [`DataPlane::new`], running netfilter programs through `nf`.
+    pub fn with_netfilter(config: DataPlaneConfig, nf: Arc<dyn Netfilter>) -> Result<Self, Error> {
+        let backend = config.backend.resolve(&*nf)?;
         // The support checks below take the xtables lock too; that wait is
         // reported with the first sync.
         let lock_wait = exec::wait_for_xtables_lock(backend);
         let families: Vec<Family> = if config.families.is_empty() {
             Family::ALL
                 .into_iter()
-                .filter(|f| backend::supports(backend, *f))
+                .filter(|f| backend::supports(&*nf, backend, *f))
                 .collect()
         } else {
             config.families.clone()
@@ -254,6 +264,7 @@ impl DataPlane {
             applied: None,
             udp_frontends: BTreeMap::new(),
             unreported_lock_wait: lock_wait,
+            nf,
         })
     }
 
@@ -302,12 +313,10 @@ impl DataPlane {
         out
     }
 
-    fn iptables(&self, family: Family) -> IPTables {
-        IPTables {
-            cmd: self.backend.programs(family).iptables,
-            has_check: true,
-            has_wait: true,
-            is_numeric: true,
+    fn iptables(&self, family: Family) -> Iptables<'_> {
+        Iptables {
+            nf: &*self.nf,
+            program: self.backend.programs(family).iptables,
         }
     }
 
@@ -420,7 +429,7 @@ impl DataPlane {
                 let input = match previous.and_then(|p| p.families.get(&family)) {
                     Some(prev) => restore_incremental(table, prev.table(table), next_table),
                     None => {
-                        let dump = exec::save(&programs, table)?;
+                        let dump = exec::save(&*self.nf, &programs, table)?;
                         let stale: Vec<String> =
                             exec::chain_rule_counts(&dump).into_keys().collect();
                         restore_full(table, next_table, &stale)
@@ -430,7 +439,7 @@ impl DataPlane {
                     continue;
                 }
                 report.lock_wait += exec::wait_for_xtables_lock(self.backend);
-                exec::restore(&programs, family, table, &input)?;
+                exec::restore(&*self.nf, &programs, family, table, &input)?;
                 report.rules_written += input.rules_written;
                 report.chains_written += input.chains_written;
                 report.chains_deleted += input.chains_deleted;
@@ -469,7 +478,7 @@ impl DataPlane {
             }
         };
         if !text.is_empty() {
-            nft::transaction(&text)?;
+            nft::transaction(&*self.nf, &text)?;
         }
         Ok(program)
     }
@@ -478,7 +487,7 @@ impl DataPlane {
     /// switching backends). Failures are logged: the new rules are in place.
     fn remove_other_backends(&self) {
         let result = if self.backend.is_iptables() {
-            nft::delete_table().map(|deleted| {
+            nft::delete_table(&*self.nf).map(|deleted| {
                 if deleted {
                     tracing::info!("removed the nftables table of a previous backend");
                 }
@@ -486,7 +495,9 @@ impl DataPlane {
         } else {
             [Backend::IptablesNft, Backend::IptablesLegacy]
                 .into_iter()
-                .try_for_each(|b| cleanup_iptables(b, &self.supported_iptables_families(b)))
+                .try_for_each(|b| {
+                    cleanup_iptables(&*self.nf, b, &self.supported_iptables_families(b))
+                })
         };
         if let Err(error) = result {
             tracing::warn!(%error, "failed to remove the rules of another backend");
@@ -496,7 +507,7 @@ impl DataPlane {
     fn supported_iptables_families(&self, backend: Backend) -> Vec<Family> {
         Family::ALL
             .into_iter()
-            .filter(|f| backend::supports(backend, *f))
+            .filter(|f| backend::supports(&*self.nf, backend, *f))
             .collect()
     }
 
@@ -515,7 +526,7 @@ impl DataPlane {
                 .insert(family, now.clone())
                 .unwrap_or_default();
             let gone: BTreeSet<SocketAddr> = before.difference(&now).copied().collect();
-            match conntrack::reconcile(family, &targets, &gone) {
+            match conntrack::reconcile(&*self.nf, family, &targets, &gone) {
                 Ok(n) => report.conntrack_entries_deleted += n,
                 // The rules are in place; stale flows are retried next sync.
                 Err(e) => tracing::warn!(%family, error = %e, "stale UDP conntrack cleanup failed"),
@@ -530,41 +541,15 @@ impl DataPlane {
         for table in Table::ALL {
             let t = table.as_str();
             for chain in chains::fixed(table).iter().chain([&chains::CANARY]) {
-                if let Err(e) = ipt.new_chain(t, chain) {
-                    let message = e.to_string();
-                    if !message.contains("exists") {
-                        return Err(command_error(&ipt, format!("-t {t} -N {chain}"), message));
-                    }
-                }
+                ipt.ensure_chain(t, chain)?;
             }
-            if !ipt.exists(t, chains::CANARY, CANARY_RULE).map_err(|e| {
-                command_error(&ipt, format!("-t {t} -C {}", chains::CANARY), e.to_string())
-            })? {
-                ipt.append(t, chains::CANARY, CANARY_RULE).map_err(|e| {
-                    command_error(
-                        &ipt,
-                        format!("-t {t} -A {} {CANARY_RULE}", chains::CANARY),
-                        e.to_string(),
-                    )
-                })?;
+            if !ipt.exists(t, chains::CANARY, CANARY_RULE)? {
+                ipt.append(t, chains::CANARY, CANARY_RULE)?;
             }
             // Inserting at the top in reverse order leaves the jumps in list order.
             for jump in rules.table(table).jumps.iter().rev() {
-                let present = ipt.exists(t, jump.builtin, &jump.spec).map_err(|e| {
-                    command_error(
-                        &ipt,
-                        format!("-t {t} -C {} {}", jump.builtin, jump.spec),
-                        e.to_string(),
-                    )
-                })?;
-                if !present {
-                    ipt.insert(t, jump.builtin, &jump.spec, 1).map_err(|e| {
-                        command_error(
-                            &ipt,
-                            format!("-t {t} -I {} 1 {}", jump.builtin, jump.spec),
-                            e.to_string(),
-                        )
-                    })?;
+                if !ipt.exists(t, jump.builtin, &jump.spec)? {
+                    ipt.insert_first(t, jump.builtin, &jump.spec)?;
                 }
             }
         }
@@ -576,7 +561,7 @@ impl DataPlane {
     pub fn drift_detected(&self) -> Result<bool, Error> {
         if !self.backend.is_iptables() {
             // A flushed table empties this base chain; a deleted one loses it.
-            let intact = nft::list_chain("nat-prerouting")?
+            let intact = nft::list_chain(&*self.nf, "nat-prerouting")?
                 .is_some_and(|l| l.chains.values().any(|rules| !rules.is_empty()));
             if !intact {
                 tracing::info!("planproxy's nftables table was flushed or deleted");
@@ -584,17 +569,10 @@ impl DataPlane {
             return Ok(!intact);
         }
         for family in &self.families {
-            let programs = self.backend.programs(*family);
+            let ipt = self.iptables(*family);
             for table in Table::ALL {
-                let out = std::process::Command::new(programs.iptables)
-                    .args(["--wait=5", "-t", table.as_str(), "-S", chains::CANARY])
-                    .output()
-                    .map_err(|source| Error::Spawn {
-                        program: programs.iptables.to_owned(),
-                        source,
-                    })?;
-                let listing = String::from_utf8_lossy(&out.stdout);
-                if !out.status.success() || !listing.lines().any(|l| l.starts_with("-A ")) {
+                let listing = ipt.list(table.as_str(), chains::CANARY)?;
+                if !listing.is_some_and(|l| l.lines().any(|l| l.starts_with("-A "))) {
                     tracing::info!(%family, %table, "canary gone: planproxy's chains were flushed");
                     return Ok(true);
                 }
@@ -608,14 +586,16 @@ impl DataPlane {
     pub fn verify(&self) -> Result<(), Error> {
         let applied = match &self.applied {
             None => return Err(Error::NotSynced),
-            Some(AppliedRules::Nftables(program)) => return verify_nftables(program.table()),
+            Some(AppliedRules::Nftables(program)) => {
+                return verify_nftables(&*self.nf, program.table());
+            }
             Some(AppliedRules::Iptables(rule_set)) => rule_set,
         };
         for (family, rules) in &applied.families {
             let programs = self.backend.programs(*family);
             let ipt = self.iptables(*family);
             for table in Table::ALL {
-                let counts = exec::chain_rule_counts(&exec::save(&programs, table)?);
+                let counts = exec::chain_rule_counts(&exec::save(&*self.nf, &programs, table)?);
                 let expected = rules.table(table);
                 for (name, chain) in &expected.chains {
                     let found = counts.get(name).copied();
@@ -665,9 +645,9 @@ impl DataPlane {
             } else {
                 self.supported_iptables_families(backend)
             };
-            cleanup_iptables(backend, &families)?;
+            cleanup_iptables(&*self.nf, backend, &families)?;
         }
-        if nft::delete_table()? {
+        if nft::delete_table(&*self.nf)? {
             tracing::info!("planproxy's nftables table removed");
         }
         Ok(())
@@ -676,13 +656,13 @@ impl DataPlane {
 
 /// Checks that our table holds every chain with its number of rules and every
 /// set with its elements (dynamic sets excepted: the kernel fills them).
-fn verify_nftables(table: &NftTable) -> Result<(), Error> {
+fn verify_nftables(nf: &dyn Netfilter, table: &NftTable) -> Result<(), Error> {
     let bad = |detail: String| Error::Verify {
         family: Family::V4,
         table: Table::Nat,
         detail: format!("nftables table {}: {detail}", planproxy_render::nft::TABLE),
     };
-    let listing = nft::list_table()?.ok_or_else(|| bad("missing".to_owned()))?;
+    let listing = nft::list_table(nf)?.ok_or_else(|| bad("missing".to_owned()))?;
     for (name, chain) in table.chains() {
         match listing.chains.get(name) {
             None => return Err(bad(format!("chain {name} is missing"))),
@@ -708,24 +688,24 @@ fn verify_nftables(table: &NftTable) -> Result<(), Error> {
 }
 
 /// Removes the jumps and `PPX-` chains of one iptables backend.
-fn cleanup_iptables(backend: Backend, families: &[Family]) -> Result<(), Error> {
+fn cleanup_iptables(
+    nf: &dyn Netfilter,
+    backend: Backend,
+    families: &[Family],
+) -> Result<(), Error> {
     for family in families {
         let programs = backend.programs(*family);
-        let ipt = IPTables {
-            cmd: programs.iptables,
-            has_check: true,
-            has_wait: true,
-            is_numeric: true,
+        let ipt = Iptables {
+            nf,
+            program: programs.iptables,
         };
         for table in Table::ALL {
             let t = table.as_str();
-            let dump = exec::save(&programs, table)?;
+            let dump = exec::save(nf, &programs, table)?;
             for rule in dump.lines().filter_map(|l| l.strip_prefix("-A ")) {
                 let (chain, spec) = rule.split_once(' ').unwrap_or((rule, ""));
                 if !chain.starts_with(CHAIN_PREFIX) && is_our_jump(table, spec) {
-                    ipt.delete(t, chain, spec).map_err(|e| {
-                        command_error(&ipt, format!("-t {t} -D {chain} {spec}"), e.to_string())
-                    })?;
+                    ipt.delete(t, chain, spec)?;
                 }
             }
             let ours: Vec<String> = exec::chain_rule_counts(&dump)
@@ -748,7 +728,7 @@ fn cleanup_iptables(backend: Backend, families: &[Family]) -> Result<(), Error> 
                 chains_deleted: ours.len(),
                 ..Default::default()
             };
-            exec::restore(&programs, *family, table, &input)?;
+            exec::restore(nf, &programs, *family, table, &input)?;
             tracing::info!(%backend, %family, %table, chains = ours.len(), "planproxy chains removed");
         }
     }
@@ -763,9 +743,154 @@ fn is_our_jump(table: Table, spec: &str) -> bool {
         && spec.contains("--comment \"planproxy ")
 }
 
-fn command_error(ipt: &IPTables, args: String, stderr: String) -> Error {
-    Error::Command {
-        command: format!("{} {args}", ipt.cmd),
-        stderr,
+#[cfg(test)]
+mod tests {
+    //! The data plane's decisions about what to run, against a scripted kernel.
+
+    use planproxy_crds::testing::{mk_endpoint, mk_plan, mk_service_port, mk_settings};
+
+    use super::netfilter::fake::{Call, FakeNetfilter};
+    use super::*;
+
+    fn data_plane(backend: Backend, nf: &Arc<FakeNetfilter>) -> DataPlane {
+        let config = DataPlaneConfig {
+            backend: BackendChoice::Exactly(backend),
+            families: vec![Family::V4],
+            ..Default::default()
+        };
+        DataPlane::with_netfilter(config, nf.clone()).expect("the fake supports every backend")
+    }
+
+    /// `default/web` on 10.96.0.10:80 reaching `endpoints` on port 8080.
+    fn web(endpoints: &[&str]) -> Vec<Arc<ProxyPlanSpec>> {
+        let port = mk_service_port(
+            "default",
+            "web",
+            &["10.96.0.10"],
+            endpoints.iter().map(|ip| mk_endpoint(ip, 8080)).collect(),
+        );
+        vec![Arc::new(mk_plan(
+            "n1",
+            mk_settings(&["10.244.0.0/16"]),
+            vec![port],
+        ))]
+    }
+
+    /// What was fed to `nft -f -`, one entry per transaction.
+    fn nft_transactions(calls: &[Call]) -> Vec<String> {
+        calls
+            .iter()
+            .filter(|c| c.program == "nft" && c.args == ["-f", "-"])
+            .filter_map(|c| c.stdin.clone())
+            .collect()
+    }
+
+    #[test]
+    fn an_nftables_sync_after_one_endpoint_change_writes_only_that_endpoint() {
+        let nf = Arc::new(FakeNetfilter::default());
+        let mut dp = data_plane(Backend::Nftables, &nf);
+        dp.sync(&web(&["10.244.1.5", "10.244.1.6"]), false)
+            .expect("the first sync");
+        let first = nft_transactions(&nf.calls());
+        assert_eq!(first.len(), 1, "one transaction builds the table");
+        assert!(first[0].contains("delete table inet planproxy"));
+        nf.clear();
+
+        let report = dp
+            .sync(&web(&["10.244.1.5", "10.244.1.7"]), false)
+            .expect("the second sync");
+        assert!(!report.full);
+        let second = nft_transactions(&nf.calls());
+        assert_eq!(second.len(), 1);
+        let lines: Vec<&str> = second[0].lines().collect();
+        assert_eq!(
+            lines.len(),
+            2,
+            "the old endpoint out, the new one in: {lines:?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .all(|l| l.contains("element inet planproxy endpoints4-tcp"))
+        );
+        assert!(lines[1].contains("10.244.1.7 . 8080"));
+    }
+
+    #[test]
+    fn a_refused_nftables_transaction_is_reported_with_its_statement_and_rebuilt_next_time() {
+        let nf = Arc::new(FakeNetfilter::default());
+        let mut dp = data_plane(Backend::Nftables, &nf);
+        dp.sync(&web(&["10.244.1.5"]), false)
+            .expect("the first sync");
+        nf.reply(|call| {
+            let refused = call
+                .stdin
+                .as_deref()?
+                .lines()
+                .position(|l| l.contains("10.244.1.9"))?;
+            Some(Ran {
+                success: false,
+                code: Some(1),
+                stdout: String::new(),
+                stderr: format!(
+                    "/dev/stdin:{}:1-20: Error: Could not process rule",
+                    refused + 1
+                ),
+            })
+        });
+        let err = dp
+            .sync(&web(&["10.244.1.9"]), false)
+            .expect_err("nft refuses the change");
+        match &err {
+            Error::Transaction { statement, .. } => assert!(
+                statement
+                    .as_deref()
+                    .is_some_and(|s| s.contains("10.244.1.9")),
+                "the refused statement is quoted: {err}"
+            ),
+            other => panic!("expected a refused transaction, got {other}"),
+        }
+        nf.clear();
+        let report = dp.sync(&web(&["10.244.1.5"]), false).expect("the retry");
+        assert!(report.full, "after a failure the table is rebuilt");
+        assert!(nft_transactions(&nf.calls())[0].contains("delete table inet planproxy"));
+    }
+
+    #[test]
+    fn a_full_iptables_sync_inserts_only_the_jumps_that_are_missing() {
+        let nf = Arc::new(FakeNetfilter::default());
+        // The kernel has every jump but the one from nat PREROUTING.
+        nf.reply(|call| {
+            let check = call.args.iter().any(|a| a == "-C");
+            let prerouting = call.args.iter().any(|a| a == "PREROUTING");
+            let nat = call.args.windows(2).any(|w| w[0] == "-t" && w[1] == "nat");
+            (check && prerouting && nat).then(|| Ran {
+                success: false,
+                code: Some(1),
+                ..Default::default()
+            })
+        });
+        let mut dp = data_plane(Backend::IptablesNft, &nf);
+        dp.sync(&web(&["10.244.1.5"]), false).expect("the sync");
+        let calls = nf.calls();
+        let inserted: Vec<String> = calls
+            .iter()
+            .filter(|c| c.args.iter().any(|a| a == "-I"))
+            .map(Call::line)
+            .collect();
+        assert!(!inserted.is_empty(), "the missing jump is inserted");
+        assert!(
+            inserted
+                .iter()
+                .all(|l| l.contains("-t nat -I PREROUTING 1")),
+            "only the missing jump: {inserted:?}"
+        );
+        assert!(
+            calls
+                .iter()
+                .any(|c| c.program == "iptables-nft-restore"
+                    && c.args.iter().any(|a| a == "--noflush")),
+            "the chains go in with one restore"
+        );
     }
 }

@@ -2,21 +2,21 @@
 //! drift detection, cleanup and the tests).
 
 use std::collections::BTreeMap;
-use std::process::Command;
 
 use planproxy_render::nft::TABLE;
 
 use super::Error;
+use super::netfilter::{self, Netfilter};
 
 /// Feeds `text` to `nft -f -` as one transaction: the kernel applies all of it
 /// or none of it. On failure the error names the statement nft refused.
-pub(crate) fn transaction(text: &str) -> Result<(), Error> {
-    let mut command = Command::new("nft");
-    command.args(["-f", "-"]);
-    super::exec::feed(command, "nft", text, failed_line)?.map_err(|refused| Error::Transaction {
-        line: refused.line,
-        statement: refused.statement,
-        stderr: refused.stderr,
+pub(crate) fn transaction(nf: &dyn Netfilter, text: &str) -> Result<(), Error> {
+    super::exec::feed(nf, "nft", &["-f", "-"], text, failed_line)?.map_err(|refused| {
+        Error::Transaction {
+            line: refused.line,
+            statement: refused.statement,
+            stderr: refused.stderr,
+        }
     })
 }
 
@@ -32,47 +32,45 @@ pub(crate) fn failed_line(stderr: &str) -> Option<usize> {
 
 /// `nft <args>`, its standard output when it succeeds, `None` when the object
 /// does not exist.
-fn list(args: &[&str]) -> Result<Option<String>, Error> {
-    let out = Command::new("nft")
-        .args(args)
-        .output()
-        .map_err(|source| Error::Spawn {
-            program: "nft".to_owned(),
-            source,
-        })?;
-    if out.status.success() {
-        return Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()));
+fn list(nf: &dyn Netfilter, args: &[&str]) -> Result<Option<String>, Error> {
+    let ran = netfilter::run(nf, "nft", args, None)?;
+    if ran.success {
+        return Ok(Some(ran.stdout));
     }
-    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-    if stderr.contains("No such file or directory") {
+    if ran.stderr.contains("No such file or directory") {
         return Ok(None);
     }
     Err(Error::Command {
         command: format!("nft {}", args.join(" ")),
-        stderr,
+        stderr: ran.stderr,
     })
 }
 
 /// Our table as the kernel holds it; `None` when it does not exist.
-pub(crate) fn list_table() -> Result<Option<Listing>, Error> {
-    Ok(list(&["list", "table", "inet", TABLE])?.map(|t| parse_listing(&t)))
+pub(crate) fn list_table(nf: &dyn Netfilter) -> Result<Option<Listing>, Error> {
+    Ok(table_text(nf)?.map(|t| parse_listing(&t)))
+}
+
+/// `nft list table inet planproxy` as printed; `None` when there is none.
+pub(crate) fn table_text(nf: &dyn Netfilter) -> Result<Option<String>, Error> {
+    list(nf, &["list", "table", "inet", TABLE])
 }
 
 /// One chain of our table; `None` when it (or the table) does not exist.
-pub(crate) fn list_chain(chain: &str) -> Result<Option<Listing>, Error> {
-    Ok(list(&["list", "chain", "inet", TABLE, chain])?.map(|t| parse_listing(&t)))
+pub(crate) fn list_chain(nf: &dyn Netfilter, chain: &str) -> Result<Option<Listing>, Error> {
+    Ok(list(nf, &["list", "chain", "inet", TABLE, chain])?.map(|t| parse_listing(&t)))
 }
 
 /// Deletes our table; false when there was none.
-pub(crate) fn delete_table() -> Result<bool, Error> {
-    let tables = list(&["list", "tables"])?.unwrap_or_default();
+pub(crate) fn delete_table(nf: &dyn Netfilter) -> Result<bool, Error> {
+    let tables = list(nf, &["list", "tables"])?.unwrap_or_default();
     if !tables
         .lines()
         .any(|l| l.trim() == format!("table inet {TABLE}"))
     {
         return Ok(false);
     }
-    transaction(&format!("delete table inet {TABLE}\n"))?;
+    transaction(nf, &format!("delete table inet {TABLE}\n"))?;
     Ok(true)
 }
 

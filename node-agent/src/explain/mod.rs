@@ -17,6 +17,7 @@ use planproxy_crds::v1alpha1::{EndpointSelection, EndpointSet, ServicePortPlan, 
 use planproxy_crds::{ProxyPlan, ProxyPlanSpec};
 use planproxy_render::{Family, Layout, RenderOptions, Table};
 
+use crate::dataplane::{Netfilter as _, System};
 use crate::run::plan_set::assemble;
 
 /// The flags of `planproxy-agent explain`.
@@ -142,14 +143,11 @@ pub fn read_kernel() -> (KernelRules, Vec<String>) {
         (Family::V4, "iptables-save"),
         (Family::V6, "ip6tables-save"),
     ] {
-        match std::process::Command::new(program).arg("-c").output() {
-            Ok(output) if output.status.success() => {
-                rules.insert(family, parse_save(&String::from_utf8_lossy(&output.stdout)));
+        match System.run(program, &["-c"], None) {
+            Ok(ran) if ran.success => {
+                rules.insert(family, parse_save(&ran.stdout));
             }
-            Ok(output) => problems.push(format!(
-                "{program} -c failed: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            )),
+            Ok(ran) => problems.push(format!("{program} -c failed: {}", ran.stderr)),
             Err(error) => problems.push(format!("cannot run {program}: {error}")),
         }
     }
