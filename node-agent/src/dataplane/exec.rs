@@ -141,17 +141,10 @@ pub(crate) fn save(nf: &dyn Netfilter, programs: &Programs, table: Table) -> Res
 
 /// The chains of an iptables-save dump with their rule counts.
 pub(crate) fn chain_rule_counts(dump: &str) -> BTreeMap<String, usize> {
-    let mut chains = BTreeMap::new();
-    for line in dump.lines() {
-        if let Some(decl) = line.strip_prefix(':') {
-            let name = decl.split(' ').next().unwrap_or_default();
-            chains.entry(name.to_owned()).or_insert(0);
-        } else if let Some(rule) = line.strip_prefix("-A ") {
-            let name = rule.split(' ').next().unwrap_or_default();
-            *chains.entry(name.to_owned()).or_insert(0) += 1;
-        }
-    }
-    chains
+    super::parse::chains_of(dump)
+        .into_iter()
+        .map(|(chain, rules)| (chain, rules.len()))
+        .collect()
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ mod conntrack;
 mod exec;
 mod netfilter;
 mod nft;
+pub mod parse;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -572,7 +573,8 @@ impl DataPlane {
             let ipt = self.iptables(*family);
             for table in Table::ALL {
                 let listing = ipt.list(table.as_str(), chains::CANARY)?;
-                if !listing.is_some_and(|l| l.lines().any(|l| l.starts_with("-A "))) {
+                let canary = listing.map(|l| parse::chains_of(&l));
+                if canary.is_none_or(|c| c.get(chains::CANARY).is_none_or(Vec::is_empty)) {
                     tracing::info!(%family, %table, "canary gone: planproxy's chains were flushed");
                     return Ok(true);
                 }
@@ -677,7 +679,7 @@ fn verify_nftables(nf: &dyn Netfilter, table: &NftTable) -> Result<(), Error> {
         }
     }
     for (name, _, count) in table.sets().filter(|(_, d, _)| !d.dynamic) {
-        let found = listing.sets.get(name).copied();
+        let found = listing.sets.get(name).map(Vec::len);
         if found != Some(count) {
             return Err(bad(format!(
                 "set {name} has {found:?} elements, expected {count}"
@@ -701,14 +703,13 @@ fn cleanup_iptables(
         };
         for table in Table::ALL {
             let t = table.as_str();
-            let dump = exec::save(nf, &programs, table)?;
-            for rule in dump.lines().filter_map(|l| l.strip_prefix("-A ")) {
-                let (chain, spec) = rule.split_once(' ').unwrap_or((rule, ""));
-                if !chain.starts_with(CHAIN_PREFIX) && is_our_jump(table, spec) {
-                    ipt.delete(t, chain, spec)?;
+            let saved = parse::chains_of(&exec::save(nf, &programs, table)?);
+            for (chain, rules) in saved.iter().filter(|(c, _)| !c.starts_with(CHAIN_PREFIX)) {
+                for rule in rules.iter().filter(|r| is_our_jump(table, &r.rule)) {
+                    ipt.delete(t, chain, &rule.rule)?;
                 }
             }
-            let ours: Vec<String> = exec::chain_rule_counts(&dump)
+            let ours: Vec<String> = saved
                 .into_keys()
                 .filter(|c| c.starts_with(CHAIN_PREFIX))
                 .collect();

@@ -17,6 +17,7 @@ use planproxy_crds::v1alpha1::{EndpointSelection, EndpointSet, ServicePortPlan, 
 use planproxy_crds::{ProxyPlan, ProxyPlanSpec};
 use planproxy_render::{Family, Layout, RenderOptions, Table};
 
+pub use crate::dataplane::parse::{CountedRule, parse_save};
 use crate::dataplane::{Netfilter as _, System};
 use crate::run::plan_set::assemble;
 
@@ -84,56 +85,6 @@ pub enum Error {
 /// Rules the kernel holds: family → table → chain → (packets, bytes, rule).
 pub type KernelRules = BTreeMap<Family, BTreeMap<String, BTreeMap<String, Vec<CountedRule>>>>;
 
-/// One rule of an `iptables-save -c` dump.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CountedRule {
-    /// Packets matched.
-    pub packets: u64,
-    /// Bytes matched.
-    pub bytes: u64,
-    /// The rule, as it follows `-A <chain> `.
-    pub rule: String,
-}
-
-/// Parses an `iptables-save -c` dump (every table in it).
-pub fn parse_save(dump: &str) -> BTreeMap<String, BTreeMap<String, Vec<CountedRule>>> {
-    let mut tables: BTreeMap<String, BTreeMap<String, Vec<CountedRule>>> = BTreeMap::new();
-    let mut table = String::new();
-    for line in dump.lines() {
-        if let Some(name) = line.strip_prefix('*') {
-            table = name.trim().to_owned();
-            tables.entry(table.clone()).or_default();
-        } else if let Some(chain) = line.strip_prefix(':') {
-            let name = chain.split_whitespace().next().unwrap_or_default();
-            tables
-                .entry(table.clone())
-                .or_default()
-                .entry(name.to_owned())
-                .or_default();
-        } else if let Some(rest) = line.strip_prefix('[') {
-            let Some((counters, rule)) = rest.split_once(']') else {
-                continue;
-            };
-            let (packets, bytes) = counters.split_once(':').unwrap_or(("0", "0"));
-            let Some(rule) = rule.trim_start().strip_prefix("-A ") else {
-                continue;
-            };
-            let (chain, spec) = rule.split_once(' ').unwrap_or((rule, ""));
-            tables
-                .entry(table.clone())
-                .or_default()
-                .entry(chain.to_owned())
-                .or_default()
-                .push(CountedRule {
-                    packets: packets.parse().unwrap_or(0),
-                    bytes: bytes.parse().unwrap_or(0),
-                    rule: spec.to_owned(),
-                });
-        }
-    }
-    tables
-}
-
 /// Reads the kernel's rules of every family with `iptables-save -c` /
 /// `ip6tables-save -c`; a family whose tool fails is reported and left out.
 pub fn read_kernel() -> (KernelRules, Vec<String>) {
@@ -180,27 +131,22 @@ pub fn nft_objects(listing: &str, specs: &[ProxyPlanSpec], namespace: &str, name
         }
     }
     let mut out = String::from("nftables table planproxy (no per-rule counters):\n");
-    let mut in_chain = false;
-    for line in listing.lines() {
-        let trimmed = line.trim();
-        if let Some(chain) = trimmed.strip_prefix("chain ") {
-            in_chain = needles.iter().any(|n| chain.contains(n.trim_end()));
-        }
-        if in_chain {
-            let _ = writeln!(out, "  {trimmed}");
-            if trimmed == "}" {
-                in_chain = false;
+    let listing = crate::dataplane::parse::parse_listing(listing);
+    for (chain, rules) in &listing.chains {
+        if needles.iter().any(|n| chain.contains(n.trim_end())) {
+            let _ = writeln!(out, "  chain {chain} {{");
+            for rule in rules {
+                let _ = writeln!(out, "  {rule}");
             }
-            continue;
+            let _ = writeln!(out, "  }}");
         }
-        for element in trimmed.trim_start_matches("elements = {").split(", ") {
-            let element = element.trim().trim_end_matches([',', '}']).trim();
-            if needles
-                .iter()
-                .any(|n| element.contains(n.as_str()) || format!("{element} ").contains(n.as_str()))
-            {
-                let _ = writeln!(out, "  element {element}");
-            }
+    }
+    for element in listing.sets.values().flatten() {
+        if needles
+            .iter()
+            .any(|n| element.contains(n.as_str()) || format!("{element} ").contains(n.as_str()))
+        {
+            let _ = writeln!(out, "  element {element}");
         }
     }
     out
