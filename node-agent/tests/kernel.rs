@@ -670,6 +670,76 @@ fn a_failed_restore_keeps_the_old_rules_and_names_table_and_line() {
     assert!(!save.contains(&new_chain), "{save}");
 }
 
+/// One restore covers both tables of a family, and both iptables variants
+/// commit it table by table: when the kernel refuses the second part (nat),
+/// the first (filter) stays applied. The sync fails naming the table, and the
+/// next one is a full sync that rewrites both.
+fn a_refused_nat_part_leaves_the_filter_part_applied(backend: Backend) {
+    let t = topology(2, 1, 0);
+    let (n1, n2) = (t.node(1), t.node(2));
+    let ep = vec![endpoint(&n2.pods[0], 1, false)];
+    let mut old = service("old", &["10.96.0.10"], ep.clone());
+    old.node_port = Some(30091);
+    let mut dataplane = n1
+        .ns
+        .run_in(|| DataPlane::new(config(backend)))
+        .expect("the data plane starts");
+    n1.ns
+        .run_in(|| dataplane.sync(&[Arc::new(plan(n1, vec![old]))], false))
+        .expect("the first sync");
+    let chain = format!(
+        "PPX-SVC-{}",
+        planproxy_render::hash::service_port_hash("default/old", "tcp")
+    );
+    let iptables = match backend {
+        Backend::IptablesLegacy => "iptables-legacy",
+        _ => "iptables-nft",
+    };
+    n1.ns
+        .exec_ok(&[
+            iptables,
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-d",
+            "192.0.2.99/32",
+            "-j",
+            &chain,
+        ])
+        .expect("foreign jump");
+
+    // The new plan adds a filter rule (a service without endpoints is
+    // rejected) and deletes the chain the foreign rule holds on to.
+    let empty = service("empty", &["10.96.0.12"], Vec::new());
+    let next = plan(n1, vec![service("new", &["10.96.0.11"], ep), empty]);
+    let err = n1
+        .ns
+        .run_in(|| dataplane.sync(&[Arc::new(next.clone())], false))
+        .expect_err("the kernel refuses the nat part");
+    let message = err.to_string();
+    assert!(message.contains("ipv4 nat"), "{message}");
+    let save = format!("{iptables}-save");
+    let filter = n1
+        .ns
+        .exec_ok(&[&save, "-t", "filter"])
+        .expect("filter dump");
+    assert!(
+        filter.contains("default/empty"),
+        "{backend}: the filter part was committed before nat was refused\n{filter}"
+    );
+}
+
+#[test]
+fn a_refused_nat_part_leaves_the_filter_part_applied_on_iptables_legacy() {
+    a_refused_nat_part_leaves_the_filter_part_applied(Backend::IptablesLegacy);
+}
+
+#[test]
+fn a_refused_nat_part_leaves_the_filter_part_applied_on_iptables_nft() {
+    a_refused_nat_part_leaves_the_filter_part_applied(Backend::IptablesNft);
+}
+
 #[test]
 fn a_flush_of_our_chains_is_detected_and_repaired_by_a_full_sync() {
     // A firewall reload flushes the nat table.

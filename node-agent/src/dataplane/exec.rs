@@ -65,25 +65,43 @@ fn wait_for_lock_file(path: &std::path::Path, limit: Duration) -> Duration {
     start.elapsed()
 }
 
-/// Feeds `input` to `iptables-restore --wait=5 --noflush`. The kernel applies all of it or
-/// none of it; on failure the error names the line iptables-restore complained
-/// about and its text.
+/// Feeds the tables' inputs to one `iptables-restore --wait=5 --noflush`. Each
+/// table's part is applied whole or not at all; on failure the error names
+/// the table and line iptables-restore complained about and the line's text.
+/// Both variants commit table by table: the parts before a refused one stay
+/// applied (the kernel suite pins this), so the caller's next sync is full.
 pub(crate) fn restore(
     nf: &dyn Netfilter,
     programs: &Programs,
     family: Family,
-    table: Table,
-    input: &RestoreInput,
+    inputs: &[(Table, RestoreInput)],
 ) -> Result<(), Error> {
+    let text: String = inputs
+        .iter()
+        .map(|(_, input)| input.text.as_str())
+        .collect();
     let wait = format!("--wait={}", XTABLES_LOCK_WAIT.as_secs());
     let args = [wait.as_str(), "--noflush"];
-    feed(nf, programs.restore, &args, &input.text, failed_line)?.map_err(|refused| Error::Restore {
+    feed(nf, programs.restore, &args, &text, failed_line)?.map_err(|refused| Error::Restore {
         family,
-        table,
+        table: table_of_line(inputs, refused.line),
         line: refused.line,
         rule: refused.statement,
         stderr: refused.stderr,
     })
+}
+
+/// The table whose part holds input line `line` (the last one when unknown:
+/// the first parts were accepted before it).
+fn table_of_line(inputs: &[(Table, RestoreInput)], line: Option<usize>) -> Table {
+    let mut end = 0;
+    for (table, input) in inputs {
+        end += input.text.lines().count();
+        if line.is_some_and(|l| l <= end) {
+            return *table;
+        }
+    }
+    inputs.last().map_or(Table::Nat, |(table, _)| *table)
 }
 
 /// Why a program refused its input: what it printed, and the input line it
@@ -170,6 +188,21 @@ mod tests {
             failed_line("iptables-restore: unable to initialize table 'nat'"),
             None
         );
+    }
+
+    #[test]
+    fn a_refused_line_is_blamed_on_the_table_whose_part_holds_it() {
+        let part = |text: &str| RestoreInput {
+            text: text.to_owned(),
+            ..Default::default()
+        };
+        let inputs = [
+            (Table::Filter, part("*filter\n-A X -j Y\nCOMMIT\n")),
+            (Table::Nat, part("*nat\n-X PPX-A\nCOMMIT\n")),
+        ];
+        assert_eq!(table_of_line(&inputs, Some(2)), Table::Filter);
+        assert_eq!(table_of_line(&inputs, Some(5)), Table::Nat);
+        assert_eq!(table_of_line(&inputs, None), Table::Nat);
     }
 
     #[test]

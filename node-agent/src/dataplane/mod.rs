@@ -425,6 +425,7 @@ impl DataPlane {
                 report.lock_wait += exec::wait_for_xtables_lock(self.backend);
                 self.ensure_base(family, next)?;
             }
+            let mut inputs = Vec::new();
             for table in Table::ALL {
                 let next_table = next.table(table);
                 let input = match previous.and_then(|p| p.families.get(&family)) {
@@ -436,11 +437,18 @@ impl DataPlane {
                         restore_full(table, next_table, &stale)
                     }
                 };
-                if input.is_noop() {
-                    continue;
+                if !input.is_noop() {
+                    inputs.push((table, input));
                 }
-                report.lock_wait += exec::wait_for_xtables_lock(self.backend);
-                exec::restore(&*self.nf, &programs, family, table, &input)?;
+            }
+            if inputs.is_empty() {
+                continue;
+            }
+            // One restore for both tables, as kube-proxy does: one process and
+            // one xtables lock per family and sync.
+            report.lock_wait += exec::wait_for_xtables_lock(self.backend);
+            exec::restore(&*self.nf, &programs, family, &inputs)?;
+            for (_, input) in &inputs {
                 report.rules_written += input.rules_written;
                 report.chains_written += input.chains_written;
                 report.chains_deleted += input.chains_deleted;
@@ -729,7 +737,7 @@ fn cleanup_iptables(
                 chains_deleted: ours.len(),
                 ..Default::default()
             };
-            exec::restore(nf, &programs, *family, table, &input)?;
+            exec::restore(nf, &programs, *family, &[(table, input)])?;
             tracing::info!(%backend, %family, %table, chains = ours.len(), "planproxy chains removed");
         }
     }
