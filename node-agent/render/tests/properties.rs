@@ -532,6 +532,7 @@ const NFT_WORDS: &[&str] = &[
     "local",
     "update",
     "flags",
+    "counter",
     "dynamic,timeout",
     "timeout",
     "elements",

@@ -107,8 +107,9 @@ pub fn read_kernel() -> (KernelRules, Vec<String>) {
 
 /// The objects of our nftables table that belong to service `namespace/name`:
 /// its chains (named after its ports' hashes) and the set and map elements that
-/// lead to them or hold its frontends. nftables keeps no per-rule counters
-/// unless a rule asks for them, and ours do not (they cost on every packet).
+/// lead to them or hold its frontends. The dispatch maps count per element the
+/// connections each frontend took (rules carry no counters: they would cost on
+/// every packet), and the listing shows them beside the frontend.
 pub fn nft_objects(listing: &str, specs: &[ProxyPlanSpec], namespace: &str, name: &str) -> String {
     let mut needles: Vec<String> = Vec::new();
     for port in specs
@@ -130,7 +131,8 @@ pub fn nft_objects(listing: &str, specs: &[ProxyPlanSpec], namespace: &str, name
             needles.push(format!("{ip} . {} . ", port.protocol.as_lower_str()));
         }
     }
-    let mut out = String::from("nftables table planproxy (no per-rule counters):\n");
+    let mut out =
+        String::from("nftables table planproxy (dispatch elements count new connections):\n");
     let listing = crate::dataplane::parse::parse_listing(listing);
     for (chain, rules) in &listing.chains {
         if needles.iter().any(|n| chain.contains(n.trim_end())) {
@@ -739,11 +741,13 @@ servicePorts:
         .expect("the test spec must parse");
         let hash = planproxy_render::hash::service_port_hash("default/web", "tcp");
         let listing = format!(
-            "table inet planproxy {{\n\tmap services4 {{\n\t\telements = {{ 10.96.0.10 . tcp . 80 : goto svc4-{hash},\n\t\t\t     10.96.0.11 . tcp . 80 : goto other }}\n\t}}\n\tchain svc4-{hash} {{\n\t\tmeta l4proto tcp dnat ip to 10.244.1.2:8080\n\t}}\n\tchain other {{\n\t\tdrop\n\t}}\n}}\n"
+            "table inet planproxy {{\n\tmap services4 {{\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict\n\t\tcounter\n\t\telements = {{ 10.96.0.10 . tcp . 80 counter packets 3 bytes 180 : goto svc4-{hash},\n\t\t\t     10.96.0.11 . tcp . 80 : goto other }}\n\t}}\n\tchain svc4-{hash} {{\n\t\tmeta l4proto tcp dnat ip to 10.244.1.2:8080\n\t}}\n\tchain other {{\n\t\tdrop\n\t}}\n}}\n"
         );
         let text = nft_objects(&listing, &[spec], "default", "web");
         assert!(
-            text.contains(&format!("element 10.96.0.10 . tcp . 80 : goto svc4-{hash}")),
+            text.contains(&format!(
+                "element 10.96.0.10 . tcp . 80 counter packets 3 bytes 180 : goto svc4-{hash}"
+            )),
             "{text}"
         );
         assert!(text.contains("dnat ip to 10.244.1.2:8080"), "{text}");

@@ -293,7 +293,10 @@ impl Builder {
     fn family_chains(&mut self, node: &NodeDecision) {
         let family = node.family;
         let (n, ip, addr) = (f(family), ip(family), addr_type(family));
-        let frontend = format!("type {addr} . inet_proto . inet_service : verdict;");
+        // Dispatch elements count what they match (`explain` shows it). Only
+        // a connection's first packet reaches them, so the cost is per
+        // connection, not per packet.
+        let frontend = format!("type {addr} . inet_proto . inet_service : verdict; counter;");
         for map in ["services", "refused", "refused-external"] {
             self.set(&format!("{map}{n}"), "map", frontend.clone());
         }
@@ -306,7 +309,7 @@ impl Builder {
             self.set(
                 &format!("{map}{n}"),
                 "map",
-                "type inet_proto . inet_service : verdict;".to_owned(),
+                "type inet_proto . inet_service : verdict; counter;".to_owned(),
             );
         }
         for proto in ["tcp", "udp", "sctp"] {
