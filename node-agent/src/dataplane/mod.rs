@@ -117,6 +117,14 @@ pub enum Error {
         /// What nft printed.
         stderr: String,
     },
+    /// The kernel refused a batch of set elements sent over netlink.
+    #[error("nftables: loading the {step} elements over netlink failed: {detail}")]
+    Netlink {
+        /// Which batch.
+        step: &'static str,
+        /// The kernel's error.
+        detail: String,
+    },
     /// iptables-restore refused the input.
     #[error("{family} {table}: iptables-restore failed{}{}: {stderr}",
         line.map(|l| format!(" at line {l}")).unwrap_or_default(),
@@ -178,7 +186,7 @@ impl Error {
     /// `invalid_plan`, `not_synced`, `verify`).
     pub fn kind(&self) -> &'static str {
         match self {
-            Error::Restore { .. } | Error::Transaction { .. } => "restore",
+            Error::Restore { .. } | Error::Transaction { .. } | Error::Netlink { .. } => "restore",
             Error::Command { .. } => "command",
             Error::Spawn { .. } => "spawn",
             Error::Backend(_) => "backend",
@@ -483,6 +491,16 @@ impl DataPlane {
                 let table = program.table();
                 report.chains_written += table.chains().count();
                 report.rules_written += table.rule_count();
+                if !nft::table_exists(&*self.nf)? {
+                    match load_fresh(&*self.nf, table) {
+                        Ok(()) => return Ok(program),
+                        // The kernel is back to no table: the one-transaction
+                        // load below still applies.
+                        Err(error) => {
+                            tracing::warn!(%error, "loading the new table over netlink failed")
+                        }
+                    }
+                }
                 table.full_text()
             }
         };
@@ -664,6 +682,46 @@ impl DataPlane {
     }
 }
 
+/// Loads the table into a kernel that has none, without `nft` parsing every
+/// element: `nft -f` writes the chains, rules and empty sets, then two netlink
+/// batches add the elements: first everything a service leads to, then the
+/// dispatch maps that make services reachable, so no service is reachable
+/// half-loaded. Nothing served before, so nothing is disrupted meanwhile. On
+/// failure the partial table is removed again.
+fn load_fresh(nf: &dyn Netfilter, table: &NftTable) -> Result<(), Error> {
+    use planproxy_render::nft::{is_dispatch_map, netlink};
+
+    let result = (|| {
+        nft::transaction(nf, &table.structure_text())?;
+        for (step, dispatch) in [("endpoints", false), ("dispatch", true)] {
+            let batch = netlink::element_batch(table, |set| is_dispatch_map(set) == dispatch, 1)
+                .map_err(|e| Error::Netlink {
+                    step,
+                    detail: e.to_string(),
+                })?;
+            let Some(batch) = batch else {
+                continue;
+            };
+            let acked = netlink::acknowledged_seq(&batch).unwrap_or_default();
+            let answer = nf.netlink(&batch, acked).map_err(|source| Error::Netlink {
+                step,
+                detail: source.to_string(),
+            })?;
+            answer.map_err(|errno| Error::Netlink {
+                step,
+                detail: std::io::Error::from_raw_os_error(errno).to_string(),
+            })?;
+        }
+        Ok(())
+    })();
+    if result.is_err()
+        && let Err(error) = nft::delete_table(nf)
+    {
+        tracing::warn!(%error, "failed to remove a partly loaded nftables table");
+    }
+    result
+}
+
 /// Checks that our table holds every chain with its number of rules and every
 /// set with its elements (dynamic sets excepted: the kernel fills them).
 fn verify_nftables(nf: &dyn Netfilter, table: &NftTable) -> Result<(), Error> {
@@ -800,9 +858,16 @@ mod tests {
         let mut dp = data_plane(Backend::Nftables, &nf);
         dp.sync(&web(&["10.244.1.5", "10.244.1.6"]), false)
             .expect("the first sync");
-        let first = nft_transactions(&nf.calls());
-        assert_eq!(first.len(), 1, "one transaction builds the table");
-        assert!(first[0].contains("delete table inet planproxy"));
+        let calls = nf.calls();
+        let first = nft_transactions(&calls);
+        assert_eq!(first.len(), 1, "nft writes the table's structure");
+        assert!(!first[0].contains("add element"), "{}", first[0]);
+        let batches: Vec<&Call> = calls.iter().filter(|c| c.program == "netlink").collect();
+        assert_eq!(
+            batches.len(),
+            2,
+            "the elements follow over netlink, the dispatch maps last"
+        );
         nf.clear();
 
         let report = dp
@@ -860,9 +925,20 @@ mod tests {
             other => panic!("expected a refused transaction, got {other}"),
         }
         nf.clear();
+        // The kernel still holds the table: the rebuild is one transaction.
+        nf.reply(|call| {
+            (call.args == ["list", "tables"]).then(|| Ran {
+                success: true,
+                code: Some(0),
+                stdout: "table inet planproxy\n".to_owned(),
+                stderr: String::new(),
+            })
+        });
         let report = dp.sync(&web(&["10.244.1.5"]), false).expect("the retry");
         assert!(report.full, "after a failure the table is rebuilt");
-        assert!(nft_transactions(&nf.calls())[0].contains("delete table inet planproxy"));
+        let rebuilt = nft_transactions(&nf.calls());
+        assert!(rebuilt[0].contains("delete table inet planproxy"));
+        assert!(rebuilt[0].contains("10.244.1.5 . 8080"), "{}", rebuilt[0]);
     }
 
     #[test]

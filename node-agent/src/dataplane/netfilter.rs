@@ -21,11 +21,16 @@ pub struct Ran {
     pub stderr: String,
 }
 
-/// Runs netfilter programs.
+/// Runs netfilter programs, and sends nf_tables netlink batches.
 pub trait Netfilter: Send + Sync + std::fmt::Debug {
     /// Runs `program` with `args`, feeding `stdin` when given. An error means
     /// the program could not be run at all.
     fn run(&self, program: &str, args: &[&str], stdin: Option<&str>) -> std::io::Result<Ran>;
+
+    /// Sends one nf_tables batch (one transaction) and waits for the kernel's
+    /// answer to the message numbered `acked_seq`. `Ok(Err(errno))` when the
+    /// kernel refused the batch.
+    fn netlink(&self, batch: &[u8], acked_seq: u32) -> std::io::Result<Result<(), i32>>;
 }
 
 /// The real programs, in the calling thread's network namespace.
@@ -56,6 +61,76 @@ impl Netfilter for System {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         })
+    }
+
+    fn netlink(&self, batch: &[u8], acked_seq: u32) -> std::io::Result<Result<(), i32>> {
+        use std::os::fd::AsRawFd as _;
+
+        use nix::sys::socket::{
+            AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, sendto,
+            setsockopt, sockopt,
+        };
+        use nix::sys::time::TimeVal;
+
+        let fd = nix::sys::socket::socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkNetFilter,
+        )?;
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
+        // One batch is one message to the kernel: the buffer must hold it.
+        setsockopt(&fd, sockopt::SndBufForce, &(batch.len() + (1 << 16)))?;
+        setsockopt(&fd, sockopt::ReceiveTimeout, &TimeVal::new(30, 0))?;
+        sendto(
+            fd.as_raw_fd(),
+            batch,
+            &NetlinkAddr::new(0, 0),
+            MsgFlags::empty(),
+        )?;
+        await_ack(&fd, acked_seq)
+    }
+}
+
+const NLMSG_ERROR: u16 = 2;
+
+/// Reads the kernel's answers until the one to `acked_seq`; the first error
+/// wins (the kernel drops the whole batch then).
+fn await_ack(fd: &std::os::fd::OwnedFd, acked_seq: u32) -> std::io::Result<Result<(), i32>> {
+    use std::os::fd::AsRawFd as _;
+
+    use nix::sys::socket::{MsgFlags, recv};
+
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+        if n == 0 {
+            return Err(std::io::Error::other("netlink socket closed"));
+        }
+        let mut offset = 0;
+        while offset + 20 <= n {
+            let word = |at: usize| {
+                let mut b = [0u8; 4];
+                b.copy_from_slice(&buf[at..at + 4]);
+                b
+            };
+            let len = u32::from_ne_bytes(word(offset)) as usize;
+            let kind = u16::from_ne_bytes([buf[offset + 4], buf[offset + 5]]);
+            let seq = u32::from_ne_bytes(word(offset + 8));
+            if kind == NLMSG_ERROR {
+                let errno = i32::from_ne_bytes(word(offset + 16));
+                if errno != 0 {
+                    return Ok(Err(-errno));
+                }
+                if seq == acked_seq {
+                    return Ok(Ok(()));
+                }
+            }
+            if len < 16 {
+                break;
+            }
+            offset += (len + 3) & !3;
+        }
     }
 }
 
@@ -265,6 +340,15 @@ pub(crate) mod fake {
     }
 
     impl Netfilter for FakeNetfilter {
+        fn netlink(&self, batch: &[u8], _acked_seq: u32) -> std::io::Result<Result<(), i32>> {
+            self.calls.lock().expect("fake netfilter lock").push(Call {
+                program: "netlink".to_owned(),
+                args: vec![batch.len().to_string()],
+                stdin: None,
+            });
+            Ok(Ok(()))
+        }
+
         fn run(&self, program: &str, args: &[&str], stdin: Option<&str>) -> std::io::Result<Ran> {
             let call = Call {
                 program: program.to_owned(),

@@ -60,13 +60,17 @@ pub(crate) fn list_chain(nf: &dyn Netfilter, chain: &str) -> Result<Option<Listi
     Ok(list(nf, &["list", "chain", "inet", TABLE, chain])?.map(|t| parse_listing(&t)))
 }
 
+/// Whether our table exists.
+pub(crate) fn table_exists(nf: &dyn Netfilter) -> Result<bool, Error> {
+    let tables = list(nf, &["list", "tables"])?.unwrap_or_default();
+    Ok(tables
+        .lines()
+        .any(|l| l.trim() == format!("table inet {TABLE}")))
+}
+
 /// Deletes our table; false when there was none.
 pub(crate) fn delete_table(nf: &dyn Netfilter) -> Result<bool, Error> {
-    let tables = list(nf, &["list", "tables"])?.unwrap_or_default();
-    if !tables
-        .lines()
-        .any(|l| l.trim() == format!("table inet {TABLE}"))
-    {
+    if !table_exists(nf)? {
         return Ok(false);
     }
     transaction(nf, &format!("delete table inet {TABLE}\n"))?;

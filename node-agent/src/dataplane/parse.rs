@@ -114,7 +114,12 @@ pub fn parse_listing(text: &str) -> Listing {
 fn line_elements(line: &str) -> Vec<String> {
     let body = match line.split_once("elements = {") {
         Some((_, rest)) => rest,
-        None if ["type ", "flags ", "timeout ", "size ", "typeof ", "policy "]
+        // Declaration lines: the key type, flags, and the stateful
+        // expressions every element gets (`counter`).
+        None if line == "counter"
+            || [
+                "type ", "flags ", "timeout ", "size ", "typeof ", "policy ", "counter ",
+            ]
             .iter()
             .any(|k| line.starts_with(k)) =>
         {
@@ -155,6 +160,11 @@ mod tests {
         assert_eq!(l.sets["services4"].len(), 2);
         assert_eq!(l.sets["services4"][1], "10.96.0.2 . tcp . 80 : goto b");
         assert!(l.sets["empty"].is_empty());
+        let counted = parse_listing(
+            "table inet planproxy {\n\tmap nodeports4 {\n\t\ttype inet_proto . inet_service : verdict\n\t\tcounter\n\t}\n\tmap services4 {\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict\n\t\tcounter\n\t\telements = { 10.96.0.1 . tcp . 80 counter packets 2 bytes 120 : goto a }\n\t}\n}\n",
+        );
+        assert!(counted.sets["nodeports4"].is_empty(), "{counted:?}");
+        assert_eq!(counted.sets["services4"].len(), 1);
         assert_eq!(l.chains["nat-prerouting"], ["jump services"]);
         assert!(l.chains["a"].is_empty());
     }

@@ -14,6 +14,12 @@ use crate::model::{Endpoint, ServicePort};
 
 use super::{NftChain, NftRuleSet, SetDecl};
 
+/// Whether `set` is a dispatch map: its elements are what sends a service's
+/// traffic anywhere, so a table loaded in steps gets them last.
+pub fn is_dispatch_map(set: &str) -> bool {
+    ["services4", "services6", "nodeports4", "nodeports6"].contains(&set)
+}
+
 /// `4` / `6`: the suffix of per-family names.
 fn f(family: Family) -> &'static str {
     match family {

@@ -33,10 +33,11 @@ use crate::Family;
 use crate::model::{InvalidServicePort, PlanError};
 
 mod emit;
+pub mod netlink;
 mod program;
 mod table;
 
-pub use emit::Fragment;
+pub use emit::{Fragment, is_dispatch_map};
 pub use program::{NftChange, NftProgram};
 pub use table::NftTable;
 

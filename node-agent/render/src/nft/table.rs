@@ -331,6 +331,15 @@ impl NftTable {
             .filter_map(|(name, refs)| Some((name.as_str(), refs.effective()?)))
     }
 
+    /// The elements in force of one set, unordered.
+    pub fn elements_of<'a>(&'a self, set: &str) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+        self.elements
+            .get(set)
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k.as_str(), v.effective()?.as_str())))
+    }
+
     /// Sets in force with their number of elements, by name.
     pub fn sets(&self) -> impl Iterator<Item = (&str, &SetDecl, usize)> {
         self.sets.iter().filter_map(|(name, refs)| {
@@ -338,6 +347,25 @@ impl NftTable {
             let count = self.elements.get(name).map_or(0, HashMap::len);
             Some((name.as_str(), decl, count))
         })
+    }
+
+    /// The table without any set element, for a kernel that has none: chains,
+    /// rules and empty sets (the elements follow over netlink).
+    pub fn structure_text(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "add table inet {TABLE}");
+        for (name, chain) in self.chains() {
+            declare_chain(&mut out, name, chain);
+        }
+        for (name, decl, _) in self.sets() {
+            declare_set(&mut out, name, decl);
+        }
+        for (name, chain) in self.chains() {
+            for rule in &chain.rules {
+                let _ = writeln!(out, "add rule inet {TABLE} {name} {rule}");
+            }
+        }
+        out
     }
 
     /// The whole table as one `nft -f` transaction: the table is created if
