@@ -698,6 +698,19 @@ proptest! {
     }
 
     #[test]
+    fn every_element_of_every_plan_encodes_for_netlink(spec in plan()) {
+        // A fresh table's elements go over netlink; nothing we render may fall
+        // outside what the encoder knows.
+        let mut program = nft::NftProgram::new(&[]);
+        program.update(&[Arc::new(spec)]).expect("renders");
+        let table = program.table();
+        let batch = nft::netlink::element_batch(table, |_| true, 1);
+        prop_assert!(batch.is_ok(), "{batch:?}");
+        let elements: usize = table.sets().filter(|(_, d, _)| !d.dynamic).map(|(_, _, n)| n).sum();
+        prop_assert_eq!(batch.expect("checked").is_some(), elements > 0);
+    }
+
+    #[test]
     fn nft_and_iptables_count_the_same_ports_and_endpoints_per_shard(spec in plan()) {
         // Both emitters count the same service ports and endpoints per shard.
         let nft = nft::render_nft(std::slice::from_ref(&spec), &[]).expect("renders");
