@@ -14,7 +14,7 @@ use std::time::Duration;
 use backends::{apply_on, config, nft_ruleset};
 use planproxy_crds::v1alpha1::{EndpointSelection, EndpointSet, NoEndpointsAction, TrafficPolicy};
 use planproxy_netns::{Attempt, ConnectOpts, Topology, TopologySpec};
-use planproxy_node_agent::dataplane::{Backend, DataPlane, DataPlaneConfig};
+use planproxy_node_agent::dataplane::{Backend, BackendChoice, DataPlane, DataPlaneConfig};
 use support::*;
 
 // Every traffic test runs against each backend.
@@ -647,7 +647,16 @@ fn a_failed_restore_keeps_the_old_rules_and_names_table_and_line() {
         .expect("foreign jump");
 
     let file = PlanFile::new(&plan(n1, vec![service("new", &["10.96.0.11"], ep)]));
-    let out = agent(&n1.ns, &["apply", "--plan", &file.path.to_string_lossy()]);
+    let out = agent(
+        &n1.ns,
+        &[
+            "apply",
+            "--backend",
+            "iptables",
+            "--plan",
+            &file.path.to_string_lossy(),
+        ],
+    );
     assert!(!out.status.success(), "the refused update must fail");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("ipv4 nat"), "{stderr}");
@@ -744,7 +753,10 @@ fn a_refused_nat_part_leaves_the_filter_part_applied_on_iptables_nft() {
 fn a_flush_of_our_chains_is_detected_and_repaired_by_a_full_sync() {
     // A firewall reload flushes the nat table.
     breakage_is_detected_and_repaired(
-        DataPlaneConfig::default(),
+        DataPlaneConfig {
+            backend: BackendChoice::Iptables,
+            ..DataPlaneConfig::default()
+        },
         &[&["iptables", "-t", "nat", "-F"]],
     );
 }

@@ -27,7 +27,7 @@ pub struct RenderArgs {
     pub family: Option<Family>,
     /// Whose input to print: `nftables` prints the `nft -f` transaction, any
     /// iptables backend the iptables-restore input.
-    #[arg(long, default_value = "iptables")]
+    #[arg(long, default_value = "nftables")]
     pub backend: BackendChoice,
 }
 
@@ -43,7 +43,7 @@ pub struct ApplyArgs {
     pub layout: Layout,
     /// The backend: `nftables`, `iptables` (the variant the host uses),
     /// `iptables-nft` or `iptables-legacy`.
-    #[arg(long, default_value = "iptables")]
+    #[arg(long, default_value = "nftables")]
     pub backend: BackendChoice,
     /// Only this family (`ipv4` or `ipv6`); every supported one by default.
     #[arg(long, value_parser = parse_family)]
@@ -56,7 +56,7 @@ pub struct ApplyArgs {
 pub struct CleanupArgs {
     /// The backend: `nftables`, `iptables` (the variant the host uses),
     /// `iptables-nft` or `iptables-legacy`.
-    #[arg(long, default_value = "iptables")]
+    #[arg(long, default_value = "nftables")]
     pub backend: BackendChoice,
 }
 

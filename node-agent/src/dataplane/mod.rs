@@ -47,14 +47,20 @@ pub enum Backend {
 }
 
 /// The `--backend` value: a backend, or `iptables` to detect the iptables
-/// variant the host uses (as kube-proxy does).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+/// variant the host uses (as kube-proxy does). The default is `nftables`:
+/// the data-plane bench favours it (see the README).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BackendChoice {
     /// iptables, in the variant the host uses.
-    #[default]
     Iptables,
     /// Exactly this backend.
     Exactly(Backend),
+}
+
+impl Default for BackendChoice {
+    fn default() -> Self {
+        BackendChoice::Exactly(Backend::Nftables)
+    }
 }
 
 /// How the data plane is set up.

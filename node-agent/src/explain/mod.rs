@@ -41,7 +41,7 @@ pub struct ExplainArgs {
     pub no_kernel: bool,
     /// The backend the agent runs with: `nftables` reads our nftables table,
     /// any iptables one the iptables chains with their counters.
-    #[arg(long, default_value = "iptables")]
+    #[arg(long, default_value = "nftables")]
     pub backend: crate::dataplane::BackendChoice,
 }
 

@@ -60,7 +60,7 @@ pub struct RunArgs {
     /// The data-plane backend: `nftables`, `iptables` (the variant the host
     /// uses), `iptables-nft` or `iptables-legacy`. Switching a live node removes
     /// the other backend's rules once the new ones are in place.
-    #[arg(long, env = "PLANPROXY_BACKEND", default_value = "iptables")]
+    #[arg(long, env = "PLANPROXY_BACKEND", default_value = "nftables")]
     pub backend: crate::dataplane::BackendChoice,
 
     /// Log format.

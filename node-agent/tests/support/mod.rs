@@ -75,9 +75,10 @@ pub fn agent(ns: &Netns, args: &[&str]) -> Output {
     ns.exec(&argv).expect("ip netns exec must start")
 }
 
-/// `planproxy-agent apply` of `spec` in the node's namespace, which must succeed.
+/// `planproxy-agent apply --backend iptables` of `spec` in the node's
+/// namespace, which must succeed (tests of other backends say which).
 pub fn apply(node: &Node, spec: &ProxyPlanSpec) {
-    apply_with(node, spec, &[]);
+    apply_with(node, spec, &["--backend", "iptables"]);
 }
 
 /// [`apply`] with extra arguments (`--backend legacy`, `--layout flat`).
