@@ -177,8 +177,8 @@ struct State {
 
 /// A running namespace cluster. Dropping it stops every process and deletes
 /// every namespace; if that happens while a test panics, it first prints the
-/// ProxyPlans, ProxyPolicies, the controller's and agents' logs and
-/// `iptables-save` of every node.
+/// ProxyPlans, ProxyPolicies, the controller's and agents' logs and the
+/// netfilter rules of every node.
 pub struct Cluster {
     // Fields drop in this order: processes before the API server, the API
     // server before the network it listens on.
@@ -805,7 +805,7 @@ impl Cluster {
 
     /// Everything useful to debug a failed scenario: ProxyPlans and
     /// ProxyPolicies as the API server holds them, the controller's and
-    /// agents' logs, and every node's iptables.
+    /// agents' logs, and every node's netfilter rules (iptables and nftables).
     pub fn report(&self) -> String {
         let mut out = String::new();
         out.push_str("===== ProxyPlans =====\n");
@@ -827,8 +827,9 @@ impl Cluster {
         for index in 1..=self.spec.nodes {
             out.push_str(&format!("===== agent log {} =====\n", node_name(index)));
             out.push_str(&tail(&self.agent_log(index), 200));
-            out.push_str(&format!("===== iptables-save {} =====\n", node_name(index)));
-            out.push_str(&self.node(index).ns.iptables_save());
+            // Every backend's rules: the agent may run iptables or nftables.
+            out.push_str(&format!("===== netfilter {} =====\n", node_name(index)));
+            out.push_str(&self.node(index).ns.netfilter_report());
             if self.spec.kube_proxy_nodes.contains_key(&index) {
                 out.push_str(&format!(
                     "===== kube-proxy log {} =====\n",

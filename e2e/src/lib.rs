@@ -41,7 +41,7 @@
 //! ([`wait::eventually`]), never fixed sleeps. When a test panics while a
 //! cluster is up, dropping the cluster prints the ProxyPlans, ProxyPolicies,
 //! EndpointSlices, the controller's and agents' logs, every node's
-//! `iptables-save` and the control plane's logs.
+//! netfilter rules (iptables and nftables) and the control plane's logs.
 //!
 //! ```no_run
 //! use planproxy_e2e::{AppDef, Cluster, ClusterSpec, ServiceDef};

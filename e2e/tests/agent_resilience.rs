@@ -1,6 +1,7 @@
 //! The node agent under faults, end to end: the real controller and agents in a
 //! namespace cluster (see `planproxy_e2e`), checked with traffic, the nodes'
-//! iptables and the ProxyPlan status the agents report.
+//! planproxy rules (whichever backend the agents run, read with
+//! [`planproxy_netns::ProxyRules`]) and the ProxyPlan status the agents report.
 
 // A test file: its helpers panic on failure like the tests themselves.
 #![allow(clippy::unwrap_used)]
@@ -12,7 +13,7 @@ use planproxy_control_plane::OutageMode;
 use planproxy_crds::ProxyPlan;
 use planproxy_e2e::traffic::wait_servers;
 use planproxy_e2e::{AppDef, Cluster, ClusterApi, ClusterSpec, Protocol, ServiceDef};
-use planproxy_netns::{ConnectOpts, Netns};
+use planproxy_netns::{ConnectOpts, Netns, ProxyRules};
 use serde_json::json;
 
 /// How long the control loop (controller coalescing, agent sync) may take.
@@ -46,13 +47,23 @@ async fn deploy_until_programmed(api: &ClusterApi<'_>, app: AppDef, service: Ser
 
 /// A cluster with `web` (2 replicas) served and programmed on every node.
 fn cluster_with_web(spec: ClusterSpec, policy: Option<serde_json::Value>) -> Cluster {
+    cluster_with(spec, policy, web_service())
+}
+
+/// A cluster with `web` (2 replicas) behind `service`, served and programmed
+/// on every node.
+fn cluster_with(
+    spec: ClusterSpec,
+    policy: Option<serde_json::Value>,
+    service: ServiceDef,
+) -> Cluster {
     let cluster = Cluster::start(spec).unwrap();
     cluster
         .run(|api| async move {
             if let Some(policy) = policy {
                 api.apply_policy(policy).await.unwrap();
             }
-            deploy_until_programmed(&api, AppDef::new("web", 2, 8080), web_service()).await;
+            deploy_until_programmed(&api, AppDef::new("web", 2, 8080), service).await;
         })
         .unwrap();
     let vip = cluster.service_addr("default", "web", 80, false).unwrap();
@@ -73,31 +84,22 @@ fn answered() -> ConnectOpts {
     ConnectOpts::with_timeout(Duration::from_secs(10))
 }
 
-/// The rule and chain lines of a node's dump, without counters and comments.
-fn rules_only(dump: &str) -> Vec<String> {
-    dump.lines()
-        .filter(|line| !line.starts_with('#'))
-        .map(|line| match line.strip_prefix(':') {
-            Some(chain) => format!(":{}", chain.split_whitespace().next().unwrap_or_default()),
-            None => line.to_owned(),
-        })
-        .collect()
+/// planproxy's rules on node `node`, whichever backend its agent runs.
+fn proxy_rules(cluster: &Cluster, node: u8) -> ProxyRules {
+    cluster
+        .node(node)
+        .ns
+        .proxy_rules()
+        .expect("reading the node's planproxy rules")
 }
 
-fn assert_no_duplicate_rules(dump: &[String]) {
-    let mut seen = std::collections::BTreeSet::new();
-    let mut section = 0;
-    for line in dump {
-        if line.starts_with('*') {
-            section += 1;
-        } else if line.starts_with("-A ") {
-            assert!(
-                seen.insert((section, line.clone())),
-                "duplicate rule: {line}\n{}",
-                dump.join("\n")
-            );
-        }
-    }
+/// No rule is in the same chain twice: the agent replaced, never appended.
+fn assert_no_duplicate_rules(rules: &ProxyRules) {
+    let duplicates = rules.duplicate_rules();
+    assert!(
+        duplicates.is_empty(),
+        "duplicate rules: {duplicates:?}\n{rules}"
+    );
 }
 
 /// Node `node`'s shards as the API server holds them.
@@ -219,7 +221,8 @@ fn agent_killed_mid_sync_restarts_and_converges_without_duplicate_rules() {
     wait_every_web_pod_answers(&cluster, vip, CONVERGE);
     let vip6 = cluster.service_addr("default", "web", 80, true).unwrap();
     wait_every_web_pod_answers(&cluster, vip6, CONVERGE);
-    let converged = rules_only(&cluster.node(1).ns.iptables_save());
+    let converged = proxy_rules(&cluster, 1);
+    assert!(!converged.is_empty(), "node1 holds rules");
     assert_no_duplicate_rules(&converged);
 
     // A restart adopts the rules as they are: the same rules, nothing added.
@@ -232,12 +235,27 @@ fn agent_killed_mid_sync_restarts_and_converges_without_duplicate_rules() {
         "the restarted agent syncs\n{}",
         cluster.agent_log(1)
     );
-    assert_eq!(rules_only(&cluster.node(1).ns.iptables_save()), converged);
+    assert_eq!(proxy_rules(&cluster, 1), converged);
 }
 
 #[test]
-fn restore_refused_by_the_kernel_is_reported_degraded_while_old_rules_serve() {
-    let cluster = cluster_with_web(ClusterSpec::default(), None);
+fn an_update_refused_by_the_kernel_is_reported_degraded_while_old_rules_serve() {
+    // A node port gives web chains of its own in every backend (nftables sends
+    // cluster-IP-only services through shared chains). The retry after a failed
+    // sync waits minSyncPeriod: 3s leaves time to look at the Degraded state
+    // before the nftables retry, whose rebuild of our table takes the foreign
+    // rule inside it along and succeeds.
+    let policy = json!({
+        "apiVersion": "planproxy.dev/v1alpha1",
+        "kind": "ProxyPolicy",
+        "metadata": {"name": "slow-retry"},
+        "spec": {"sync": {"minSyncPeriod": "3s"}},
+    });
+    let cluster = cluster_with(
+        ClusterSpec::default(),
+        Some(policy),
+        web_service().node_port(),
+    );
     cluster
         .run(|api| async move {
             deploy_until_programmed(&api, AppDef::new("api", 1, 8080), api_service()).await;
@@ -246,52 +264,30 @@ fn restore_refused_by_the_kernel_is_reported_degraded_while_old_rules_serve() {
     let web_vip = cluster.service_addr("default", "web", 80, false).unwrap();
     let api_vip = cluster.service_addr("default", "api", 80, false).unwrap();
 
-    // Someone else's rule on node1 jumps to web's service chain, so the kernel
-    // refuses (EBUSY) to delete that chain when web goes away: node1's restore
-    // fails as a whole.
+    // Someone else's rule on node1 jumps into web's chain, so the kernel refuses
+    // (EBUSY) to delete that chain when web goes away: node1's update fails as
+    // a whole.
     let node1 = &cluster.node(1).ns;
-    let dump = node1.iptables_save();
-    let chain = dump
-        .lines()
-        .filter(|line| line.contains("\"default/web:http"))
-        .filter_map(|line| line.split(" -j ").nth(1))
-        .map(str::trim)
-        .find(|target| target.starts_with("PPX-SVC-") || target.starts_with("PPX-SEP-"))
-        .map(str::to_owned)
-        .unwrap_or_else(|| panic!("web's service chain on node1:\n{dump}"));
-    node1
-        .exec_ok(&[
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-d",
-            "198.51.100.1/32",
-            "-j",
-            &chain,
-        ])
-        .unwrap();
+    let rules = proxy_rules(&cluster, 1);
+    let chain = rules
+        .dispatch_chain(web_vip.ip(), "tcp", 80)
+        .unwrap_or_else(|| panic!("web's chain on node1:\n{rules}"));
+    let jump = node1.jump_into_proxy_chain(&chain).unwrap();
     cluster
         .run(|api| async move { api.delete_service("default", "web").await.unwrap() })
         .unwrap();
 
+    // Caught as the poll sees it: the nftables retry clears it within seconds.
+    let mut degraded = None;
     assert!(
-        poll(CONVERGE, || node_plans(&cluster, 1).iter().any(|plan| {
-            condition(plan, "Degraded").is_some_and(|(status, _, _)| status == "True")
-        })),
+        poll(CONVERGE, || {
+            degraded = node_plans(&cluster, 1).iter().find_map(|plan| {
+                condition(plan, "Degraded").filter(|(status, _, _)| status == "True")
+            });
+            degraded.is_some()
+        }),
         "node1 must report Degraded\n{}",
         cluster.agent_log(1)
-    );
-    let plans = node_plans(&cluster, 1);
-    let (_, reason, message) = plans
-        .iter()
-        .find_map(|plan| condition(plan, "Degraded").filter(|(status, _, _)| status == "True"))
-        .unwrap();
-    assert_eq!(reason, "ApplyFailed");
-    assert!(
-        message.contains("nat") && message.contains("line"),
-        "{message}"
     );
     // The previous rules keep serving on node1: api still answers, and so does
     // web, whose removal could not be programmed.
@@ -299,35 +295,30 @@ fn restore_refused_by_the_kernel_is_reported_degraded_while_old_rules_serve() {
         cluster
             .probe_pod(1)
             .ns
-            .connect_tcp(api_vip, &answered())
+            .connect_tcp(web_vip, &answered())
             .is_ok()
     );
     assert!(
         cluster
             .probe_pod(1)
             .ns
-            .connect_tcp(web_vip, &answered())
+            .connect_tcp(api_vip, &answered())
             .is_ok()
+    );
+    let (_, reason, message) = degraded.unwrap();
+    assert_eq!(reason, "ApplyFailed");
+    assert!(
+        message.contains("line") && message.contains(&chain.name),
+        "the message names the line and the chain that could not go: {message}"
     );
     // node2 applied the removal.
     assert!(poll(CONVERGE, || node_plans(&cluster, 2).iter().all(
         |plan| { condition(plan, "Programmed").is_some_and(|(status, _, _)| status == "True") }
     )));
 
-    // The obstacle goes: the retry programs node1 and clears Degraded.
-    node1
-        .exec_ok(&[
-            "iptables",
-            "-t",
-            "nat",
-            "-D",
-            "OUTPUT",
-            "-d",
-            "198.51.100.1/32",
-            "-j",
-            &chain,
-        ])
-        .unwrap();
+    // The obstacle goes (with nftables the retry may already have swept it
+    // away): the retry programs node1 and clears Degraded.
+    jump.remove(node1).unwrap();
     cluster
         .run(|api| async move {
             api.wait_programmed(Some(("default/web", false)), Duration::from_secs(60))
@@ -338,11 +329,15 @@ fn restore_refused_by_the_kernel_is_reported_degraded_while_old_rules_serve() {
     assert!(poll(CONVERGE, || node_plans(&cluster, 1).iter().all(
         |plan| { condition(plan, "Degraded").is_some_and(|(status, _, _)| status == "False") }
     )));
-    assert!(!cluster.node(1).ns.iptables_save().contains(&chain));
+    let rules = proxy_rules(&cluster, 1);
+    assert!(
+        !rules.mentions(web_vip.ip()) && !rules.chains().iter().any(|c| c.name == chain.name),
+        "web's rules are gone from node1:\n{rules}"
+    );
 }
 
 #[test]
-fn nat_table_flushed_inside_a_node_is_repaired_within_the_sync_period() {
+fn rules_flushed_inside_a_node_are_repaired_within_the_sync_period() {
     let policy = json!({
         "apiVersion": "planproxy.dev/v1alpha1",
         "kind": "ProxyPolicy",
@@ -367,14 +362,11 @@ fn nat_table_flushed_inside_a_node_is_repaired_within_the_sync_period() {
         })
         .unwrap();
 
-    // Flush and look in one go, so a resync cannot slip in between.
-    let after_flush = cluster
-        .node(1)
-        .ns
-        .exec_ok(&["sh", "-c", "iptables -t nat -F && iptables-save -t nat"])
-        .unwrap();
+    // Flush (as a firewall reload does) and look in one go, so a resync cannot
+    // slip in between.
+    let after_flush = cluster.node(1).ns.flush_proxy_rules().unwrap();
     let flushed = Instant::now();
-    assert!(!after_flush.contains("-A PPX-SERVICES"), "{after_flush}");
+    assert_eq!(after_flush.rules().count(), 0, "{after_flush}");
     wait_every_web_pod_answers(&cluster, vip, Duration::from_secs(10));
     assert!(
         flushed.elapsed() < Duration::from_secs(8),

@@ -194,10 +194,7 @@ fn failure_report_names_every_node_and_the_plans() {
     let cluster = Cluster::start(ClusterSpec::network_only(1)).unwrap();
     let report = cluster.report();
     assert!(report.contains("===== ProxyPlans ====="), "{report}");
-    assert!(
-        report.contains("===== iptables-save node1 ====="),
-        "{report}"
-    );
+    assert!(report.contains("===== netfilter node1 ====="), "{report}");
     assert!(report.contains("(controller not running)"), "{report}");
 }
 

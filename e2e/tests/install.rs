@@ -252,7 +252,8 @@ fn uninstall_starts_its_hooks_in_order_and_the_hook_command_leaves_no_rule() {
         .run(|api| async move { api.wait_programmed(None, Duration::from_secs(90)).await })
         .unwrap()
         .unwrap();
-    assert!(cluster.node(1).ns.iptables_save().contains("PPX-"));
+    let programmed = cluster.node(1).ns.proxy_rules().unwrap();
+    assert!(!programmed.is_empty(), "the agent programmed node1");
     let hooks = helm(&cluster, &["get", "hooks", RELEASE, "-n", NAMESPACE]).unwrap();
     let cleanup_command = hook_init_command(&hooks, "DaemonSet", "planproxy-cleanup");
     assert_eq!(cleanup_command, ["planproxy-agent", "cleanup"]);
@@ -305,8 +306,9 @@ fn uninstall_starts_its_hooks_in_order_and_the_hook_command_leaves_no_rule() {
     argv.extend(cleanup_command.into_iter().skip(1));
     let status = cluster.node(1).ns.command(&argv).status().unwrap();
     assert!(status.success());
-    let left = cluster.node(1).ns.iptables_save();
-    assert!(!left.contains("PPX-"), "{left}");
+    // No backend's rules are left: the hook's cleanup removes them all.
+    let left = cluster.node(1).ns.proxy_rules().unwrap();
+    assert!(left.is_empty(), "{left}");
 
     helm(
         &cluster,

@@ -25,6 +25,15 @@ fn web_service() -> ServiceDef {
         .udp("dns", 53, 8080)
 }
 
+/// planproxy's rules on node `node`, whichever backend its agent runs.
+fn proxy_rules(cluster: &Cluster, node: u8) -> planproxy_netns::ProxyRules {
+    cluster
+        .node(node)
+        .ns
+        .proxy_rules()
+        .expect("reading the node's planproxy rules")
+}
+
 fn start() -> Cluster {
     Cluster::start(ClusterSpec::default()).expect("the namespace cluster must start (as root)")
 }
@@ -154,6 +163,11 @@ fn deleting_a_service_removes_its_rules_from_every_node() {
             )
             .await
             .unwrap();
+            // Traffic from node1 below says nothing about node2: wait until
+            // every node has programmed web before looking at its rules.
+            api.wait_programmed(Some(("default/web", true)), CONVERGE)
+                .await
+                .unwrap();
         })
         .unwrap();
     let vip = cluster.service_addr("default", "web", 80, false).unwrap();
@@ -166,10 +180,13 @@ fn deleting_a_service_removes_its_rules_from_every_node() {
         CONVERGE,
     )
     .unwrap();
+    // Rules are found by the services' cluster IPs, which every backend's
+    // rules name (nftables carries no comments to find a service by).
+    let keep_vip = cluster.service_addr("default", "keep", 81, false).unwrap();
     for node in 1..=2 {
-        let rules = cluster.node(node).ns.iptables_save();
+        let rules = proxy_rules(&cluster, node);
         assert!(
-            rules.contains("default/web"),
+            rules.mentions(vip.ip()),
             "node{node} has no rules for default/web:\n{rules}"
         );
     }
@@ -184,13 +201,13 @@ fn deleting_a_service_removes_its_rules_from_every_node() {
         .unwrap();
     for node in 1..=2 {
         wait_unanswered(&cluster.probe_pod(node).ns, vip, CONVERGE).unwrap();
-        let rules = cluster.node(node).ns.iptables_save();
+        let rules = proxy_rules(&cluster, node);
         assert!(
-            !rules.contains("default/web"),
+            !rules.mentions(vip.ip()),
             "node{node} kept rules for default/web:\n{rules}"
         );
         assert!(
-            rules.contains("default/keep"),
+            rules.mentions(keep_vip.ip()),
             "node{node} lost default/keep:\n{rules}"
         );
     }

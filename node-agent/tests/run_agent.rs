@@ -1,6 +1,9 @@
 //! The agent runtime end to end on one node: the real `planproxy-agent run`
 //! against a real kube-apiserver, programming the real kernel inside the node's
-//! own network namespace.
+//! own network namespace. Every test runs twice, against the host's iptables
+//! variant and against nftables (`<test>::iptables`, `<test>::nftables`), and
+//! checks the kernel through [`planproxy_netns::ProxyRules`], which reads
+//! whichever backend holds the rules.
 
 mod support;
 
@@ -9,8 +12,24 @@ use std::time::Duration;
 
 use planproxy_control_plane::OutageMode;
 use planproxy_crds::ProxyPlanSpec;
+use planproxy_netns::{ProxyRules, Tamper};
+use planproxy_node_agent::dataplane::BackendChoice;
 use support::cluster::*;
 use support::{echo_endpoint, service};
+
+on_both_backends!(
+    agent_programs_its_plan_reports_programmed_and_survives_sigkill_without_duplicates,
+    api_server_outage_keeps_traffic_flowing_and_the_agent_converges_after,
+    a_transaction_the_kernel_refuses_is_reported_degraded_and_the_old_rules_keep_serving,
+    flushed_rules_are_restored_within_the_sync_period,
+    deleted_rules_are_restored_within_the_sync_period,
+    healthz_fails_while_the_node_terminates_and_livez_does_not,
+    health_check_node_port_answers_as_local_endpoints_come_and_go,
+    sigterm_exits_zero_and_leaves_the_rules_serving,
+    steady_state_writes_no_status_heartbeats,
+    explain_shows_the_services_rules_as_the_kernel_holds_them,
+    agent_started_while_the_api_server_is_unreachable_keeps_the_rules_and_serves_health,
+);
 
 const CLUSTER_IP: &str = "10.96.0.10";
 
@@ -80,42 +99,19 @@ fn must(ok: bool, what: &str, cluster: &Cluster) {
     assert!(ok, "{what}\n--- agent log ---\n{}", cluster.agent_log());
 }
 
-/// A chain of `default/web` in the node's nat table (its service chain, or the
-/// endpoint chain a single endpoint is reached through).
-fn web_chain(cluster: &Cluster) -> String {
-    let dump = cluster
-        .node_ns()
-        .exec_ok(&["iptables-save", "-t", "nat"])
-        .expect("iptables-save in the node namespace");
-    dump.lines()
-        .filter(|line| line.contains("\"default/web"))
-        .filter_map(|line| line.split(" -j ").nth(1))
-        .map(str::trim)
-        .find(|target| target.starts_with("PPX-SVC-") || target.starts_with("PPX-SEP-"))
-        .map(str::to_owned)
-        .unwrap_or_else(|| panic!("no chain of default/web in\n{dump}"))
+/// No rule is in the same chain twice: the agent replaced, never appended.
+fn assert_no_duplicate_rules(rules: &ProxyRules) {
+    let duplicates = rules.duplicate_rules();
+    assert!(
+        duplicates.is_empty(),
+        "duplicate rules: {duplicates:?}\n{rules}"
+    );
 }
 
-fn assert_no_duplicate_rules(dump: &[String]) {
-    let mut seen = std::collections::BTreeSet::new();
-    // iptables-save and ip6tables-save dumps follow each other: number the tables.
-    let mut table = String::new();
-    for (section, line) in dump.iter().enumerate() {
-        if let Some(name) = line.strip_prefix('*') {
-            table = format!("{name} (section at line {section})");
-        } else if line.starts_with("-A ") {
-            assert!(
-                seen.insert((table.clone(), line.clone())),
-                "duplicate rule in {table}: {line}\n{}",
-                dump.join("\n")
-            );
-        }
-    }
-}
-
-#[test]
-fn agent_programs_its_plan_reports_programmed_and_survives_sigkill_without_duplicates() {
-    let mut cluster = Cluster::start();
+fn agent_programs_its_plan_reports_programmed_and_survives_sigkill_without_duplicates(
+    backend: BackendChoice,
+) {
+    let mut cluster = Cluster::start(backend);
     let spec = web_plan(&cluster, "30s");
     start_agent_until_served(
         &mut cluster,
@@ -129,7 +125,7 @@ fn agent_programs_its_plan_reports_programmed_and_survives_sigkill_without_dupli
     );
     let (degraded, reason, _) = cluster.condition("Degraded").expect("Degraded is reported");
     assert_eq!((degraded.as_str(), reason.as_str()), ("False", "Healthy"));
-    assert_no_duplicate_rules(&rules_only(&cluster.iptables_save()));
+    assert_no_duplicate_rules(&cluster.proxy_rules());
     let status = cluster.plan_object()["status"].clone();
     assert!(
         status["programmed"]["rules"].as_i64().unwrap_or_default() > 0,
@@ -156,7 +152,7 @@ fn agent_programs_its_plan_reports_programmed_and_survives_sigkill_without_dupli
         "the restarted agent must converge on the new plan",
         &cluster,
     );
-    let after_restart = rules_only(&cluster.iptables_save());
+    let after_restart = cluster.proxy_rules();
     // A second restart must adopt the rules as they are: identical dump, no duplicates.
     cluster.agent = None;
     cluster.start_agent();
@@ -167,7 +163,7 @@ fn agent_programs_its_plan_reports_programmed_and_survives_sigkill_without_dupli
         "the agent must sync after the restart",
         &cluster,
     );
-    assert_eq!(rules_only(&cluster.iptables_save()), after_restart);
+    assert_eq!(cluster.proxy_rules(), after_restart);
     assert_no_duplicate_rules(&after_restart);
     assert_eq!(
         cluster
@@ -177,9 +173,8 @@ fn agent_programs_its_plan_reports_programmed_and_survives_sigkill_without_dupli
     );
 }
 
-#[test]
-fn api_server_outage_keeps_traffic_flowing_and_the_agent_converges_after() {
-    let mut cluster = Cluster::start();
+fn api_server_outage_keeps_traffic_flowing_and_the_agent_converges_after(backend: BackendChoice) {
+    let mut cluster = Cluster::start(backend);
     let spec = web_plan(&cluster, "30s");
     start_agent_until_programmed(&mut cluster, &spec, "the agent must program the plan");
 
@@ -220,80 +215,74 @@ fn api_server_outage_keeps_traffic_flowing_and_the_agent_converges_after() {
     );
 }
 
-#[test]
-fn restore_the_kernel_refuses_is_reported_degraded_and_the_old_rules_keep_serving() {
-    let mut cluster = Cluster::start();
-    let old = web_plan(&cluster, "30s");
+fn a_transaction_the_kernel_refuses_is_reported_degraded_and_the_old_rules_keep_serving(
+    backend: BackendChoice,
+) {
+    let mut cluster = Cluster::start(backend);
+    // A node port gives web chains of its own in both backends (nftables sends
+    // cluster-IP-only services through shared chains). The retry after a failed
+    // sync waits minSyncPeriod (3s): long enough to look at the Degraded state
+    // before the nftables retry, whose rebuild of our table takes the foreign
+    // rule inside it along and succeeds.
+    let mut web = service(
+        "web",
+        &[CLUSTER_IP],
+        vec![echo_endpoint(cluster.pod_ip(), true)],
+    );
+    web.node_port = Some(30080);
+    let old = plan_with_sync_periods(vec![web], "3s", "30s");
     start_agent_until_programmed(&mut cluster, &old, "first plan programmed");
 
-    // Someone else's rule references one of web's chains, so the kernel refuses
-    // to delete that chain when web leaves the plan (EBUSY): the whole restore fails.
-    let svc_chain = web_chain(&cluster);
-    cluster
+    // Someone else's rule jumps into web's chain, so the kernel refuses to
+    // delete that chain (EBUSY) when web leaves the plan: the whole update fails.
+    let rules = cluster.proxy_rules();
+    let chain = rules
+        .dispatch_chain(CLUSTER_IP.parse().expect("ip"), "tcp", 80)
+        .unwrap_or_else(|| panic!("no chain of default/web in\n{rules}"));
+    let jump = cluster
         .node_ns()
-        .exec_ok(&[
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-d",
-            "198.51.100.1/32",
-            "-j",
-            &svc_chain,
-        ])
+        .jump_into_proxy_chain(&chain)
         .expect("adding the foreign rule inside the node namespace");
-    let new = plan(
+    let new = plan_with_sync_periods(
         vec![service(
             "api",
             &["10.96.0.11"],
             vec![echo_endpoint(cluster.pod_ip(), true)],
         )],
+        "3s",
         "30s",
     );
     cluster.put_plan(&new);
 
+    // Caught as the poll sees it: the nftables retry clears it within seconds.
+    let mut degraded = None;
     must(
         wait_for(Duration::from_secs(20), || {
-            cluster
+            degraded = cluster
                 .condition("Degraded")
-                .is_some_and(|(status, _, _)| status == "True")
+                .filter(|(status, _, _)| status == "True");
+            degraded.is_some()
         }),
-        "the failed restore must be reported as Degraded",
+        "the refused update must be reported as Degraded",
         &cluster,
     );
-    let (_, reason, message) = cluster.condition("Degraded").expect("Degraded");
-    assert_eq!(reason, "ApplyFailed");
-    assert!(
-        message.contains("nat"),
-        "the message names the table: {message}"
-    );
-    assert!(
-        message.contains("line"),
-        "the message names the line: {message}"
-    );
-    let (programmed, _, _) = cluster.condition("Programmed").expect("Programmed");
-    assert_eq!(programmed, "False");
     assert_eq!(
         cluster.connect(cluster_ip_addr()).server(),
         Some("backend"),
         "the old rules keep serving"
     );
+    let (_, reason, message) = degraded.expect("Degraded");
+    assert_eq!(reason, "ApplyFailed");
+    assert!(
+        message.contains("line") && message.contains(&chain.name),
+        "the message names the line and the chain that could not go: {message}"
+    );
+    let (programmed, _, _) = cluster.condition("Programmed").expect("Programmed");
+    assert_eq!(programmed, "False");
 
-    // The obstacle goes away: the retry succeeds and Degraded clears.
-    cluster
-        .node_ns()
-        .exec_ok(&[
-            "iptables",
-            "-t",
-            "nat",
-            "-D",
-            "OUTPUT",
-            "-d",
-            "198.51.100.1/32",
-            "-j",
-            &svc_chain,
-        ])
+    // The obstacle goes away (with nftables the retry may already have swept it
+    // away): the retry succeeds and Degraded clears.
+    jump.remove(cluster.node_ns())
         .expect("removing the foreign rule");
     must(
         wait_for(Duration::from_secs(40), || {
@@ -305,21 +294,47 @@ fn restore_the_kernel_refuses_is_reported_degraded_and_the_old_rules_keep_servin
         "the retry must program the new plan and clear Degraded",
         &cluster,
     );
+    let rules = cluster.proxy_rules();
+    assert!(
+        !rules.mentions(CLUSTER_IP.parse().expect("ip")),
+        "web is gone:\n{rules}"
+    );
+    assert_eq!(
+        cluster
+            .connect(SocketAddr::new("10.96.0.11".parse().expect("ip"), 80))
+            .server(),
+        Some("backend")
+    );
 }
 
-#[test]
-fn flushed_nat_table_is_restored_within_the_sync_period() {
-    let mut cluster = Cluster::start();
+fn flushed_rules_are_restored_within_the_sync_period(backend: BackendChoice) {
+    tampered_rules_are_restored_within_the_sync_period(backend, Tamper::Flush);
+}
+
+fn deleted_rules_are_restored_within_the_sync_period(backend: BackendChoice) {
+    tampered_rules_are_restored_within_the_sync_period(backend, Tamper::Delete);
+}
+
+/// Someone flushes or deletes our rules (a firewall reload, a careless admin):
+/// the periodic drift check sees it and the next full resync restores them.
+fn tampered_rules_are_restored_within_the_sync_period(backend: BackendChoice, how: Tamper) {
+    let mut cluster = Cluster::start(backend);
     let spec = web_plan(&cluster, "2s");
     start_agent_until_programmed(&mut cluster, &spec, "programmed");
+    let programmed = cluster.proxy_rules();
 
-    cluster
+    // Read back in the same command, so no resync slips in between.
+    let left = cluster
         .node_ns()
-        .exec_ok(&["iptables", "-t", "nat", "-F"])
-        .expect("flushing nat inside the node namespace");
+        .tamper_with_proxy_rules(how)
+        .expect("tampering with our rules inside the node namespace");
+    assert_eq!(left.rules().count(), 0, "{how:?} left rules:\n{left}");
+    if how == Tamper::Delete {
+        assert!(left.is_empty(), "{how:?} left chains:\n{left}");
+    }
     assert!(
         !cluster.connect_expecting_failure(cluster_ip_addr()).is_ok(),
-        "the flush broke the service"
+        "the {how:?} broke the service"
     );
     must(
         wait_for(Duration::from_secs(30), || {
@@ -327,6 +342,11 @@ fn flushed_nat_table_is_restored_within_the_sync_period() {
         }),
         "the next full resync must restore the rules",
         &cluster,
+    );
+    assert_eq!(
+        cluster.proxy_rules(),
+        programmed,
+        "the repair restores exactly what was programmed"
     );
     let metrics = cluster
         .http_get(METRICS.parse().expect("address"), "/metrics")
@@ -341,9 +361,8 @@ fn flushed_nat_table_is_restored_within_the_sync_period() {
     );
 }
 
-#[test]
-fn healthz_fails_while_the_node_terminates_and_livez_does_not() {
-    let mut cluster = Cluster::start();
+fn healthz_fails_while_the_node_terminates_and_livez_does_not(backend: BackendChoice) {
+    let mut cluster = Cluster::start(backend);
     let spec = web_plan(&cluster, "30s");
     cluster.put_plan(&spec);
     cluster.start_agent();
@@ -398,11 +417,18 @@ fn healthz_fails_while_the_node_terminates_and_livez_does_not() {
         metrics.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds"),
         "{metrics}"
     );
+    // The rules gauge counts what the backend writes: iptables per family and
+    // table, nftables our one inet table.
+    let gauge = if cluster.nftables() {
+        "kubeproxy_sync_proxy_rules_iptables_total{ip_family=\"inet\",table=\"planproxy\"}"
+    } else {
+        "kubeproxy_sync_proxy_rules_iptables_total{ip_family=\"IPv4\",table=\"nat\"}"
+    };
     assert!(
-        metrics.contains(
-            "kubeproxy_sync_proxy_rules_iptables_total{ip_family=\"IPv4\",table=\"nat\"}"
-        ),
-        "{metrics}"
+        metrics
+            .lines()
+            .any(|line| line.starts_with(gauge) && !line.ends_with(" 0")),
+        "{gauge} counts rules:\n{metrics}"
     );
     assert!(
         metrics.contains("kubeproxy_proxy_healthz_total{code=\"503\"}"),
@@ -410,9 +436,8 @@ fn healthz_fails_while_the_node_terminates_and_livez_does_not() {
     );
 }
 
-#[test]
-fn health_check_node_port_answers_as_local_endpoints_come_and_go() {
-    let mut cluster = Cluster::start();
+fn health_check_node_port_answers_as_local_endpoints_come_and_go(backend: BackendChoice) {
+    let mut cluster = Cluster::start(backend);
     let mut web = service(
         "web",
         &[CLUSTER_IP],
@@ -484,12 +509,12 @@ fn health_check_node_port_answers_as_local_endpoints_come_and_go() {
     );
 }
 
-#[test]
-fn sigterm_exits_zero_and_leaves_the_rules_serving() {
-    let mut cluster = Cluster::start();
+fn sigterm_exits_zero_and_leaves_the_rules_serving(backend: BackendChoice) {
+    let mut cluster = Cluster::start(backend);
     let spec = web_plan(&cluster, "30s");
     start_agent_until_programmed(&mut cluster, &spec, "programmed");
-    let before = rules_only(&cluster.iptables_save());
+    let before = cluster.proxy_rules();
+    assert!(!before.is_empty(), "the agent programmed rules");
     let status = cluster
         .agent
         .as_mut()
@@ -501,17 +526,12 @@ fn sigterm_exits_zero_and_leaves_the_rules_serving() {
         "exit status {status:?}\n{}",
         cluster.agent_log()
     );
-    assert_eq!(
-        rules_only(&cluster.iptables_save()),
-        before,
-        "stopping never flushes"
-    );
+    assert_eq!(cluster.proxy_rules(), before, "stopping never flushes");
     assert_eq!(cluster.connect(cluster_ip_addr()).server(), Some("backend"));
 }
 
-#[test]
-fn steady_state_writes_no_status_heartbeats() {
-    let mut cluster = Cluster::start();
+fn steady_state_writes_no_status_heartbeats(backend: BackendChoice) {
+    let mut cluster = Cluster::start(backend);
     // Full resyncs every second: none of them may rewrite the status.
     let spec = web_plan(&cluster, "1s");
     start_agent_until_programmed(&mut cluster, &spec, "programmed");
@@ -539,9 +559,8 @@ fn steady_state_writes_no_status_heartbeats() {
     );
 }
 
-#[test]
-fn explain_shows_the_services_rules_with_the_kernels_packet_counters() {
-    let mut cluster = Cluster::start();
+fn explain_shows_the_services_rules_as_the_kernel_holds_them(backend: BackendChoice) {
+    let mut cluster = Cluster::start(backend);
     let spec = web_plan(&cluster, "30s");
     start_agent_until_served(&mut cluster, &spec, "traffic flows");
     for _ in 0..3 {
@@ -551,6 +570,7 @@ fn explain_shows_the_services_rules_with_the_kernels_packet_counters() {
     let object = serde_json::to_string(&cluster.plan_object()).expect("json");
     std::io::Write::write_all(&mut plan_file, object.as_bytes()).expect("write the plan file");
     let path = plan_file.path().to_string_lossy().into_owned();
+    let backend = cluster.backend.to_string();
     let text = cluster
         .node_ns()
         .exec_ok(&[
@@ -559,6 +579,8 @@ fn explain_shows_the_services_rules_with_the_kernels_packet_counters() {
             "default/web",
             "--plan-file",
             &path,
+            "--backend",
+            &backend,
         ])
         .expect("explain runs");
     assert!(
@@ -566,6 +588,24 @@ fn explain_shows_the_services_rules_with_the_kernels_packet_counters() {
         "{text}"
     );
     assert!(text.contains("cluster-wide set: Ready"), "{text}");
+    if cluster.nftables() {
+        // nftables keeps no per-rule counters (ours ask for none): explain
+        // shows the table's objects that carry the service, as the kernel
+        // lists them: the dispatch element and the endpoint it leads to.
+        assert!(
+            text.contains("element 10.96.0.10 . tcp . 80 : goto "),
+            "the dispatch element is shown:\n{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "10.96.0.10 . 80 . 0 : {} . 8080",
+                cluster.pod_ip()
+            )),
+            "the endpoint element is shown:\n{text}"
+        );
+        assert!(!text.contains("nftables table not read"), "{text}");
+        return;
+    }
     let entry = text
         .lines()
         .find(|line| line.contains("-A PPX-SERVICES") && line.contains("default/web cluster IP"))
@@ -582,12 +622,13 @@ fn explain_shows_the_services_rules_with_the_kernels_packet_counters() {
     assert!(!text.contains("not in the kernel"), "{text}");
 }
 
-#[test]
-fn agent_started_while_the_api_server_is_unreachable_keeps_the_rules_and_serves_health() {
-    let mut cluster = Cluster::start();
+fn agent_started_while_the_api_server_is_unreachable_keeps_the_rules_and_serves_health(
+    backend: BackendChoice,
+) {
+    let mut cluster = Cluster::start(backend);
     let spec = web_plan(&cluster, "30s");
     start_agent_until_programmed(&mut cluster, &spec, "programmed");
-    let before = rules_only(&cluster.iptables_save());
+    let before = cluster.proxy_rules();
     cluster.agent = None; // SIGKILL
 
     cluster
@@ -606,11 +647,7 @@ fn agent_started_while_the_api_server_is_unreachable_keeps_the_rules_and_serves_
         &cluster,
     );
     assert_eq!(cluster.connect(cluster_ip_addr()).server(), Some("backend"));
-    assert_eq!(
-        rules_only(&cluster.iptables_save()),
-        before,
-        "nothing flushed on start"
-    );
+    assert_eq!(cluster.proxy_rules(), before, "nothing flushed on start");
 
     let changed = web_and_api_plan(&cluster);
     cluster.put_plan(&changed);

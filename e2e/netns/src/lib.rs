@@ -25,6 +25,10 @@
 //!   [`Netns::connect_tcp`], [`Netns::connect_udp`] and
 //!   [`Netns::connect_many`] return an [`Attempt`], which tells a refused
 //!   connection (`REJECT`) from a timeout (`DROP`).
+//! * [`ProxyRules`]: planproxy's rules as one normalised dump, whichever
+//!   backend wrote them ([`Netns::proxy_rules`]), and helpers that break them
+//!   behind the agent's back ([`Netns::flush_proxy_rules`],
+//!   [`Netns::delete_proxy_rules`], [`Netns::jump_into_proxy_chain`]).
 //! * [`Topology`]: nodes with pods behind a bridge, a router and clients
 //!   outside the cluster, with a fixed address plan documented in
 //!   [`topology`].
@@ -65,10 +69,12 @@ mod child;
 mod echo;
 mod error;
 mod ns;
+mod rules;
 pub mod topology;
 
 pub use child::ChildGuard;
 pub use echo::{Attempt, ConnectOpts, EchoConfig, EchoGuard, echo_line, here};
 pub use error::{NetnsError, Result};
 pub use ns::{MAX_IFNAME_LEN, NAME_PREFIX, Netns, remove_stale_namespaces, veth};
+pub use rules::{CHAIN_PREFIX, ForeignJump, NFT_TABLE, Place, ProxyChain, ProxyRules, Tamper};
 pub use topology::{Client, Host, Node, Pod, Topology, TopologySpec};

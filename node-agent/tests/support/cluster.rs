@@ -13,8 +13,9 @@ use planproxy_crds::ProxyPlanSpec;
 use planproxy_crds::testing::{NodeSettingsExt, mk_plan, mk_settings};
 use planproxy_crds::v1alpha1::ServicePortPlan;
 use planproxy_netns::{
-    Attempt, ChildGuard, ConnectOpts, EchoConfig, EchoGuard, Topology, TopologySpec,
+    Attempt, ChildGuard, ConnectOpts, EchoConfig, EchoGuard, ProxyRules, Topology, TopologySpec,
 };
+use planproxy_node_agent::dataplane::{Backend, BackendChoice};
 use serde_json::{Value, json};
 
 use super::ECHO_PORT;
@@ -24,6 +25,8 @@ pub const METRICS: &str = "127.0.0.1:10249";
 pub const NODE: &str = "node1";
 
 pub struct Cluster {
+    /// What `--backend` the agent runs with.
+    pub backend: BackendChoice,
     pub server: ControlPlane,
     pub kubeconfig: tempfile::NamedTempFile,
     pub agent: Option<ChildGuard>,
@@ -32,7 +35,9 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn start() -> Self {
+    /// The cluster, with agents started by [`Self::start_agent`] programming
+    /// the node with `backend`.
+    pub fn start(backend: BackendChoice) -> Self {
         let topology = Topology::new(TopologySpec {
             nodes: 1,
             pods_per_node: 1,
@@ -67,6 +72,7 @@ impl Cluster {
             )
             .expect("writing the kubeconfig");
         Self {
+            backend,
             server,
             kubeconfig,
             agent: None,
@@ -85,6 +91,7 @@ impl Cluster {
 
     pub fn start_agent(&mut self) {
         let path = self.kubeconfig.path().to_string_lossy().into_owned();
+        let backend = self.backend.to_string();
         let agent = self
             .node_ns()
             .spawn(
@@ -99,6 +106,8 @@ impl Cluster {
                     METRICS,
                     "--status-min-interval",
                     "100ms",
+                    "--backend",
+                    &backend,
                 ],
                 &[("KUBECONFIG", path.as_str()), ("PLANPROXY_LOG", "debug")],
             )
@@ -169,8 +178,17 @@ impl Cluster {
             .connect_tcp(addr, &ConnectOpts::with_timeout(Duration::from_millis(500)))
     }
 
-    pub fn iptables_save(&self) -> String {
-        self.node_ns().iptables_save()
+    /// planproxy's rules in the node, whichever backend wrote them.
+    pub fn proxy_rules(&self) -> ProxyRules {
+        self.node_ns()
+            .proxy_rules()
+            .expect("reading planproxy's rules in the node namespace")
+    }
+
+    /// Whether the agent runs the nftables backend (the iptables choice
+    /// detects the host's variant).
+    pub fn nftables(&self) -> bool {
+        self.backend == BackendChoice::Exactly(Backend::Nftables)
     }
 
     /// GET `path` from `addr` inside the node namespace: (status code, body).
@@ -193,22 +211,43 @@ pub fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// The node's single-shard plan.
+/// The node's single-shard plan, synced at most every 100ms.
 pub fn plan(service_ports: Vec<ServicePortPlan>, sync_period: &str) -> ProxyPlanSpec {
+    plan_with_sync_periods(service_ports, "100ms", sync_period)
+}
+
+/// The node's single-shard plan with these `minSyncPeriod` and `syncPeriod`.
+pub fn plan_with_sync_periods(
+    service_ports: Vec<ServicePortPlan>,
+    min_sync_period: &str,
+    sync_period: &str,
+) -> ProxyPlanSpec {
     let settings = mk_settings(&["10.244.0.0/16"])
         .with_node_ips(&[&planproxy_netns::topology::node_ipv4(1).to_string()])
-        .with_sync_periods("100ms", sync_period);
+        .with_sync_periods(min_sync_period, sync_period);
     mk_plan(NODE, settings, service_ports)
 }
 
-/// The lines of an iptables-save dump that describe rules and chains (no
-/// comments, no counters), for comparing two dumps.
-pub fn rules_only(dump: &str) -> Vec<String> {
-    dump.lines()
-        .filter(|line| !line.starts_with('#'))
-        .map(|line| match line.strip_prefix(':') {
-            Some(chain) => format!(":{}", chain.split_whitespace().next().unwrap_or_default()),
-            None => line.to_owned(),
-        })
-        .collect()
+/// Declares `#[test]`s `<name>::iptables` (the variant the host uses, as the
+/// agent detects it by default) and `<name>::nftables`, each calling
+/// `name(backend)` with the agent's `--backend` choice.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn iptables() {
+                    super::$name(planproxy_node_agent::dataplane::BackendChoice::Iptables);
+                }
+
+                #[test]
+                fn nftables() {
+                    super::$name(planproxy_node_agent::dataplane::BackendChoice::Exactly(
+                        planproxy_node_agent::dataplane::Backend::Nftables,
+                    ));
+                }
+            }
+        )*
+    };
 }

@@ -92,7 +92,7 @@ pub fn apply_with(node: &Node, spec: &ProxyPlanSpec, extra: &[&str]) {
         out.status.success(),
         "apply failed: {}\n{}",
         String::from_utf8_lossy(&out.stderr),
-        node.ns.iptables_save()
+        node.ns.netfilter_report()
     );
 }
 
