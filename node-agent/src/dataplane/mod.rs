@@ -528,20 +528,11 @@ impl DataPlane {
         } else {
             [Backend::IptablesNft, Backend::IptablesLegacy]
                 .into_iter()
-                .try_for_each(|b| {
-                    cleanup_iptables(&*self.nf, b, &self.supported_iptables_families(b))
-                })
+                .try_for_each(|b| cleanup_iptables(&*self.nf, b, &Family::ALL))
         };
         if let Err(error) = result {
             tracing::warn!(%error, "failed to remove the rules of another backend");
         }
-    }
-
-    fn supported_iptables_families(&self, backend: Backend) -> Vec<Family> {
-        Family::ALL
-            .into_iter()
-            .filter(|f| backend::supports(&*self.nf, backend, *f))
-            .collect()
     }
 
     /// Deletes stale UDP flows; shared by every backend.
@@ -674,12 +665,7 @@ impl DataPlane {
         self.applied = None;
         self.udp_frontends.clear();
         for backend in [Backend::IptablesNft, Backend::IptablesLegacy] {
-            let families = if backend == self.backend {
-                self.families.clone()
-            } else {
-                self.supported_iptables_families(backend)
-            };
-            cleanup_iptables(&*self.nf, backend, &families)?;
+            cleanup_iptables(&*self.nf, backend, &Family::ALL)?;
         }
         if nft::delete_table(&*self.nf)? {
             tracing::info!("planproxy's nftables table removed");
@@ -773,6 +759,12 @@ fn cleanup_iptables(
             nf,
             program: programs.iptables,
         };
+        // A save of every table lists only the tables that exist, where `-t`
+        // would create one: a backend that was never used stays untouched.
+        let all = netfilter::run(nf, programs.save, &[], None)?;
+        if !all.success || !all.stdout.contains(CHAIN_PREFIX) {
+            continue;
+        }
         for table in Table::ALL {
             let t = table.as_str();
             let saved = parse::chains_of(&exec::save(nf, &programs, table)?);
