@@ -589,12 +589,13 @@ fn explain_shows_the_services_rules_as_the_kernel_holds_them(backend: BackendCho
     );
     assert!(text.contains("cluster-wide set: Ready"), "{text}");
     if cluster.nftables() {
-        // nftables keeps no per-rule counters (ours ask for none): explain
-        // shows the table's objects that carry the service, as the kernel
-        // lists them: the dispatch element and the endpoint it leads to.
+        // nftables rules carry no counters; the dispatch element counts the
+        // service's new connections, and explain shows it with the endpoint
+        // it leads to, as the kernel lists them.
         assert!(
-            text.contains("element 10.96.0.10 . tcp . 80 : goto "),
-            "the dispatch element is shown:\n{text}"
+            text.contains("element 10.96.0.10 . tcp . 80 counter packets ")
+                && text.contains(" : goto "),
+            "the dispatch element is shown with its counter:\n{text}"
         );
         assert!(
             text.contains(&format!(
