@@ -94,6 +94,7 @@
 pub mod binaries;
 pub mod cluster;
 pub mod control;
+pub mod differential;
 mod error;
 pub mod install;
 pub mod objects;

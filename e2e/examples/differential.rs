@@ -1,0 +1,129 @@
+//! Runs generated cluster states on planproxy and on the real kube-proxy side
+//! by side and prints every disagreement with the state that reproduces it,
+//! then a count by class.
+//!
+//! ```sh
+//! cargo build --workspace --bins
+//! cargo run -p planproxy-e2e --example differential -- --seeds 1000            # seeds 1000..2000
+//! cargo run -p planproxy-e2e --example differential -- --seed 17               # one seed
+//! cargo run -p planproxy-e2e --example differential -- --seeds 50 --from 0 --mode nftables
+//! ```
+//!
+//! Needs root (network namespaces). `--from` defaults to 1000, past the
+//! fixed seeds of `tests/differential.rs`.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use planproxy_e2e::KubeProxyMode;
+use planproxy_e2e::differential::{Differential, deviations};
+
+struct Args {
+    from: u64,
+    count: u64,
+    mode: KubeProxyMode,
+}
+
+fn parse() -> Result<Args, String> {
+    let mut args = Args {
+        from: 1000,
+        count: 10,
+        mode: KubeProxyMode::Iptables,
+    };
+    let mut argv = std::env::args().skip(1);
+    while let Some(flag) = argv.next() {
+        let mut value = || argv.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--seeds" => args.count = value()?.parse().map_err(|e| format!("--seeds: {e}"))?,
+            "--from" => args.from = value()?.parse().map_err(|e| format!("--from: {e}"))?,
+            "--seed" => {
+                args.from = value()?.parse().map_err(|e| format!("--seed: {e}"))?;
+                args.count = 1;
+            }
+            "--mode" => {
+                args.mode = match value()?.as_str() {
+                    "iptables" => KubeProxyMode::Iptables,
+                    "nftables" => KubeProxyMode::Nftables,
+                    other => return Err(format!("--mode iptables|nftables, not {other}")),
+                }
+            }
+            other => {
+                return Err(format!(
+                    "unknown argument {other}; usage: differential [--seeds N] [--from S] [--seed S] [--mode iptables|nftables]"
+                ));
+            }
+        }
+    }
+    Ok(args)
+}
+
+fn main() {
+    let args = match parse() {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    let started = Instant::now();
+    let differential = match Differential::start(args.mode) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("the cluster did not start: {e}");
+            std::process::exit(1);
+        }
+    };
+    println!(
+        "cluster up in {:.1?} (kube-proxy --proxy-mode={})",
+        started.elapsed(),
+        args.mode.as_flag()
+    );
+    // class -> (count, first reproducing seed, deliberate heading)
+    let mut classes: BTreeMap<String, (usize, u64, Option<&str>)> = BTreeMap::new();
+    let (mut seeds_run, mut failed, mut probes) = (0, Vec::new(), 0);
+    for seed in args.from..args.from.saturating_add(args.count) {
+        match differential.run_seed(seed) {
+            Ok(report) => {
+                seeds_run += 1;
+                probes += report.probes;
+                println!(
+                    "seed {seed}: {} probes, {} disagreements, {:.1?}",
+                    report.probes,
+                    report.disagreements.len(),
+                    report.elapsed
+                );
+                if !report.disagreements.is_empty() {
+                    print!("{}", report.state);
+                }
+                for d in &report.disagreements {
+                    let deliberate = deviations::known(d, &report.state);
+                    println!(
+                        "  {}{d}",
+                        deliberate.map_or_else(String::new, |h| format!("[deliberate: {h}] "))
+                    );
+                    let entry = classes.entry(d.class()).or_insert((0, seed, deliberate));
+                    entry.0 += 1;
+                }
+            }
+            Err(e) => {
+                println!("seed {seed}: not run: {e}");
+                failed.push(seed);
+            }
+        }
+    }
+    println!(
+        "\n{seeds_run} seeds run ({} failed to run: {failed:?}), {probes} probes per node, in {:.1?}",
+        failed.len(),
+        started.elapsed()
+    );
+    println!("disagreements by class (count, first seed):");
+    for (class, (count, seed, deliberate)) in &classes {
+        println!(
+            "  {count:5}  seed {seed:<6} {}{class}",
+            deliberate.map_or_else(String::new, |h| format!("[deliberate: {h}] "))
+        );
+    }
+    if let Err(e) = differential.cluster.processes_running() {
+        println!("a process died: {e}");
+    }
+}
