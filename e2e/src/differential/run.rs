@@ -83,16 +83,9 @@ impl Differential {
     /// Starts the cluster, gives planproxy kube-proxy's settings, and
     /// deploys the pool.
     pub fn start(mode: KubeProxyMode) -> Result<Differential> {
-        let sync_flag = match mode {
-            KubeProxyMode::Iptables => "--iptables-sync-period=1s",
-            KubeProxyMode::Nftables => "--nftables-sync-period=1s",
-        };
         let cluster = Cluster::start(ClusterSpec {
             nodes: 2,
             kube_proxy_nodes: BTreeMap::from([(KUBE_PROXY_NODE, mode)]),
-            // A sync every second, so that "a sync finished after the state
-            // was complete" is a short wait (see wait_kube_proxy_synced).
-            kube_proxy_args: vec![sync_flag.into()],
             ..ClusterSpec::default()
         })?;
         cluster.run(|api| async move {
@@ -379,7 +372,8 @@ impl Differential {
     fn wait_kube_proxy_synced(&self, state: &State) -> Result<()> {
         let node = self.cluster.node(KUBE_PROXY_NODE);
         let metrics = SocketAddr::from(([127, 0, 0, 1], 10249));
-        let expected: Vec<(String, bool, bool, Vec<IpAddr>)> = state
+        let mode = self.mode;
+        let expected: Vec<ExpectedRules> = state
             .services
             .iter()
             .flat_map(|svc| {
@@ -389,59 +383,49 @@ impl Differential {
                     .collect();
                 svc.ports.iter().flat_map(move |port| {
                     let addresses = addresses.clone();
-                    svc.families.list().into_iter().map(move |ipv6| {
-                        (
-                            format!("{NAMESPACE}/{}:{}", svc.name, port.name),
+                    svc.families
+                        .list()
+                        .into_iter()
+                        .map(move |ipv6| ExpectedRules {
+                            port: format!("{NAMESPACE}/{}:{}", svc.name, port.name),
+                            chain: format!(
+                                "{NAMESPACE}/{}/{}/{}",
+                                svc.name,
+                                port.protocol.as_k8s().to_lowercase(),
+                                port.name
+                            ),
                             ipv6,
-                            svc.backend.app().is_some(),
-                            addresses
+                            with_endpoints: svc.backend.app().is_some(),
+                            addresses: addresses
                                 .iter()
                                 .copied()
                                 .filter(|a| a.is_ipv6() == ipv6)
                                 .collect(),
-                        )
-                    })
+                        })
                 })
             })
             .collect();
         let names: BTreeSet<&str> = state.services.iter().map(|s| s.name.as_str()).collect();
         crate::wait::eventually_sync("kube-proxy's rules hold the state", CONVERGE, || {
-            let saves = [
-                node.ns
-                    .exec_ok(&["iptables-save"])
-                    .map_err(|e| e.to_string())?,
-                node.ns
-                    .exec_ok(&["ip6tables-save"])
-                    .map_err(|e| e.to_string())?,
-            ];
-            for save in &saves {
-                for name in generated_services_in(save) {
+            let listing = |command: &[&str]| node.ns.exec_ok(command).map_err(|e| e.to_string());
+            let rules = match mode {
+                KubeProxyMode::Iptables => {
+                    [listing(&["iptables-save"])?, listing(&["ip6tables-save"])?]
+                }
+                KubeProxyMode::Nftables => [
+                    listing(&["nft", "list", "table", "ip", "kube-proxy"])?,
+                    listing(&["nft", "list", "table", "ip6", "kube-proxy"])?,
+                ],
+            };
+            for text in &rules {
+                for name in generated_services_in(text) {
                     if !names.contains(name.as_str()) {
                         return Err(format!("rules still hold {name}"));
                     }
                 }
             }
-            for (port, ipv6, with_endpoints, addresses) in &expected {
-                let save = &saves[usize::from(*ipv6)];
-                let lines: Vec<&str> = save
-                    .lines()
-                    // `default/d1-0:p0` is no prefix of another port's name: a
-                    // colon ends the service name, ports are p0 and p1.
-                    .filter(|l| l.contains(port.as_str()))
-                    .collect();
-                if lines.is_empty() {
-                    return Err(format!("no rule for {port} (ipv6={ipv6})"));
-                }
-                let dnat = lines.iter().any(|l| l.contains("-j DNAT"));
-                if dnat != *with_endpoints {
-                    return Err(format!("{port} (ipv6={ipv6}) DNAT rules: {dnat}"));
-                }
-                for address in addresses {
-                    let prefix = if address.is_ipv6() { 128 } else { 32 };
-                    if !save.contains(&format!("-d {address}/{prefix}")) {
-                        return Err(format!("no rule for {address}"));
-                    }
-                }
+            for want in &expected {
+                want.held_by(mode, &rules[usize::from(want.ipv6)])?;
             }
             let body = get_http10(&node.ns, metrics, "/metrics").ok_or("no /metrics answer")?;
             let synced = metric(&body, "kubeproxy_sync_proxy_rules_last_timestamp_seconds");
@@ -738,6 +722,55 @@ impl Differential {
     }
 }
 
+/// What kube-proxy's rules must hold for one service port in one family.
+#[derive(Clone, Debug)]
+struct ExpectedRules {
+    /// kube-proxy's name of the port (`default/d1-0:p0`), which its rule
+    /// comments carry.
+    port: String,
+    /// The nftables mode's chain name part (`default/d1-0/tcp/p0`).
+    chain: String,
+    ipv6: bool,
+    with_endpoints: bool,
+    /// The external and load-balancer addresses of this family.
+    addresses: Vec<IpAddr>,
+}
+
+impl ExpectedRules {
+    /// `Ok` when `rules` (one family's `iptables-save`, or its `nft list
+    /// table`) hold this port as expected.
+    fn held_by(&self, mode: KubeProxyMode, rules: &str) -> Result<(), String> {
+        let (port, family) = (&self.port, if self.ipv6 { "IPv6" } else { "IPv4" });
+        // `default/d1-0:p0` is no prefix of another port's name: a colon
+        // ends the service name, and ports are p0 and p1.
+        let lines: Vec<&str> = rules
+            .lines()
+            .filter(|l| l.contains(port.as_str()) || l.contains(self.chain.as_str()))
+            .collect();
+        if lines.is_empty() {
+            return Err(format!("no {family} rule for {port}"));
+        }
+        let endpoints = match mode {
+            KubeProxyMode::Iptables => lines.iter().any(|l| l.contains("-j DNAT")),
+            KubeProxyMode::Nftables => rules.contains(&format!("{}__", self.chain)),
+        };
+        if endpoints != self.with_endpoints {
+            return Err(format!("{family} {port}: endpoint rules {endpoints}"));
+        }
+        for address in &self.addresses {
+            let prefix = if address.is_ipv6() { 128 } else { 32 };
+            let held = match mode {
+                KubeProxyMode::Iptables => rules.contains(&format!("-d {address}/{prefix}")),
+                KubeProxyMode::Nftables => rules.contains(&format!("{address} . ")),
+            };
+            if !held {
+                return Err(format!("no rule for {address}"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What planproxy's plan must hold for one service port of the state.
 #[derive(Clone, Debug)]
 struct ExpectedPort {
@@ -840,13 +873,21 @@ fn metric(metrics: &str, name: &str) -> BTreeMap<String, f64> {
         .collect()
 }
 
-/// The generated services (`d<seed>-<index>`) rule comments in an
-/// `iptables-save` name.
-fn generated_services_in(save: &str) -> BTreeSet<String> {
+/// The generated services (`d<seed>-<index>`) whose names the rules or
+/// elements of an `iptables-save` or `nft list table` carry. Declarations
+/// of chains and sets do not count: kube-proxy's nftables mode empties the
+/// chains of a deleted service at once but deletes them on a later sync.
+fn generated_services_in(rules: &str) -> BTreeSet<String> {
     let marker = format!("{NAMESPACE}/");
-    save.match_indices(&marker)
-        .filter_map(|(at, _)| {
-            let rest = &save[at + marker.len()..];
+    rules
+        .lines()
+        .filter(|line| {
+            let line = line.trim_start();
+            !(line.starts_with("chain ") || line.starts_with("set ") || line.starts_with("map "))
+        })
+        .flat_map(|line| line.match_indices(&marker).map(move |(at, _)| &line[at..]))
+        .filter_map(|found| {
+            let rest = &found[marker.len()..];
             let name: String = rest
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
@@ -892,6 +933,12 @@ mod tests {
         assert_eq!(
             generated_services_in(save),
             BTreeSet::from(["d12-0".to_owned(), "d3-1".to_owned()])
+        );
+        let nft = "\tchain endpoint-ABC-default/d7-0/tcp/p0__10.244.1.2/8080 {\n\t}\n\
+            \t\telements = { 10.96.0.9 . tcp . 80 comment \"default/d8-0:p0\" : goto service-X-default/d8-0/tcp/p0 }\n";
+        assert_eq!(
+            generated_services_in(nft),
+            BTreeSet::from(["d8-0".to_owned()])
         );
     }
 }

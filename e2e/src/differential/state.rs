@@ -481,6 +481,107 @@ fn generate_service(rng: &mut Rng, seed: u64, index: u8) -> Svc {
     }
 }
 
+/// Every feature the generator draws, as [`State::features`] names them.
+pub const FEATURES: &[&str] = &[
+    "ClusterIP",
+    "NodePort",
+    "LoadBalancer",
+    "IPv4 only",
+    "IPv6 only",
+    "dual-stack",
+    "selector",
+    "no endpoints",
+    "hand-written slices with nodeName",
+    "hand-written slices without nodeName",
+    "terminating endpoints only",
+    "ready and terminating endpoints",
+    "several ports",
+    "UDP",
+    "named target port",
+    "eTP=Local",
+    "eTP=Cluster",
+    "iTP=Local",
+    "ClientIP affinity",
+    "PreferClose",
+    "externalIPs",
+    "source ranges admitting the client",
+    "source ranges excluding the client",
+];
+
+impl State {
+    /// The features this state exercises (names from [`FEATURES`]).
+    pub fn features(&self) -> std::collections::BTreeSet<&'static str> {
+        let mut out = std::collections::BTreeSet::new();
+        for s in &self.services {
+            out.insert(match s.kind {
+                Kind::ClusterIp => "ClusterIP",
+                Kind::NodePort => "NodePort",
+                Kind::LoadBalancer => "LoadBalancer",
+            });
+            out.insert(match s.families {
+                Families::V4 => "IPv4 only",
+                Families::V6 => "IPv6 only",
+                Families::Dual => "dual-stack",
+            });
+            out.insert(match s.backend {
+                Backend::Selector(_) => "selector",
+                Backend::NoEndpoints => "no endpoints",
+                Backend::Manual {
+                    node_names: true, ..
+                } => "hand-written slices with nodeName",
+                Backend::Manual {
+                    node_names: false, ..
+                } => "hand-written slices without nodeName",
+            });
+            match s.backend.app() {
+                Some(PoolApp::Terminating) => {
+                    out.insert("terminating endpoints only");
+                }
+                Some(PoolApp::Mixed) => {
+                    out.insert("ready and terminating endpoints");
+                }
+                _ => {}
+            }
+            if s.ports.len() > 1 {
+                out.insert("several ports");
+            }
+            if s.ports.iter().any(|p| p.protocol == Protocol::Udp) {
+                out.insert("UDP");
+            }
+            if s.ports.iter().any(|p| matches!(p.target, Target::Named(_))) {
+                out.insert("named target port");
+            }
+            if s.has_node_ports() {
+                out.insert(if s.external_local {
+                    "eTP=Local"
+                } else {
+                    "eTP=Cluster"
+                });
+            }
+            for (on, name) in [
+                (s.internal_local, "iTP=Local"),
+                (s.affinity, "ClientIP affinity"),
+                (s.prefer_close, "PreferClose"),
+                (s.external_ips, "externalIPs"),
+            ] {
+                if on {
+                    out.insert(name);
+                }
+            }
+            match s.source_ranges {
+                Some(SourceRanges::Clients) => {
+                    out.insert("source ranges admitting the client");
+                }
+                Some(SourceRanges::Foreign) => {
+                    out.insert("source ranges excluding the client");
+                }
+                None => {}
+            }
+        }
+        out
+    }
+}
+
 impl fmt::Display for State {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "seed {}:", self.seed)?;
@@ -507,41 +608,10 @@ mod tests {
     fn states_are_small_and_cover_every_feature_over_a_few_hundred_seeds() {
         let states: Vec<State> = (0..300).map(State::generate).collect();
         assert!(states.iter().all(|s| (1..=3).contains(&s.services.len())));
-        let all: Vec<&Svc> = states.iter().flat_map(|s| s.services.iter()).collect();
-        let any = |f: &dyn Fn(&Svc) -> bool| all.iter().any(|s| f(s));
-        assert!(any(
-            &|s| s.kind == Kind::ClusterIp && s.families == Families::Dual
-        ));
-        assert!(any(&|s| s.kind == Kind::NodePort));
-        assert!(any(
-            &|s| s.kind == Kind::LoadBalancer && s.source_ranges == Some(SourceRanges::Foreign)
-        ));
-        assert!(any(&|s| s.families == Families::V6));
-        assert!(any(&|s| s.external_ips));
-        assert!(any(&|s| s.external_local));
-        assert!(any(&|s| s.internal_local));
-        assert!(any(&|s| s.affinity));
-        assert!(any(&|s| s.prefer_close));
-        assert!(any(&|s| s.ports.len() > 1));
-        assert!(any(&|s| s
-            .ports
-            .iter()
-            .any(|p| p.protocol == Protocol::Udp)));
-        assert!(any(&|s| s
-            .ports
-            .iter()
-            .any(|p| matches!(p.target, Target::Named(_)))));
-        assert!(any(&|s| s.backend == Backend::NoEndpoints));
-        assert!(any(
-            &|s| s.backend == Backend::Selector(PoolApp::Terminating)
-        ));
-        assert!(any(&|s| matches!(
-            s.backend,
-            Backend::Manual {
-                node_names: false,
-                ..
-            }
-        )));
+        let seen: std::collections::BTreeSet<&str> =
+            states.iter().flat_map(State::features).collect();
+        let all: std::collections::BTreeSet<&str> = FEATURES.iter().copied().collect();
+        assert_eq!(seen, all);
     }
 
     #[test]
