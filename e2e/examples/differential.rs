@@ -118,7 +118,8 @@ fn main() {
                     print!("{}", report.state);
                 }
                 for d in &report.disagreements {
-                    let deliberate = deviations::listed(d, &report.state).map(label);
+                    let deliberate =
+                        deviations::listed(d, &report.state, differential.mode).map(label);
                     println!("  {}{d}", deliberate.as_deref().unwrap_or_default());
                     let entry = classes.entry(d.class()).or_insert((0, seed, deliberate));
                     entry.0 += 1;

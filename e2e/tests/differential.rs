@@ -40,7 +40,7 @@ fn planproxy_and_kube_proxy_agree_on_every_probe_of_the_fixed_seeds() {
             report.elapsed
         );
         for disagreement in &report.disagreements {
-            match deviations::listed(disagreement, &report.state) {
+            match deviations::listed(disagreement, &report.state, differential.mode) {
                 Some(listed) => eprintln!(
                     "  listed ({:?}: {}): {}",
                     listed.nature, listed.heading, disagreement.key
