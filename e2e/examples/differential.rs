@@ -8,6 +8,7 @@
 //! cargo run -p planproxy-e2e --example differential -- --seed 17               # one seed
 //! cargo run -p planproxy-e2e --example differential -- --seeds 50 --from 0 --mode nftables
 //! cargo run -p planproxy-e2e --example differential -- --seeds 1000 --minutes 30  # as many as fit
+//! cargo run -p planproxy-e2e --example differential -- --seed 17 --list           # only print the state
 //! ```
 //!
 //! Needs root (network namespaces). `--from` defaults to 1000, past the
@@ -25,6 +26,8 @@ struct Args {
     mode: KubeProxyMode,
     /// Start no seed after this many minutes (then print the summary).
     minutes: Option<u64>,
+    /// Only print the seeds' states (no cluster, no root needed).
+    list: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -33,6 +36,7 @@ fn parse() -> Result<Args, String> {
         count: 10,
         mode: KubeProxyMode::Iptables,
         minutes: None,
+        list: false,
     };
     let mut argv = std::env::args().skip(1);
     while let Some(flag) = argv.next() {
@@ -44,6 +48,7 @@ fn parse() -> Result<Args, String> {
                 args.from = value()?.parse().map_err(|e| format!("--seed: {e}"))?;
                 args.count = 1;
             }
+            "--list" => args.list = true,
             "--minutes" => {
                 args.minutes = Some(value()?.parse().map_err(|e| format!("--minutes: {e}"))?);
             }
@@ -56,7 +61,7 @@ fn parse() -> Result<Args, String> {
             }
             other => {
                 return Err(format!(
-                    "unknown argument {other}; usage: differential [--seeds N] [--from S] [--seed S] [--mode iptables|nftables] [--minutes M]"
+                    "unknown argument {other}; usage: differential [--seeds N] [--from S] [--seed S] [--mode iptables|nftables] [--minutes M] [--list]"
                 ));
             }
         }
@@ -80,6 +85,12 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if args.list {
+        for seed in args.from..args.from.saturating_add(args.count) {
+            print!("{}", planproxy_e2e::differential::State::generate(seed));
+        }
+        return;
+    }
     let started = Instant::now();
     let differential = match Differential::start(args.mode) {
         Ok(d) => d,

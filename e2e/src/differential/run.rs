@@ -345,7 +345,7 @@ impl Differential {
                                 .families
                                 .list()
                                 .into_iter()
-                                .filter(|_| svc.backend.app().is_some())
+                                .filter(|_| programs_endpoints(svc))
                                 .collect(),
                         },
                     )
@@ -397,7 +397,7 @@ impl Differential {
                                 port.name
                             ),
                             ipv6,
-                            with_endpoints: svc.backend.app().is_some(),
+                            with_endpoints: programs_endpoints(svc),
                             addresses: addresses
                                 .iter()
                                 .copied()
@@ -787,6 +787,23 @@ struct ExpectedPort {
     families_with_endpoints: Vec<bool>,
 }
 
+/// Whether a node programs any endpoint of `svc`: some traffic policy uses
+/// all endpoints, or a local one exists. The pool puts the same pods on
+/// every node, so "local" only fails for hand-written endpoints without
+/// `nodeName`.
+fn programs_endpoints(svc: &Svc) -> bool {
+    let external = svc.has_node_ports() || svc.external_ips || !svc.load_balancer_ips().is_empty();
+    let cluster_wide = !svc.internal_local || (external && !svc.external_local);
+    let local_exists = !matches!(
+        svc.backend,
+        Backend::Manual {
+            node_names: false,
+            ..
+        }
+    );
+    svc.backend.app().is_some() && (cluster_wide || local_exists)
+}
+
 fn parse_all(ips: &[String]) -> BTreeSet<IpAddr> {
     ips.iter().filter_map(|ip| ip.parse().ok()).collect()
 }
@@ -906,6 +923,22 @@ fn generated_services_in(rules: &str) -> BTreeSet<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn internal_local_services_without_node_names_program_no_endpoint() {
+        // d1039-0: ClusterIP, iTP=Local, hand-written slices without nodeName.
+        let state = State::generate(1039);
+        assert!(!programs_endpoints(&state.services[0]));
+        let mut with_node_names = state.services[0].clone();
+        with_node_names.backend = Backend::Manual {
+            app: PoolApp::One,
+            node_names: true,
+        };
+        assert!(programs_endpoints(&with_node_names));
+        let mut cluster_wide = state.services[0].clone();
+        cluster_wide.internal_local = false;
+        assert!(programs_endpoints(&cluster_wide));
+    }
 
     #[test]
     fn gauges_are_read_per_label_set_by_exact_name() {
