@@ -31,7 +31,9 @@ pub const POLICY: &str = "differential-kube-proxy-flags";
 const CONVERGE: Duration = Duration::from_secs(60);
 /// Per-connection timeout of a probe: long enough for a loaded machine to
 /// answer, short enough that a dropped frontend costs little.
-const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(300);
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
+/// The timeout of a second try after a connection answered too late.
+const SLOW_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Connections per probe that gets answered: with two kinds of endpoint
 /// equally likely, one kind is missed in 16 tries with probability 3e-5.
 const ATTEMPTS: usize = 16;
@@ -607,12 +609,27 @@ impl Differential {
         sender: Vec<IpAddr>,
         (affinity, hairpin): (bool, bool),
     ) -> Outcome {
-        let opts = ConnectOpts::with_timeout(ATTEMPT_TIMEOUT);
-        let connect = |n: usize| -> Vec<Attempt> {
+        let connect_within = |n: usize, timeout: Duration| -> Vec<Attempt> {
+            let opts = ConnectOpts::with_timeout(timeout);
             match protocol {
                 Protocol::Tcp => from.connect_many(target, n, &opts),
                 Protocol::Udp => from.connect_many_udp(target, n, &opts),
             }
+        };
+        // A connection that was accepted but answered late is a loaded
+        // machine, not a verdict: it is tried again with more patience.
+        let connect = |n: usize| -> Vec<Attempt> {
+            connect_within(n, ATTEMPT_TIMEOUT)
+                .into_iter()
+                .map(|attempt| match &attempt {
+                    Attempt::Other(error) if error.contains("no reply") => {
+                        connect_within(1, SLOW_ATTEMPT_TIMEOUT)
+                            .pop()
+                            .unwrap_or(attempt)
+                    }
+                    _ => attempt,
+                })
+                .collect()
         };
         // Three first: an endpoint that fails (a hairpin without
         // masquerade, say) among several shows as "partly" unless all three
