@@ -7,6 +7,10 @@
 //! except where `docs/deviations.md` says planproxy deliberately differs.
 //!
 //! More seeds: `cargo run -p planproxy-e2e --example differential -- --seeds 100`.
+//!
+//! On the 2-core machine, shared with other runs, the fixed seeds take 2 to 3
+//! minutes (about 15 s for the cluster, then 2 to 30 s per seed: a dropped
+//! frontend costs its connection timeouts).
 
 use std::time::Instant;
 
