@@ -34,9 +34,10 @@ const CONTROL_PLANE_HOST: u8 = 2;
 pub const SERVICE_CIDR_V4: &str = "10.96.0.0/16";
 pub const SERVICE_CIDR_V6: &str = "fd00:96::/112";
 /// The pod networks every node's pod CIDR is cut from (kube-proxy's
-/// `--cluster-cidr`).
+/// `--cluster-cidr`). Node *i*'s IPv6 pod CIDR is `fd00:244:i::/64`, whose
+/// third group a /48 would fix at 0: the IPv6 range is a /32.
 pub const CLUSTER_CIDR_V4: &str = "10.244.0.0/16";
-pub const CLUSTER_CIDR_V6: &str = "fd00:244::/48";
+pub const CLUSTER_CIDR_V6: &str = "fd00:244::/32";
 
 /// How to build a namespace cluster.
 #[derive(Clone, Debug)]

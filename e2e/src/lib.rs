@@ -89,11 +89,16 @@
 //! NodePort from outside, scaling, deletion, policies on selected nodes,
 //! invalid policies, status, Local traffic policy, no-endpoints behaviour);
 //! `tests/agent_resilience.rs` and `tests/controller_*.rs` the faults and
-//! leader election.
+//! leader election; `tests/reference.rs` the reference nodes the real
+//! kube-proxy programs; `tests/differential.rs` generated cluster states
+//! probed alike on a planproxy node and a kube-proxy node ([`differential`];
+//! more seeds with `cargo run -p planproxy-e2e --example differential`,
+//! deliberate differences and known bugs in `docs/deviations.md`).
 
 pub mod binaries;
 pub mod cluster;
 pub mod control;
+pub mod differential;
 mod error;
 pub mod install;
 pub mod objects;

@@ -292,14 +292,14 @@ pub fn app_pod(
     tcp_ports: &[u16],
     udp_ports: &[u16],
 ) -> Value {
+    // Named (`t8080`, `u8080`) so that Services can target them by name, as
+    // the EndpointSlice controller resolves a named targetPort per pod.
     let ports: Vec<Value> = tcp_ports
         .iter()
-        .map(|p| json!({"containerPort": p, "protocol": "TCP"}))
-        .chain(
-            udp_ports
-                .iter()
-                .map(|p| json!({"containerPort": p, "protocol": "UDP"})),
-        )
+        .map(|p| json!({"name": container_port_name(Protocol::Tcp, *p), "containerPort": p, "protocol": "TCP"}))
+        .chain(udp_ports.iter().map(|p| {
+            json!({"name": container_port_name(Protocol::Udp, *p), "containerPort": p, "protocol": "UDP"})
+        }))
         .collect();
     json!({
         "apiVersion": "v1",
@@ -310,6 +310,15 @@ pub fn app_pod(
             "containers": [{"name": "echo", "image": "planproxy-e2e/echo", "ports": ports}],
         },
     })
+}
+
+/// The name an app pod gives its container port: `t<port>` for TCP,
+/// `u<port>` for UDP (names are unique per pod and at most 15 characters).
+pub fn container_port_name(protocol: Protocol, port: u16) -> String {
+    match protocol {
+        Protocol::Tcp => format!("t{port}"),
+        Protocol::Udp => format!("u{port}"),
+    }
 }
 
 /// Patches a pod's status as its kubelet would once the containers run:
