@@ -68,17 +68,6 @@ pub const LISTED: &[Deviation] = &[
                 })
         },
     },
-    Deviation {
-        heading: "Source ranges drop traffic to a load balancer without endpoints",
-        nature: Nature::KnownBug,
-        covers: |d, state, _| {
-            d.key.frontend == Frontend::LoadBalancer
-                && d.planproxy.reached.is_empty()
-                && d.kube_proxy.reached.is_empty()
-                && service(d, state)
-                    .is_some_and(|s| s.backend == Backend::NoEndpoints && s.source_ranges.is_some())
-        },
-    },
 ];
 
 /// The listed deviation covering `disagreement`, if any.
@@ -163,10 +152,9 @@ mod tests {
             kube_proxy: outcome(&[], &["refused"]),
             ..lb
         };
-        assert_eq!(
-            listed(&lb, &state_1036, KubeProxyMode::Iptables).map(|d| d.heading),
-            Some("Source ranges drop traffic to a load balancer without endpoints")
-        );
+        // Fixed: planproxy now refuses it too, so such a disagreement is no
+        // listed deviation.
+        assert!(listed(&lb, &state_1036, KubeProxyMode::Iptables).is_none());
         // Seed 5: a load balancer without endpoints and without ranges,
         // probed from its node: kube-proxy's nftables mode rejects, its
         // iptables mode (and planproxy) does not.

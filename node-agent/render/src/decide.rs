@@ -152,7 +152,10 @@ impl<'a> PortDecision<'a> {
                 }
             }
         };
-        let uses_firewall = !lb_ips.is_empty() && !ranges.is_empty();
+        // As kube-proxy: without endpoints there is no firewall, and every
+        // source meets the no-endpoints action (a client the ranges admit is
+        // told "refused" at once instead of waiting for a timeout).
+        let uses_firewall = has_endpoints && !lb_ips.is_empty() && !ranges.is_empty();
         let firewall_admits_node = settings
             .node_ips
             .iter()

@@ -448,6 +448,46 @@ fn source_ranges_that_contain_the_node_also_admit_the_vip_as_source() {
 }
 
 #[test]
+fn a_load_balancer_without_endpoints_has_no_firewall_and_refuses_every_source() {
+    // As kube-proxy: the source ranges filter only a service that has
+    // endpoints; without them a client the ranges admit hears "refused" at
+    // once rather than waiting for a dropped SYN to time out.
+    let mut s = svc("lb", "10.96.0.1", vec![]);
+    s.load_balancer_ips = vec!["203.0.113.7".into()];
+    s.load_balancer_source_ranges = vec!["192.168.1.0/24".into()];
+    let r = rendered(spec(vec![s]));
+    let (nat, filter) = v4(&r);
+    assert!(!nat.chains.contains_key(&svc_chain("FW", "lb")));
+    assert!(
+        !chain(filter, "PPX-PROXY-FIREWALL")
+            .iter()
+            .any(|r| r.contains("203.0.113.7")),
+        "no firewall drop for the load balancer"
+    );
+    assert!(
+        chain(filter, "PPX-EXTERNAL-SERVICES")
+            .iter()
+            .any(|r| r.contains("-d 203.0.113.7/32 --dport 80 -j REJECT")),
+        "the no-endpoints action answers every source"
+    );
+    let nft = planproxy_render::nft::render_nft(
+        &[spec(vec![{
+            let mut s = svc("lb", "10.96.0.1", vec![]);
+            s.load_balancer_ips = vec!["203.0.113.7".into()];
+            s.load_balancer_source_ranges = vec!["192.168.1.0/24".into()];
+            s
+        }])],
+        &[Family::V4],
+    )
+    .expect("renders");
+    assert!(nft.rules.sets["firewall4"].elements.is_empty());
+    assert_eq!(
+        nft.rules.sets["refused-external4"].elements["203.0.113.7 . tcp . 80"],
+        "goto refuse"
+    );
+}
+
+#[test]
 fn a_service_of_the_other_family_is_not_rendered() {
     let s = svc("v6only", "fd00:96::1", vec![ep("fd00:244::5", false)]);
     let r = rendered(spec(vec![s]));
