@@ -490,6 +490,12 @@ impl DataPlane {
                 report.chains_written += delta.chains_written;
                 report.rules_written += delta.rules_written;
                 report.chains_deleted += delta.deleted;
+                if delta.elements_only
+                    && !delta.text.is_empty()
+                    && change_elements(&*self.nf, program.table(), &delta)
+                {
+                    return Ok(program);
+                }
                 delta.text
             }
             _ => {
@@ -671,6 +677,52 @@ impl DataPlane {
             tracing::info!("planproxy's nftables table removed");
         }
         Ok(())
+    }
+}
+
+/// The most element changes sent as one netlink batch; a larger change goes
+/// through `nft`, whose cost then no longer matters.
+const NETLINK_CHANGE_MAX: usize = 1000;
+
+/// Applies an elements-only change (an endpoint moved, a cluster-IP service
+/// came or went) as one netlink batch, sparing the `nft` process and its cache
+/// reads. False when it could not (too large, or refused): the caller then
+/// writes the same change with `nft`, which names the refused statement.
+fn change_elements(
+    nf: &dyn Netfilter,
+    table: &NftTable,
+    delta: &planproxy_render::nft::NftDelta,
+) -> bool {
+    use planproxy_render::nft::netlink;
+
+    if delta.removed_elements.len() + delta.added_elements.len() > NETLINK_CHANGE_MAX {
+        return false;
+    }
+    let batch = match netlink::element_change_batch(
+        table,
+        &delta.removed_elements,
+        &delta.added_elements,
+        1,
+    ) {
+        Ok(Some(batch)) => batch,
+        Ok(None) => return true,
+        Err(error) => {
+            tracing::warn!(%error, "an element change cannot be encoded for netlink");
+            return false;
+        }
+    };
+    let acked = netlink::acknowledged_seq(&batch).unwrap_or_default();
+    match nf.netlink(&batch, acked) {
+        Ok(Ok(())) => true,
+        Ok(Err(errno)) => {
+            let error = std::io::Error::from_raw_os_error(errno);
+            tracing::debug!(%error, "the kernel refused the element change; retrying with nft");
+            false
+        }
+        Err(error) => {
+            tracing::debug!(%error, "netlink unavailable; writing the change with nft");
+            false
+        }
     }
 }
 
@@ -872,9 +924,23 @@ mod tests {
             .sync(&web(&["10.244.1.5", "10.244.1.7"]), false)
             .expect("the second sync");
         assert!(!report.full);
-        let second = nft_transactions(&nf.calls());
-        assert_eq!(second.len(), 1);
-        let lines: Vec<&str> = second[0].lines().collect();
+        assert_eq!(report.rules_written, 1, "one element in");
+        let calls = nf.calls();
+        assert!(nft_transactions(&calls).is_empty(), "no nft process");
+        assert_eq!(
+            calls.iter().filter(|c| c.program == "netlink").count(),
+            1,
+            "the old endpoint out and the new one in, in one batch"
+        );
+
+        // Where netlink is refused, nft writes the same two elements.
+        nf.clear();
+        nf.refuse_netlink(22);
+        dp.sync(&web(&["10.244.1.5", "10.244.1.8"]), false)
+            .expect("the third sync");
+        let third = nft_transactions(&nf.calls());
+        assert_eq!(third.len(), 1);
+        let lines: Vec<&str> = third[0].lines().collect();
         assert_eq!(
             lines.len(),
             2,
@@ -885,7 +951,7 @@ mod tests {
                 .iter()
                 .all(|l| l.contains("element inet planproxy endpoints4-tcp"))
         );
-        assert!(lines[1].contains("10.244.1.7 . 8080"));
+        assert!(lines[1].contains("10.244.1.8 . 8080"));
     }
 
     #[test]
@@ -894,6 +960,7 @@ mod tests {
         let mut dp = data_plane(Backend::Nftables, &nf);
         dp.sync(&web(&["10.244.1.5"]), false)
             .expect("the first sync");
+        nf.refuse_netlink(22);
         nf.reply(|call| {
             let refused = call
                 .stdin

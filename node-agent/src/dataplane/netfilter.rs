@@ -311,6 +311,7 @@ pub(crate) mod fake {
     pub struct FakeNetfilter {
         replies: Mutex<Vec<Reply>>,
         calls: Mutex<Vec<Call>>,
+        netlink_errno: Mutex<Option<i32>>,
     }
 
     impl std::fmt::Debug for FakeNetfilter {
@@ -326,6 +327,11 @@ pub(crate) mod fake {
                 .lock()
                 .expect("fake netfilter lock")
                 .insert(0, Box::new(reply));
+        }
+
+        /// From now on the kernel refuses netlink batches with `errno`.
+        pub fn refuse_netlink(&self, errno: i32) {
+            *self.netlink_errno.lock().expect("fake netfilter lock") = Some(errno);
         }
 
         /// Every call so far.
@@ -346,7 +352,8 @@ pub(crate) mod fake {
                 args: vec![batch.len().to_string()],
                 stdin: None,
             });
-            Ok(Ok(()))
+            let refused = *self.netlink_errno.lock().expect("fake netfilter lock");
+            Ok(refused.map_or(Ok(()), Err))
         }
 
         fn run(&self, program: &str, args: &[&str], stdin: Option<&str>) -> std::io::Result<Ran> {

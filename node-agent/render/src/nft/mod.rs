@@ -149,6 +149,13 @@ pub struct NftDelta {
     pub rules_written: usize,
     /// Chains and sets deleted.
     pub deleted: usize,
+    /// Set elements taken out, as `(set, key)`.
+    pub removed_elements: Vec<(String, String)>,
+    /// Set elements put in, as `(set, key, value)`.
+    pub added_elements: Vec<(String, String, String)>,
+    /// The change touches set elements only (no chain, rule or set), so it can
+    /// also be sent as one netlink batch of exactly those elements.
+    pub elements_only: bool,
 }
 
 /// The transaction that turns a table holding `previous` into `next`: only

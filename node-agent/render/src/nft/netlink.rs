@@ -14,6 +14,7 @@ use super::{NftTable, SetDecl, TABLE};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_DELSETELEM: u16 = 14;
 const NFNL_MSG_BATCH_BEGIN: u16 = 16;
 const NFNL_MSG_BATCH_END: u16 = 17;
 const NLM_F_REQUEST: u16 = 0x1;
@@ -128,6 +129,73 @@ pub fn element_batch(
     }
     push_batch_marker(&mut out, NFNL_MSG_BATCH_END, seq + 1);
     Ok(Some(out))
+}
+
+/// One batch (one transaction) that takes `removed` out of their sets and puts
+/// `added` in: an incremental change of elements only, without `nft`.
+pub fn element_change_batch(
+    table: &NftTable,
+    removed: &[(String, String)],
+    added: &[(String, String, String)],
+    first_seq: u32,
+) -> Result<Option<Vec<u8>>, EncodeError> {
+    let mut messages: Vec<(u16, Vec<u8>)> = Vec::new();
+    let unknown = |set: &str| EncodeError {
+        set: set.to_owned(),
+        what: "an undeclared set".to_owned(),
+    };
+    for (set, key) in removed {
+        let decl = table.decl(set).ok_or_else(|| unknown(set))?;
+        let (fields, _) = layout(set, decl)?;
+        let element = encode_element(set, &fields, &Data::None, key, "")?;
+        messages.push((NFT_MSG_DELSETELEM, element_list(set, &element)));
+    }
+    for (set, key, value) in added {
+        let decl = table.decl(set).ok_or_else(|| unknown(set))?;
+        let (fields, data) = layout(set, decl)?;
+        let element = encode_element(set, &fields, &data, key, value)?;
+        messages.push((NFT_MSG_NEWSETELEM, element_list(set, &element)));
+    }
+    if messages.is_empty() {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    let mut seq = first_seq;
+    push_batch_marker(&mut out, NFNL_MSG_BATCH_BEGIN, seq);
+    let last = messages.len() - 1;
+    for (i, (kind, body)) in messages.iter().enumerate() {
+        seq += 1;
+        let ack = if i == last { NLM_F_ACK } else { 0 };
+        let create = if *kind == NFT_MSG_NEWSETELEM {
+            NLM_F_CREATE
+        } else {
+            0
+        };
+        push_message(
+            &mut out,
+            (NFNL_SUBSYS_NFTABLES << 8) | kind,
+            NLM_F_REQUEST | create | ack,
+            seq,
+            NFPROTO_INET,
+            0,
+            body,
+        );
+    }
+    push_batch_marker(&mut out, NFNL_MSG_BATCH_END, seq + 1);
+    Ok(Some(out))
+}
+
+/// The attributes of a message about `elements` of `set`.
+fn element_list(set: &str, elements: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    attr_str(&mut body, NFTA_SET_ELEM_LIST_TABLE, TABLE);
+    attr_str(&mut body, NFTA_SET_ELEM_LIST_SET, set);
+    attr(
+        &mut body,
+        NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED,
+        elements,
+    );
+    body
 }
 
 /// The sequence number of the batch's acknowledged (last) message.

@@ -169,7 +169,7 @@ impl NftTable {
         self.chains.get(name).and_then(Refs::effective)
     }
 
-    fn decl(&self, name: &str) -> Option<&SetDecl> {
+    pub(super) fn decl(&self, name: &str) -> Option<&SetDecl> {
         self.sets.get(name).and_then(Refs::effective)
     }
 
@@ -217,6 +217,7 @@ impl NftTable {
             d.chains_written += 1;
             d.rules_written += new.rules.len();
         }
+        let mut structural = !out.is_empty();
         let dynamic = |set: &str| {
             self.decl(set)
                 .or_else(|| before.sets.get(set).and_then(Option::as_ref))
@@ -234,9 +235,12 @@ impl NftTable {
             }
             if old.is_some() && self.decl(set).is_some() {
                 gone.entry(set).or_default().push(key.clone());
+                d.removed_elements.push((set.clone(), key.clone()));
             }
             if let Some(value) = new {
                 added.entry(set).or_default().push(element(key, value));
+                d.added_elements
+                    .push((set.clone(), key.clone(), value.to_owned()));
                 d.rules_written += 1;
             }
         }
@@ -252,6 +256,7 @@ impl NftTable {
             .filter(|(name, old)| old.is_some() && self.chain(name).is_none())
             .map(|(name, _)| name)
             .collect();
+        structural |= !removed_chains.is_empty();
         for name in &removed_chains {
             let _ = writeln!(out, "flush chain inet {TABLE} {name}");
         }
@@ -263,8 +268,10 @@ impl NftTable {
             if old.is_some() && self.decl(name).is_none() {
                 let _ = writeln!(out, "delete set inet {TABLE} {name}");
                 d.deleted += 1;
+                structural = true;
             }
         }
+        d.elements_only = !structural;
         d.text = out;
         Some(d)
     }
