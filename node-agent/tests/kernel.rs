@@ -615,6 +615,24 @@ fn ipv6_cluster_ip_and_node_port_work(via: Backend) {
     assert_eq!(np.peer().map(|p| p.ip()), Some(n1.ipv6.into()));
 }
 
+/// Someone else's rule jumping into our `chain`: the kernel then refuses to
+/// delete that chain, and with it the update that would.
+fn foreign_jump(node: &planproxy_netns::Node, iptables: &str, chain: &str) {
+    node.ns
+        .exec_ok(&[
+            iptables,
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-d",
+            "192.0.2.99/32",
+            "-j",
+            chain,
+        ])
+        .expect("foreign jump");
+}
+
 #[test]
 fn a_failed_restore_keeps_the_old_rules_and_names_table_and_line() {
     let t = topology(2, 1, 0);
@@ -632,19 +650,7 @@ fn a_failed_restore_keeps_the_old_rules_and_names_table_and_line() {
         "PPX-SVC-{}",
         planproxy_render::hash::service_port_hash("default/old", "tcp")
     );
-    n1.ns
-        .exec_ok(&[
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-d",
-            "192.0.2.99/32",
-            "-j",
-            &chain,
-        ])
-        .expect("foreign jump");
+    foreign_jump(n1, "iptables", &chain);
 
     let file = PlanFile::new(&plan(n1, vec![service("new", &["10.96.0.11"], ep)]));
     let out = agent(
@@ -704,19 +710,7 @@ fn a_refused_nat_part_leaves_the_filter_part_applied(backend: Backend) {
         Backend::IptablesLegacy => "iptables-legacy",
         _ => "iptables-nft",
     };
-    n1.ns
-        .exec_ok(&[
-            iptables,
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-d",
-            "192.0.2.99/32",
-            "-j",
-            &chain,
-        ])
-        .expect("foreign jump");
+    foreign_jump(n1, iptables, &chain);
 
     // The new plan adds a filter rule (a service without endpoints is
     // rejected) and deletes the chain the foreign rule holds on to.

@@ -100,35 +100,14 @@ pub fn element_batch(
             }
         }
         for list in lists.iter().filter(|l| !l.is_empty()) {
-            let mut body = Vec::new();
-            attr_str(&mut body, NFTA_SET_ELEM_LIST_TABLE, TABLE);
-            attr_str(&mut body, NFTA_SET_ELEM_LIST_SET, name);
-            attr(&mut body, NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, list);
-            messages.push(body);
+            messages.push(element_list(name, list));
         }
     }
-    if messages.is_empty() {
-        return Ok(None);
-    }
-    let mut out = Vec::new();
-    let mut seq = first_seq;
-    push_batch_marker(&mut out, NFNL_MSG_BATCH_BEGIN, seq);
-    let last = messages.len() - 1;
-    for (i, m) in messages.iter().enumerate() {
-        seq += 1;
-        let ack = if i == last { NLM_F_ACK } else { 0 };
-        push_message(
-            &mut out,
-            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM,
-            NLM_F_REQUEST | NLM_F_CREATE | ack,
-            seq,
-            NFPROTO_INET,
-            0,
-            m,
-        );
-    }
-    push_batch_marker(&mut out, NFNL_MSG_BATCH_END, seq + 1);
-    Ok(Some(out))
+    let messages: Vec<(u16, Vec<u8>)> = messages
+        .into_iter()
+        .map(|m| (NFT_MSG_NEWSETELEM, m))
+        .collect();
+    Ok(batch(&messages, first_seq))
 }
 
 /// One batch (one transaction) that takes `removed` out of their sets and puts
@@ -156,13 +135,17 @@ pub fn element_change_batch(
         let element = encode_element(set, &fields, &data, key, value)?;
         messages.push((NFT_MSG_NEWSETELEM, element_list(set, &element)));
     }
-    if messages.is_empty() {
-        return Ok(None);
-    }
+    Ok(batch(&messages, first_seq))
+}
+
+/// `messages` (`(message type, attributes)`) as one batch between the begin
+/// and end markers, numbered from `first_seq`; only the last asks for an
+/// acknowledgement. `None` when there is nothing to send.
+fn batch(messages: &[(u16, Vec<u8>)], first_seq: u32) -> Option<Vec<u8>> {
+    let last = messages.len().checked_sub(1)?;
     let mut out = Vec::new();
     let mut seq = first_seq;
     push_batch_marker(&mut out, NFNL_MSG_BATCH_BEGIN, seq);
-    let last = messages.len() - 1;
     for (i, (kind, body)) in messages.iter().enumerate() {
         seq += 1;
         let ack = if i == last { NLM_F_ACK } else { 0 };
@@ -182,7 +165,7 @@ pub fn element_change_batch(
         );
     }
     push_batch_marker(&mut out, NFNL_MSG_BATCH_END, seq + 1);
-    Ok(Some(out))
+    Some(out)
 }
 
 /// The attributes of a message about `elements` of `set`.
