@@ -401,7 +401,25 @@ fn nft_lines(listing: &str) -> Vec<String> {
             }
         }
     }
-    out
+    in_name_order(out)
+}
+
+/// The dump's chain and set blocks (a `chain X` / `set X` line and the lines
+/// about it) ordered by kind and name: the kernel lists them in the order they
+/// were created, which an incremental sync and a rebuild of the same table do
+/// not share.
+fn in_name_order(lines: Vec<String>) -> Vec<String> {
+    let mut blocks: Vec<Vec<String>> = Vec::new();
+    for line in lines {
+        let header =
+            (line.starts_with("chain ") || line.starts_with("set ")) && !line.contains(':');
+        match blocks.last_mut() {
+            Some(block) if !header => block.push(line),
+            _ => blocks.push(vec![line]),
+        }
+    }
+    blocks.sort_by(|a, b| a[0].cmp(&b[0]));
+    blocks.into_iter().flatten().collect()
 }
 
 /// The shell script that prints every place's dump between markers, with each
@@ -762,6 +780,15 @@ mod tests {
     }
 
     #[test]
+    fn chains_are_in_name_order_whatever_order_the_kernel_created_them_in() {
+        let lines = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let rebuilt = in_name_order(lines(&["chain a", "rule a: x", "chain b", "rule b: y"]));
+        let grown = in_name_order(lines(&["chain b", "rule b: y", "chain a", "rule a: x"]));
+        assert_eq!(rebuilt, grown);
+        assert_eq!(rebuilt[0], "chain a");
+    }
+
+    #[test]
     fn element_counters_are_left_out_of_the_dump() {
         assert_eq!(
             without_counter("10.96.0.10 . tcp . 80 counter packets 4 bytes 240 : goto lb"),
@@ -784,6 +811,11 @@ mod tests {
         assert_eq!(
             lines,
             [
+                "chain nat-prerouting",
+                "chain nat-prerouting: type nat hook prerouting priority dstnat; policy accept;",
+                "rule nat-prerouting: jump services",
+                "chain svc4-X",
+                "rule svc4-X: meta l4proto tcp dnat ip to 10.244.1.2:8080",
                 "set aff",
                 "set aff: type ipv4_addr",
                 "set aff: flags dynamic,timeout",
@@ -791,11 +823,6 @@ mod tests {
                 "set services4: type ipv4_addr . inet_proto . inet_service : verdict",
                 "element services4: 10.96.0.10 . tcp . 80 : goto svc4-X",
                 "element services4: 10.96.0.11 . tcp . 80 : goto lb",
-                "chain nat-prerouting",
-                "chain nat-prerouting: type nat hook prerouting priority dstnat; policy accept;",
-                "rule nat-prerouting: jump services",
-                "chain svc4-X",
-                "rule svc4-X: meta l4proto tcp dnat ip to 10.244.1.2:8080",
             ]
         );
         let rules = ProxyRules {
