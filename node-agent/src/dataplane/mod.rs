@@ -392,9 +392,7 @@ impl DataPlane {
             };
             let program = self.program_nftables(program, shards, !full, &mut report)?;
             if let Some(settings) = program.settings() {
-                let ports: Vec<&planproxy_render::model::ServicePort> =
-                    program.service_ports().collect();
-                self.reconcile_conntrack(settings, ports, &mut report);
+                self.reconcile_conntrack(settings, program.service_ports(), &mut report);
             }
             (
                 program.per_shard(),
@@ -817,9 +815,13 @@ fn cleanup_iptables(
         if !all.success || !all.stdout.contains(CHAIN_PREFIX) {
             continue;
         }
+        // That one dump holds every table: read each from it, not again.
+        let mut tables = parse::parse_save(&all.stdout);
         for table in Table::ALL {
             let t = table.as_str();
-            let saved = parse::chains_of(&exec::save(nf, &programs, table)?);
+            let Some(saved) = tables.remove(t) else {
+                continue;
+            };
             for (chain, rules) in saved.iter().filter(|(c, _)| !c.starts_with(CHAIN_PREFIX)) {
                 for rule in rules.iter().filter(|r| is_our_jump(table, &r.rule)) {
                     ipt.delete(t, chain, &rule.rule)?;

@@ -377,7 +377,7 @@ impl NftProgram {
     }
 
     /// The programmed service ports, in no particular order.
-    pub fn service_ports(&self) -> impl Iterator<Item = &ServicePort> {
+    pub fn service_ports(&self) -> impl Iterator<Item = &ServicePort> + Clone {
         self.ports.values().map(|e| &e.port)
     }
 }
