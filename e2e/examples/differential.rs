@@ -9,21 +9,27 @@
 //! cargo run -p planproxy-e2e --example differential -- --seeds 50 --from 0 --mode nftables
 //! cargo run -p planproxy-e2e --example differential -- --seeds 1000 --minutes 30  # as many as fit
 //! cargo run -p planproxy-e2e --example differential -- --seed 17 --list           # only print the state
+//! cargo run -p planproxy-e2e --example differential -- --seeds 100 --profile all  # seeds shared out over every node-level profile
+//! cargo run -p planproxy-e2e --example differential -- --seed 17 --profile masquerade-all
 //! ```
 //!
 //! Needs root (network namespaces). `--from` defaults to 1000, past the
-//! fixed seeds of `tests/differential.rs`.
+//! fixed seeds of `tests/differential.rs`. `--profile` (default
+//! `cluster-cidr`) names the node-level settings both proxies run with
+//! (`NodeProfile`), or `all`: seed `from + i` then runs on profile
+//! `i mod 5`, each profile on a cluster of its own, one after the other.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use planproxy_e2e::KubeProxyMode;
-use planproxy_e2e::differential::{Differential, deviations};
+use planproxy_e2e::differential::{Differential, NodeProfile, deviations};
 
 struct Args {
     from: u64,
     count: u64,
     mode: KubeProxyMode,
+    profiles: Vec<NodeProfile>,
     /// Start no seed after this many minutes (then print the summary).
     minutes: Option<u64>,
     /// Only print the seeds' states (no cluster, no root needed).
@@ -35,6 +41,7 @@ fn parse() -> Result<Args, String> {
         from: 1000,
         count: 10,
         mode: KubeProxyMode::Iptables,
+        profiles: vec![NodeProfile::ClusterCidr],
         minutes: None,
         list: false,
     };
@@ -59,9 +66,15 @@ fn parse() -> Result<Args, String> {
                     other => return Err(format!("--mode iptables|nftables, not {other}")),
                 }
             }
+            "--profile" => {
+                args.profiles = match value()?.as_str() {
+                    "all" => NodeProfile::ALL.to_vec(),
+                    name => vec![name.parse()?],
+                }
+            }
             other => {
                 return Err(format!(
-                    "unknown argument {other}; usage: differential [--seeds N] [--from S] [--seed S] [--mode iptables|nftables] [--minutes M] [--list]"
+                    "unknown argument {other}; usage: differential [--seeds N] [--from S] [--seed S] [--mode iptables|nftables] [--profile NAME|all] [--minutes M] [--list]"
                 ));
             }
         }
@@ -77,6 +90,88 @@ fn label(deviation: &deviations::Deviation) -> String {
     }
 }
 
+/// How often a class of disagreement showed, where first (profile and
+/// seed), and under which heading `docs/deviations.md` lists it.
+struct Class {
+    count: usize,
+    first: (NodeProfile, u64),
+    listed: Option<String>,
+}
+
+/// What the seeds showed, over every profile run.
+#[derive(Default)]
+struct Summary {
+    classes: BTreeMap<String, Class>,
+    seeds_run: usize,
+    failed: Vec<(NodeProfile, u64)>,
+    probes: usize,
+}
+
+/// Runs `seeds` on one cluster with `profile`, until `deadline`.
+fn run_profile(
+    args: &Args,
+    profile: NodeProfile,
+    seeds: &[u64],
+    deadline: Option<Instant>,
+    summary: &mut Summary,
+) {
+    let started = Instant::now();
+    let differential = match Differential::start(args.mode, profile) {
+        Ok(d) => d,
+        Err(e) => {
+            println!("[{profile}] the cluster did not start: {e}");
+            summary.failed.extend(seeds.iter().map(|&s| (profile, s)));
+            return;
+        }
+    };
+    println!(
+        "[{profile}] cluster up in {:.1?} (kube-proxy --proxy-mode={})",
+        started.elapsed(),
+        args.mode.as_flag()
+    );
+    for &seed in seeds {
+        if deadline.is_some_and(|d| Instant::now() > d) {
+            println!("[{profile}] time is up: seeds from {seed} on not run");
+            break;
+        }
+        let report = match differential.run_seed(seed) {
+            Ok(report) => report,
+            Err(e) => {
+                println!("[{profile}] seed {seed}: not run: {e}");
+                summary.failed.push((profile, seed));
+                continue;
+            }
+        };
+        summary.seeds_run += 1;
+        summary.probes += report.probes;
+        println!(
+            "[{profile}] seed {seed}: {} probes, {} disagreements, {:.1?}",
+            report.probes,
+            report.disagreements.len(),
+            report.elapsed
+        );
+        if !report.disagreements.is_empty() {
+            print!("{}", report.state);
+        }
+        for d in &report.disagreements {
+            let listed = deviations::listed(d, &report.state, differential.mode).map(label);
+            println!("  {}{d}", listed.as_deref().unwrap_or_default());
+            summary
+                .classes
+                .entry(d.class())
+                .or_insert(Class {
+                    count: 0,
+                    first: (profile, seed),
+                    listed,
+                })
+                .count += 1;
+        }
+    }
+    if let Err(e) = differential.cluster.processes_running() {
+        println!("[{profile}] a process died: {e}");
+    }
+}
+
 fn main() {
     let args = match parse() {
         Ok(args) => args,
@@ -85,78 +180,50 @@ fn main() {
             std::process::exit(2);
         }
     };
+    let seeds: Vec<u64> = (args.from..args.from.saturating_add(args.count)).collect();
     if args.list {
-        for seed in args.from..args.from.saturating_add(args.count) {
+        for &seed in &seeds {
             print!("{}", planproxy_e2e::differential::State::generate(seed));
         }
         return;
     }
     let started = Instant::now();
-    let differential = match Differential::start(args.mode) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("the cluster did not start: {e}");
-            std::process::exit(1);
-        }
-    };
-    println!(
-        "cluster up in {:.1?} (kube-proxy --proxy-mode={})",
-        started.elapsed(),
-        args.mode.as_flag()
-    );
-    // class -> (count, first reproducing seed, listed in docs/deviations.md as)
-    let mut classes: BTreeMap<String, (usize, u64, Option<String>)> = BTreeMap::new();
-    let (mut seeds_run, mut failed, mut probes) = (0, Vec::new(), 0);
-    let deadline = args
-        .minutes
-        .map(|m| started + std::time::Duration::from_secs(m * 60));
-    for seed in args.from..args.from.saturating_add(args.count) {
-        if deadline.is_some_and(|d| Instant::now() > d) {
-            println!("--minutes reached: seeds from {seed} on not run");
-            break;
-        }
-        match differential.run_seed(seed) {
-            Ok(report) => {
-                seeds_run += 1;
-                probes += report.probes;
-                println!(
-                    "seed {seed}: {} probes, {} disagreements, {:.1?}",
-                    report.probes,
-                    report.disagreements.len(),
-                    report.elapsed
-                );
-                if !report.disagreements.is_empty() {
-                    print!("{}", report.state);
-                }
-                for d in &report.disagreements {
-                    let deliberate =
-                        deviations::listed(d, &report.state, differential.mode).map(label);
-                    println!("  {}{d}", deliberate.as_deref().unwrap_or_default());
-                    let entry = classes.entry(d.class()).or_insert((0, seed, deliberate));
-                    entry.0 += 1;
-                }
-            }
-            Err(e) => {
-                println!("seed {seed}: not run: {e}");
-                failed.push(seed);
-            }
-        }
+    let mut summary = Summary::default();
+    let profiles = args.profiles.len();
+    for (index, &profile) in args.profiles.iter().enumerate() {
+        let share: Vec<u64> = seeds
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|(i, _)| i % profiles == index)
+            .map(|(_, seed)| seed)
+            .collect();
+        // Each profile gets an equal part of what is left of the time.
+        let deadline = args.minutes.map(|m| {
+            let end = started + Duration::from_secs(m * 60);
+            let left = end.saturating_duration_since(Instant::now());
+            let remaining = u32::try_from(profiles - index).unwrap_or(1);
+            Instant::now() + left / remaining
+        });
+        run_profile(&args, profile, &share, deadline, &mut summary);
     }
     println!(
-        "\n{seeds_run} seeds run ({} failed to run: {failed:?}), {probes} probes per node, in {:.1?}",
-        failed.len(),
+        "\n{} seeds run ({} failed to run: {:?}), {} probes per node, in {:.1?}",
+        summary.seeds_run,
+        summary.failed.len(),
+        summary.failed,
+        summary.probes,
         started.elapsed()
     );
     println!(
-        "disagreements by class (count, first seed; unmarked ones are not in docs/deviations.md):"
+        "disagreements by class (count, first profile and seed; unmarked ones are not in docs/deviations.md):"
     );
-    for (class, (count, seed, deliberate)) in &classes {
+    for (name, class) in &summary.classes {
+        let (profile, seed) = class.first;
         println!(
-            "  {count:5}  seed {seed:<6} {}{class}",
-            deliberate.as_deref().unwrap_or_default()
+            "  {:5}  --profile {profile} --seed {seed:<6} {}{name}",
+            class.count,
+            class.listed.as_deref().unwrap_or_default()
         );
-    }
-    if let Err(e) = differential.cluster.processes_running() {
-        println!("a process died: {e}");
     }
 }

@@ -10,6 +10,9 @@
 //! * [`outcome`]: what a probe's connections did, normalised so that the two
 //!   nodes' outcomes compare (endpoints named local/remote, client
 //!   addresses by whose they are), and the disagreements between them.
+//! * [`profile`]: node-level settings (masqueradeAll, the local-traffic
+//!   detector, nodePortAddresses), given alike to both proxies; a cluster
+//!   runs one profile.
 //! * [`deviations`]: the disagreements `docs/deviations.md` lists, each
 //!   deliberate or a known bug still to fix.
 //!
@@ -18,9 +21,11 @@
 
 pub mod deviations;
 pub mod outcome;
+pub mod profile;
 pub mod run;
 pub mod state;
 
 pub use outcome::{Disagreement, Frontend, Outcome, ProbeKey, Source};
+pub use profile::NodeProfile;
 pub use run::{Differential, KUBE_PROXY_NODE, PLANPROXY_NODE, SeedReport};
 pub use state::State;

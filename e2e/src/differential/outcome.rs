@@ -17,6 +17,10 @@ pub enum Frontend {
     NodePort,
     /// 127.0.0.1 and the node port, from the node itself.
     NodePortLocalhost,
+    /// The probed node's address on its pods' bridge (their gateway, an
+    /// interface address that Node status does not list) and the node
+    /// port, from a pod on the node.
+    NodePortBridge,
     ExternalIp,
     LoadBalancer,
 }
@@ -27,6 +31,7 @@ impl fmt::Display for Frontend {
             Frontend::ClusterIp => "cluster-ip",
             Frontend::NodePort => "node-port",
             Frontend::NodePortLocalhost => "node-port-localhost",
+            Frontend::NodePortBridge => "node-port-bridge",
             Frontend::ExternalIp => "external-ip",
             Frontend::LoadBalancer => "load-balancer-ip",
         })

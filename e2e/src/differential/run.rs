@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 use super::outcome::{
     Addresses, Disagreement, Frontend, Outcome, PodInfo, ProbeKey, Source, compare,
 };
+use super::profile::NodeProfile;
 use super::state::{Backend, Kind, NAMESPACE, PoolApp, State, Svc, TARGET_PORTS};
-use crate::cluster::{CLUSTER_CIDR_V4, CLUSTER_CIDR_V6};
 use crate::error::{E2eError, Result};
 use crate::objects::{MANAGED_BY_LABEL, Protocol};
 use crate::{AppDef, Cluster, ClusterSpec, KubeProxyMode};
@@ -76,37 +76,31 @@ pub struct SeedReport {
 }
 
 /// A cluster prepared for differential runs: node1 planproxy, node2 the
-/// real kube-proxy, the pool of pods deployed.
+/// real kube-proxy, both with the same node-level settings, the pool of
+/// pods deployed.
 pub struct Differential {
     pub cluster: Cluster,
     pub mode: KubeProxyMode,
+    pub profile: NodeProfile,
     pool: BTreeMap<PoolApp, Vec<PoolPod>>,
 }
 
 impl Differential {
-    /// Starts the cluster, gives planproxy kube-proxy's settings, and
-    /// deploys the pool.
-    pub fn start(mode: KubeProxyMode) -> Result<Differential> {
+    /// Starts the cluster with kube-proxy running `profile`'s flags, gives
+    /// planproxy the same settings as a policy, and deploys the pool.
+    pub fn start(mode: KubeProxyMode, profile: NodeProfile) -> Result<Differential> {
         let cluster = Cluster::start(ClusterSpec {
             nodes: 2,
             kube_proxy_nodes: BTreeMap::from([(KUBE_PROXY_NODE, mode)]),
+            kube_proxy_args: profile.kube_proxy_args(),
             ..ClusterSpec::default()
         })?;
         cluster.run(|api| async move {
-            // kube-proxy runs with --cluster-cidr (detect-local-mode
-            // ClusterCIDR); planproxy's default detects no local traffic,
-            // so the same setting is made a policy.
             api.apply_policy(json!({
                 "apiVersion": "planproxy.dev/v1alpha1",
                 "kind": "ProxyPolicy",
                 "metadata": {"name": POLICY},
-                "spec": {
-                    "priority": 0,
-                    "masquerade": {"localTrafficDetector": {
-                        "mode": "ClusterCIDR",
-                        "clusterCIDRs": [CLUSTER_CIDR_V4, CLUSTER_CIDR_V6],
-                    }},
-                },
+                "spec": profile.policy_spec(),
             }))
             .await?;
             let (_, accepted) = api.wait_policy_judged(POLICY, CONVERGE).await?;
@@ -173,6 +167,7 @@ impl Differential {
         Ok(Differential {
             cluster,
             mode,
+            profile,
             pool,
         })
     }
@@ -516,6 +511,14 @@ impl Differential {
                             IpAddr::V4(node_ref.ipv4)
                         };
                         targets.push((Frontend::NodePort, ip, node_port));
+                        // A local address Node status does not list: node
+                        // ports are matched against the node's interfaces.
+                        let bridge = if ipv6 {
+                            IpAddr::V6(node_ref.gateway_v6())
+                        } else {
+                            IpAddr::V4(node_ref.gateway_v4())
+                        };
+                        targets.push((Frontend::NodePortBridge, bridge, node_port));
                         if !ipv6 {
                             targets.push((
                                 Frontend::NodePortLocalhost,
@@ -529,6 +532,12 @@ impl Differential {
                         let mut sources: Vec<(Source, &Netns, Vec<IpAddr>)> = Vec::new();
                         if frontend == Frontend::NodePortLocalhost {
                             sources.push((Source::Node, &node_ref.ns, Vec::new()));
+                        } else if frontend == Frontend::NodePortBridge {
+                            sources.push((
+                                Source::Pod,
+                                &probe_pod.ns,
+                                vec![probe_pod.ipv4.into(), probe_pod.ipv6.into()],
+                            ));
                         } else {
                             sources.push((
                                 Source::Pod,
