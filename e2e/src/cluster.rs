@@ -59,7 +59,9 @@ pub struct ClusterSpec {
     /// planproxy agent: reference nodes, for comparing the two on the same
     /// cluster. The Node objects, pod routes and clients are the same.
     pub kube_proxy_nodes: BTreeMap<u8, KubeProxyMode>,
-    /// Extra flags for every kube-proxy.
+    /// Extra flags for every kube-proxy. Unless they include
+    /// `--cluster-cidr` or `--detect-local-mode`, kube-proxy detects local
+    /// traffic by the cluster CIDRs.
     pub kube_proxy_args: Vec<String>,
 }
 
@@ -368,7 +370,6 @@ impl Cluster {
             format!("--kubeconfig={}", kubeconfig.display()),
             format!("--hostname-override={name}"),
             format!("--proxy-mode={}", mode.as_flag()),
-            format!("--cluster-cidr={CLUSTER_CIDR_V4},{CLUSTER_CIDR_V6}"),
             "--conntrack-max-per-core=0".into(),
             "--conntrack-tcp-timeout-established=0s".into(),
             "--conntrack-tcp-timeout-close-wait=0s".into(),
@@ -376,6 +377,18 @@ impl Cluster {
             "--metrics-bind-address=127.0.0.1:10249".into(),
             "--v=2".into(),
         ];
+        // Local traffic is detected by the cluster CIDRs unless the spec
+        // chooses how.
+        let chooses_detector = self
+            .spec
+            .kube_proxy_args
+            .iter()
+            .any(|a| a.starts_with("--cluster-cidr") || a.starts_with("--detect-local-mode"));
+        if !chooses_detector {
+            argv.push(format!(
+                "--cluster-cidr={CLUSTER_CIDR_V4},{CLUSTER_CIDR_V6}"
+            ));
+        }
         argv.extend(self.spec.kube_proxy_args.iter().cloned());
         let process = self.node(index).ns.spawn(&argv, &[])?;
         lock(&self.kube_proxies).push((name, process));

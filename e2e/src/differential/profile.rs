@@ -26,7 +26,7 @@ pub enum NodeProfile {
     MasqueradeAll,
     /// Local traffic detected by the node's own pod CIDRs (`spec.podCIDRs`).
     NodeCidr,
-    /// No local-traffic detector: kube-proxy without `--cluster-cidr`.
+    /// No local-traffic detector: kube-proxy without cluster CIDRs.
     NoDetector,
     /// Node ports answer only on addresses in the node network.
     NodePortAddresses,
@@ -51,16 +51,18 @@ impl NodeProfile {
         }
     }
 
-    /// The flags kube-proxy runs with, after the harness's own (a later
-    /// flag overrides an earlier one, which is how `--cluster-cidr` is
-    /// emptied).
+    /// The flags kube-proxy runs with besides the harness's own; each
+    /// profile chooses the local-traffic detector, so the harness adds no
+    /// `--cluster-cidr` of its own.
     pub fn kube_proxy_args(self) -> Vec<String> {
         let cluster_cidrs = format!("--cluster-cidr={CLUSTER_CIDR_V4},{CLUSTER_CIDR_V6}");
         match self {
             NodeProfile::ClusterCidr => vec![cluster_cidrs],
             NodeProfile::MasqueradeAll => vec![cluster_cidrs, "--masquerade-all".into()],
             NodeProfile::NodeCidr => vec!["--detect-local-mode=NodeCIDR".into()],
-            NodeProfile::NoDetector => vec!["--cluster-cidr=".into()],
+            // ClusterCIDR without CIDRs: kube-proxy then detects nothing (an
+            // empty `--cluster-cidr=` fails its validation).
+            NodeProfile::NoDetector => vec!["--detect-local-mode=ClusterCIDR".into()],
             NodeProfile::NodePortAddresses => vec![
                 cluster_cidrs,
                 format!("--nodeport-addresses={}", NODE_NETWORKS.join(",")),
@@ -148,7 +150,7 @@ mod tests {
 
         assert_eq!(
             NodeProfile::NoDetector.kube_proxy_args(),
-            vec!["--cluster-cidr=".to_owned()]
+            vec!["--detect-local-mode=ClusterCIDR".to_owned()]
         );
         assert_eq!(
             NodeProfile::NoDetector.policy_spec()["masquerade"]["localTrafficDetector"]["mode"],
