@@ -145,10 +145,11 @@ fn run_profile(
         summary.seeds_run += 1;
         summary.probes += report.probes;
         println!(
-            "[{profile}] seed {seed}: {} probes, {} disagreements, {:.1?}",
+            "[{profile}] seed {seed}: {} probes, {} disagreements, {:.1?} ({})",
             report.probes,
             report.disagreements.len(),
-            report.elapsed
+            report.elapsed,
+            report.phases
         );
         if !report.disagreements.is_empty() {
             print!("{}", report.state);

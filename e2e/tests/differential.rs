@@ -59,10 +59,11 @@ fn unexplained_disagreements(profile: NodeProfile, seeds: &[u64]) -> Vec<String>
             .unwrap_or_else(|e| panic!("[{profile}] seed {seed}: {e}"));
         probes += report.probes;
         eprintln!(
-            "[{profile}] seed {seed}: {} probes, {} disagreements, {:?}",
+            "[{profile}] seed {seed}: {} probes, {} disagreements, {:.1?} ({})",
             report.probes,
             report.disagreements.len(),
-            report.elapsed
+            report.elapsed,
+            report.phases
         );
         for disagreement in &report.disagreements {
             match deviations::listed(disagreement, &report.state, differential.mode) {

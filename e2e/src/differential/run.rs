@@ -5,6 +5,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use planproxy_netns::{Attempt, ConnectOpts, Netns};
@@ -39,8 +41,30 @@ const SLOW_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 const ATTEMPTS: usize = 16;
 /// Connections per answered hairpin probe.
 const HAIRPIN_ATTEMPTS: usize = 40;
+/// Probes run at once on a node.
+const PROBE_WORKERS: usize = 8;
 /// Who writes the hand-written EndpointSlices of selector-less services.
 const MANUAL_MANAGER: &str = "differential.planproxy.dev";
+
+/// One probe of a node, to run.
+enum Job<'a> {
+    /// From a namespace (a pod, the node, a client) whose addresses are
+    /// `sender`.
+    From {
+        ns: &'a Netns,
+        sender: Vec<IpAddr>,
+        target: SocketAddr,
+        protocol: Protocol,
+        affinity: bool,
+    },
+    /// From an endpoint of `app` to its own service.
+    Hairpin {
+        app: PoolApp,
+        target: SocketAddr,
+        protocol: Protocol,
+        affinity: bool,
+    },
+}
 
 /// A pool pod: where it runs, and its addresses.
 #[derive(Clone, Debug)]
@@ -73,6 +97,37 @@ pub struct SeedReport {
     pub probes: usize,
     pub disagreements: Vec<Disagreement>,
     pub elapsed: Duration,
+    pub phases: Phases,
+}
+
+/// When, since the seed started, each phase of it ended: where a slow seed
+/// spends its time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Phases {
+    /// The state's objects created.
+    pub applied: Duration,
+    /// The EndpointSlices list every endpoint.
+    pub published: Duration,
+    /// planproxy's node has programmed a plan holding the state.
+    pub planproxy_programmed: Duration,
+    /// kube-proxy's node holds it too.
+    pub converged: Duration,
+    /// Both nodes probed.
+    pub probed: Duration,
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "apply {:.1?}, slices {:.1?}, planproxy {:.1?}, kube-proxy {:.1?}, probe {:.1?}",
+            self.applied,
+            self.published.saturating_sub(self.applied),
+            self.planproxy_programmed.saturating_sub(self.published),
+            self.converged.saturating_sub(self.planproxy_programmed),
+            self.probed.saturating_sub(self.converged)
+        )
+    }
 }
 
 /// A cluster prepared for differential runs: node1 planproxy, node2 the
@@ -177,10 +232,13 @@ impl Differential {
     pub fn run_seed(&self, seed: u64) -> Result<SeedReport> {
         let started = Instant::now();
         let state = State::generate(seed);
+        let mut phases = Phases::default();
         let result = self.apply(&state).and_then(|allocated| {
-            self.wait_converged(&state, &allocated)?;
+            phases.applied = started.elapsed();
+            self.wait_converged(&state, &allocated, started, &mut phases)?;
             let ours = self.probe_node(PLANPROXY_NODE, &state, &allocated)?;
             let theirs = self.probe_node(KUBE_PROXY_NODE, &state, &allocated)?;
+            phases.probed = started.elapsed();
             Ok((ours.len(), compare(&ours, &theirs)))
         });
         self.teardown(&state);
@@ -190,6 +248,7 @@ impl Differential {
             probes,
             disagreements,
             elapsed: started.elapsed(),
+            phases,
         })
     }
 
@@ -305,7 +364,13 @@ impl Differential {
     /// Waits until the EndpointSlices list every endpoint, planproxy's node
     /// has programmed a plan holding exactly this state, and kube-proxy has
     /// finished a sync that began after all of it was in the API.
-    fn wait_converged(&self, state: &State, allocated: &[Allocated]) -> Result<()> {
+    fn wait_converged(
+        &self,
+        state: &State,
+        allocated: &[Allocated],
+        started: Instant,
+        phases: &mut Phases,
+    ) -> Result<()> {
         let api = self.cluster.apiserver();
         crate::wait::eventually_sync("the state's EndpointSlices published", CONVERGE, || {
             let slices = api.list("discovery.k8s.io/v1", "EndpointSlice");
@@ -326,6 +391,7 @@ impl Differential {
             }
             Ok(())
         })?;
+        phases.published = started.elapsed();
         let expected: Vec<(String, ExpectedPort)> = state
             .services
             .iter()
@@ -359,7 +425,10 @@ impl Differential {
             .await
             .map(|_| ())
         })??;
-        self.wait_kube_proxy_synced(state)
+        phases.planproxy_programmed = started.elapsed();
+        self.wait_kube_proxy_synced(state)?;
+        phases.converged = started.elapsed();
+        Ok(())
     }
 
     /// Waits until kube-proxy's rules hold the state (every service port
@@ -476,7 +545,7 @@ impl Differential {
         for ip in &external {
             self.route(ip, Some(node))?;
         }
-        let mut outcomes = BTreeMap::new();
+        let mut jobs: Vec<(ProbeKey, Job<'_>)> = Vec::new();
         let node_ref = self.cluster.node(node);
         let client = self.cluster.client(1);
         let probe_pod = self.cluster.probe_pod(node);
@@ -554,28 +623,81 @@ impl Differential {
                             }
                         }
                         for (source, ns, sender) in sources {
-                            let outcome = self.probe(
-                                ns,
-                                node,
-                                target,
-                                port.protocol,
-                                sender,
-                                (svc.affinity, false),
-                            );
-                            outcomes.insert(key(frontend, source), outcome);
+                            jobs.push((
+                                key(frontend, source),
+                                Job::From {
+                                    ns,
+                                    sender,
+                                    target,
+                                    protocol: port.protocol,
+                                    affinity: svc.affinity,
+                                },
+                            ));
                         }
                         if frontend == Frontend::ClusterIp
                             && let Some(app) = svc.backend.app()
                         {
-                            let outcome =
-                                self.hairpin(app, node, target, port.protocol, svc.affinity);
-                            outcomes.insert(key(frontend, Source::Hairpin), outcome);
+                            jobs.push((
+                                key(frontend, Source::Hairpin),
+                                Job::Hairpin {
+                                    app,
+                                    target,
+                                    protocol: port.protocol,
+                                    affinity: svc.affinity,
+                                },
+                            ));
                         }
                     }
                 }
             }
         }
-        Ok(outcomes)
+        Ok(self.run_jobs(node, jobs))
+    }
+
+    /// Runs a node's probes, [`PROBE_WORKERS`] at a time: each probe's
+    /// connections are sequential (affinity and endpoint coverage are about
+    /// their order), but probes of different frontends share nothing but
+    /// the namespaces, and most of a probe's time is waiting for timeouts.
+    fn run_jobs(&self, node: u8, jobs: Vec<(ProbeKey, Job<'_>)>) -> BTreeMap<ProbeKey, Outcome> {
+        let next = AtomicUsize::new(0);
+        let results = Mutex::new(BTreeMap::new());
+        std::thread::scope(|scope| {
+            for _ in 0..PROBE_WORKERS.min(jobs.len()) {
+                scope.spawn(|| {
+                    while let Some((key, job)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        let outcome = match job {
+                            Job::From {
+                                ns,
+                                sender,
+                                target,
+                                protocol,
+                                affinity,
+                            } => self.probe(
+                                ns,
+                                node,
+                                *target,
+                                *protocol,
+                                sender.clone(),
+                                (*affinity, false),
+                            ),
+                            Job::Hairpin {
+                                app,
+                                target,
+                                protocol,
+                                affinity,
+                            } => self.hairpin(*app, node, *target, *protocol, *affinity),
+                        };
+                        results
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .insert(key.clone(), outcome);
+                    }
+                });
+            }
+        });
+        results
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// From an endpoint of `app` on `node` (a ready one if there is one) to

@@ -173,16 +173,17 @@ pub(crate) fn reconcile(
     let args = ["-L", "-p", "udp", "-f", family_flag(family)];
     let flows = parse_flows(&netfilter::output(nf, "conntrack", &args)?);
     let mut deleted = 0;
+    // Whether a flow is stale depends only on where it went and who
+    // answered, so one `conntrack -D` per such pair removes every stale flow
+    // with it: a frontend with thousands of clients (DNS) costs one process
+    // per gone endpoint, not one per client.
+    let mut groups: BTreeMap<(SocketAddr, SocketAddr), usize> = BTreeMap::new();
     for flow in stale(&flows, targets, gone) {
-        let (src, dst) = (
-            flow.orig_src.ip().to_string(),
-            flow.orig_dst.ip().to_string(),
-        );
-        let (sport, dport) = (
-            flow.orig_src.port().to_string(),
-            flow.orig_dst.port().to_string(),
-        );
-        let reply = flow.reply_src.ip().to_string();
+        *groups.entry((flow.orig_dst, flow.reply_src)).or_default() += 1;
+    }
+    for ((orig_dst, reply_src), flows) in groups {
+        let (dst, dport) = (orig_dst.ip().to_string(), orig_dst.port().to_string());
+        let (reply, reply_port) = (reply_src.ip().to_string(), reply_src.port().to_string());
         let ran = netfilter::run(
             nf,
             "conntrack",
@@ -192,22 +193,20 @@ pub(crate) fn reconcile(
                 "udp",
                 "-f",
                 family_flag(family),
-                "--orig-src",
-                &src,
                 "--orig-dst",
                 &dst,
-                "--sport",
-                &sport,
                 "--dport",
                 &dport,
                 "--reply-src",
                 &reply,
+                "--reply-port-src",
+                &reply_port,
             ],
             None,
         )?;
-        // Exit status 1 means the flow expired meanwhile: nothing to do.
+        // Exit status 1 means the flows expired meanwhile: nothing to do.
         if ran.success {
-            deleted += 1;
+            deleted += flows;
         }
     }
     Ok(deleted)
@@ -272,5 +271,57 @@ udp      17 25 src=10.244.0.6 dst=8.8.8.8 sport=40003 dport=53 src=8.8.8.8 dst=1
             .copied()
             .collect();
         assert_eq!(stale, vec![flows[0], flows[1]]);
+    }
+
+    #[test]
+    fn one_delete_per_stale_destination_and_answer_whatever_the_clients() {
+        use super::super::netfilter::{Ran, fake::FakeNetfilter};
+
+        // Fifty clients of a DNS service whose endpoint 10.244.1.8 went, and
+        // one flow to the endpoint that stays.
+        let mut listing: String = (0..50)
+            .map(|i| {
+                format!(
+                    "udp      17 29 src=10.244.0.{i} dst=10.96.0.10 sport={} dport=53 src=10.244.1.8 dst=10.244.0.{i} sport=5353 dport={} mark=0 use=1\n",
+                    40000 + i,
+                    40000 + i
+                )
+            })
+            .collect();
+        listing.push_str(
+            "udp      17 29 src=10.244.0.9 dst=10.96.0.10 sport=41000 dport=53 src=10.244.1.7 dst=10.244.0.9 sport=5353 dport=41000 mark=0 use=1\n",
+        );
+        let nf = FakeNetfilter::default();
+        nf.reply(move |call| {
+            (call.program == "conntrack" && call.args.first().is_some_and(|a| a == "-L")).then(
+                || Ran {
+                    success: true,
+                    code: Some(0),
+                    stdout: listing.clone(),
+                    stderr: String::new(),
+                },
+            )
+        });
+        let mut targets = UdpTargets::default();
+        targets
+            .frontends
+            .insert(sa("10.96.0.10:53"), [sa("10.244.1.7:5353")].into());
+
+        let deleted = reconcile(&nf, Family::V4, &targets, &BTreeSet::new())
+            .expect("the fake kernel answers");
+
+        assert_eq!(deleted, 50);
+        let deletes: Vec<String> = nf
+            .calls()
+            .iter()
+            .filter(|c| c.args.first().is_some_and(|a| a == "-D"))
+            .map(|c| c.line())
+            .collect();
+        assert_eq!(
+            deletes,
+            vec![
+                "conntrack -D -p udp -f ipv4 --orig-dst 10.96.0.10 --dport 53 --reply-src 10.244.1.8 --reply-port-src 5353"
+            ]
+        );
     }
 }
