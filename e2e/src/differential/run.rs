@@ -95,7 +95,9 @@ impl Differential {
         cluster.run(|api| async move {
             // kube-proxy runs with --cluster-cidr (detect-local-mode
             // ClusterCIDR); planproxy's default detects no local traffic,
-            // so the same setting is made a policy.
+            // so the same setting is made a policy. kube-proxy's nftables
+            // mode never serves node ports on 127.0.0.1; its iptables mode
+            // does by default, as planproxy does.
             api.apply_policy(json!({
                 "apiVersion": "planproxy.dev/v1alpha1",
                 "kind": "ProxyPolicy",
@@ -106,6 +108,7 @@ impl Differential {
                         "mode": "ClusterCIDR",
                         "clusterCIDRs": [CLUSTER_CIDR_V4, CLUSTER_CIDR_V6],
                     }},
+                    "localhostNodePorts": mode == KubeProxyMode::Iptables,
                 },
             }))
             .await?;
