@@ -90,7 +90,8 @@ pub struct NodeSettings {
     /// node's own pod CIDRs).
     pub local_traffic_detector: ResolvedLocalTrafficDetector,
 
-    /// CIDRs of the node addresses that NodePorts answer on. Empty means every local
+    /// CIDRs of the node addresses that NodePorts answer on: the node's local
+    /// addresses inside them, whatever Node status lists. Empty means every local
     /// address of the node.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub node_port_addresses: Vec<String>,

@@ -64,8 +64,10 @@ pub struct ProxyPolicySpec {
 
     /// Node addresses NodePorts answer on: CIDRs, or the keyword `primary` for the
     /// node's first InternalIP per family (its first ExternalIP when it has no
-    /// InternalIP of that family). Omitted means every local address (kube-proxy's
-    /// default). Node-scoped.
+    /// InternalIP of that family). CIDRs are matched against the node's own local
+    /// addresses, as kube-proxy matches them against its interfaces, so an address
+    /// Node status does not list (a secondary NIC's) counts. Omitted means every
+    /// local address (kube-proxy's default). Node-scoped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 16), inner(length(max = 64)))]
     #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.all(a, a == 'primary' || isCIDR(a))", "message": "each entry must be a CIDR or 'primary'"}]))]
