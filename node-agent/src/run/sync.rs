@@ -515,6 +515,8 @@ mod tests {
         calls: Arc<Mutex<Vec<Call>>>,
         fail_next: Arc<Mutex<usize>>,
         drift: Arc<Mutex<bool>>,
+        /// What every successful sync reports it could not make of the node.
+        issues: Arc<Mutex<Vec<NodeIssue>>>,
     }
 
     impl FakeKernel {
@@ -555,6 +557,7 @@ mod tests {
                         )
                     })
                     .collect(),
+                issues: self.issues.lock().expect("fake kernel lock").clone(),
                 ..Default::default()
             })
         }
@@ -750,6 +753,42 @@ mod tests {
         assert_eq!(
             condition::find(&status.conditions, condition::PROGRAMMED).map(|c| c.status.as_str()),
             Some("True")
+        );
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_setting_the_sync_could_not_make_is_degraded_until_a_sync_makes_it() {
+        let mut h = Harness::start();
+        *h.kernel.issues.lock().expect("fake kernel lock") = vec![NodeIssue {
+            reason: condition::reason::SYSCTL_FAILED,
+            message: "setting net.ipv4.conf.all.route_localnet failed".into(),
+        }];
+        h.publish(vec![mk_shard("n1", 0, 1, 1)]);
+        settle().await;
+        let statuses = h.statuses.borrow_and_update().clone();
+        let status = &statuses["n1"].status;
+        let degraded =
+            condition::find(&status.conditions, condition::DEGRADED).expect("Degraded condition");
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", condition::reason::SYSCTL_FAILED)
+        );
+        assert!(degraded.message.contains("route_localnet"), "{degraded:?}");
+        assert_eq!(
+            condition::find(&status.conditions, condition::PROGRAMMED).map(|c| c.status.as_str()),
+            Some("True"),
+            "the rules are in place"
+        );
+
+        h.kernel.issues.lock().expect("fake kernel lock").clear();
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        let statuses = h.statuses.borrow_and_update().clone();
+        assert_eq!(
+            condition::find(&statuses["n1"].status.conditions, condition::DEGRADED)
+                .map(|c| c.status.as_str()),
+            Some("False"),
+            "the periodic resync made it"
         );
         h.stop().await;
     }
