@@ -30,6 +30,9 @@ pub mod reason {
     pub const APPLY_FAILED: &str = "ApplyFailed";
     /// The plan could not be turned into rules (an invalid value reached the agent).
     pub const INVALID_PLAN: &str = "InvalidPlan";
+    /// The rules are programmed, but a node setting the plan needs (a sysctl)
+    /// could not be made; the message says which and what it means.
+    pub const SYSCTL_FAILED: &str = "SysctlFailed";
     /// Everything applied cleanly.
     pub const HEALTHY: &str = "Healthy";
 }

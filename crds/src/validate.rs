@@ -140,13 +140,14 @@ pub fn proxy_policy(spec: &ProxyPolicySpec) -> Result<CheckedPolicy, FieldError>
 
     let node_scoped = spec.sync.is_some()
         || spec.node_port_addresses.is_some()
+        || spec.localhost_node_ports.is_some()
         || masquerade
             .is_some_and(|m| m.masquerade_bit.is_some() || m.local_traffic_detector.is_some());
     if node_scoped && !service_selector.is_everything() {
         return Err(FieldError::new(
             "spec.serviceSelector",
             "node-scoped settings (masquerade.masqueradeBit, masquerade.localTrafficDetector, \
-             nodePortAddresses, sync) may only be set by a policy that selects every service",
+             nodePortAddresses, localhostNodePorts, sync) may only be set by a policy that selects every service",
         ));
     }
 
@@ -311,6 +312,15 @@ mod tests {
         };
         assert_eq!(
             proxy_policy(&spec).unwrap_err().field,
+            "spec.serviceSelector"
+        );
+        let localhost = ProxyPolicySpec {
+            sync: None,
+            localhost_node_ports: Some(false),
+            ..spec
+        };
+        assert_eq!(
+            proxy_policy(&localhost).unwrap_err().field,
             "spec.serviceSelector"
         );
     }

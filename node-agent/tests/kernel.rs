@@ -30,7 +30,10 @@ on_every_backend!(
     incremental_updates_while_traffic_flows_fail_no_connection,
     three_equal_endpoints_share_3000_connections_evenly,
     ipv6_cluster_ip_and_node_port_work,
-    internal_local_policy_without_local_endpoints_drops
+    internal_local_policy_without_local_endpoints_drops,
+    localhost_node_ports_reach_endpoints_masqueraded_when_on_and_do_not_exist_when_off,
+    a_packet_to_loopback_from_another_namespace_is_dropped_by_the_guard,
+    node_port_addresses_match_a_secondary_address_the_plan_does_not_list
 );
 
 const CLUSTER_IP: [u8; 4] = [10, 96, 0, 10];
@@ -1090,4 +1093,212 @@ fn switching_backends_on_a_live_node_removes_the_other_backends_rules() {
         "the nftables table was left behind"
     );
     assert!(n1.ns.iptables_save().contains("PPX-SERVICES"));
+}
+
+/// `route_localnet` in the node's namespace, as the kernel has it.
+fn route_localnet(node: &planproxy_netns::Node) -> String {
+    node.ns
+        .exec_ok(&["sysctl", "-n", "net.ipv4.conf.all.route_localnet"])
+        .expect("sysctl in the node namespace")
+        .trim()
+        .to_owned()
+}
+
+fn localhost_node_ports_reach_endpoints_masqueraded_when_on_and_do_not_exist_when_off(
+    via: Backend,
+) {
+    let t = topology(2, 1, 0);
+    let (n1, n2) = (t.node(1), t.node(2));
+    let _echo = serve_all([(&n2.pods[0], "backend")]);
+    let mut web = service(
+        "web",
+        &["10.96.0.10"],
+        vec![endpoint(&n2.pods[0], 1, false)],
+    );
+    web.node_port = Some(30084);
+    // externalTrafficPolicy Local with the only endpoint elsewhere: the node's
+    // own connections are treated as Cluster, from 127.0.0.1 too.
+    let mut local = service(
+        "local",
+        &["10.96.0.11"],
+        vec![endpoint(&n2.pods[0], 1, false)],
+    )
+    .external_local();
+    local.node_port = Some(30085);
+    let mut on = plan(n1, vec![web, local]);
+    on.settings.localhost_node_ports = true;
+    assert_eq!(route_localnet(n1), "0", "a fresh namespace");
+    apply_on(via, n1, &on);
+    assert_eq!(
+        route_localnet(n1),
+        "1",
+        "the agent turns it on for the plan"
+    );
+    for port in [30084, 30085] {
+        let a = n1
+            .ns
+            .connect_tcp(sa([127, 0, 0, 1], port), &answer_expected());
+        assert_eq!(a.server(), Some("backend"), "127.0.0.1:{port}: {a:?}");
+        assert_eq!(
+            a.peer().map(|p| p.ip()),
+            Some(n1.ipv4.into()),
+            "127.0.0.1:{port}: masqueraded to the node's address"
+        );
+    }
+
+    let mut off = on.clone();
+    off.settings.localhost_node_ports = false;
+    apply_on(via, n1, &off);
+    assert_eq!(route_localnet(n1), "1", "never reset behind other software");
+    for port in [30084, 30085] {
+        // Nothing of the node port is on 127.0.0.1: the node's own stack
+        // answers, and nothing listens there.
+        assert_eq!(
+            n1.ns
+                .connect_tcp(sa([127, 0, 0, 1], port), &answer_expected()),
+            Attempt::Refused,
+            "127.0.0.1:{port}"
+        );
+        let a = n1.ns.connect_tcp(sa(n1.ipv4, port), &answer_expected());
+        assert_eq!(
+            a.server(),
+            Some("backend"),
+            "{port} on the node's address: {a:?}"
+        );
+    }
+}
+
+/// Makes `pod` send its IPv4 packets for 127.0.0.1 out of `eth0` to its
+/// node, as a neighbour of the node can (CVE-2020-8558). Only the pod's own
+/// namespace is changed.
+fn send_loopback_to_the_node(pod: &planproxy_netns::Pod, node: &planproxy_netns::Node) {
+    pod.ns
+        .sysctl("net.ipv4.conf.all.route_localnet", "1")
+        .expect("route_localnet in the pod");
+    for local in ["127.0.0.0/8", "127.0.0.1"] {
+        pod.ns
+            .exec_ok(&[
+                "ip", "route", "del", "local", local, "dev", "lo", "table", "local",
+            ])
+            .expect("the pod's loopback routes go");
+    }
+    pod.ns
+        .exec_ok(&[
+            "ip",
+            "route",
+            "add",
+            "127.0.0.1/32",
+            "via",
+            &node.gateway_v4().to_string(),
+            "dev",
+            "eth0",
+        ])
+        .expect("127.0.0.1 via the node");
+}
+
+/// Sends one datagram from `pod` to `127.0.0.1:port` and reports whether a
+/// socket bound there in the node received it.
+fn loopback_datagram_arrives(
+    pod: &planproxy_netns::Pod,
+    node: &planproxy_netns::Node,
+    port: u16,
+) -> bool {
+    let receiver = node
+        .ns
+        .run_in(|| UdpSocket::bind(("127.0.0.1", port)))
+        .expect("a loopback socket in the node");
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(800)))
+        .expect("timeout");
+    let sender = pod
+        .ns
+        .run_in(|| UdpSocket::bind("0.0.0.0:0"))
+        .expect("a socket in the pod");
+    sender
+        .send_to(b"spoofed", ("127.0.0.1", port))
+        .expect("the pod sends to 127.0.0.1 via its node");
+    let mut buf = [0u8; 64];
+    receiver.recv_from(&mut buf).is_ok()
+}
+
+fn a_packet_to_loopback_from_another_namespace_is_dropped_by_the_guard(via: Backend) {
+    let t = topology(1, 1, 0);
+    let n1 = t.node(1);
+    let pod = &n1.pods[0];
+    send_loopback_to_the_node(pod, n1);
+    let mut svc = service("web", &["10.96.0.10"], vec![endpoint(pod, 1, false)]);
+    svc.node_port = Some(30086);
+    let mut without = plan(n1, vec![svc]);
+    without.settings.localhost_node_ports = false;
+    apply_on(via, n1, &without);
+    // The hole the guard closes: with route_localnet on and no guard, a
+    // neighbour reaches a socket bound to the node's loopback.
+    n1.ns
+        .sysctl("net.ipv4.conf.all.route_localnet", "1")
+        .expect("route_localnet on, as another program may have left it");
+    assert!(
+        loopback_datagram_arrives(pod, n1, 40001),
+        "{via}: without the guard the spoofed datagram arrives (the test's own check)"
+    );
+    let mut with = without.clone();
+    with.settings.localhost_node_ports = true;
+    apply_on(via, n1, &with);
+    assert!(
+        !loopback_datagram_arrives(pod, n1, 40002),
+        "{via}: the guard must drop a packet to 127.0.0.0/8 from elsewhere"
+    );
+    // The node's own connections to loopback are untouched.
+    let local = n1
+        .ns
+        .run_in(|| std::net::TcpListener::bind("127.0.0.1:40003"))
+        .expect("a loopback listener");
+    let reached = n1
+        .ns
+        .connect_tcp(sa([127, 0, 0, 1], 40003), &answer_expected());
+    drop(local);
+    assert!(
+        !matches!(reached, Attempt::Refused | Attempt::Timeout),
+        "{reached:?}"
+    );
+}
+
+fn node_port_addresses_match_a_secondary_address_the_plan_does_not_list(via: Backend) {
+    let t = topology(2, 1, 1);
+    let (n1, n2) = (t.node(1), t.node(2));
+    let _echo = serve_all([(&n2.pods[0], "backend")]);
+    let mut svc = service(
+        "web",
+        &["10.96.0.10"],
+        vec![endpoint(&n2.pods[0], 1, false)],
+    );
+    svc.node_port = Some(30087);
+    let mut spec = plan(n1, vec![svc]);
+    spec.settings.node_port_addresses = vec!["192.168.77.0/24".into()];
+    assert!(
+        !spec
+            .settings
+            .node_ips
+            .iter()
+            .any(|ip| ip.starts_with("192.168.77.")),
+        "the plan's node IPs do not list the secondary address"
+    );
+    apply_on(via, n1, &spec);
+    // Added after the rules were written: no new plan is needed.
+    let secondary: std::net::IpAddr = "192.168.77.11".parse().expect("valid");
+    n1.ns
+        .add_addr("eth0", secondary, 24)
+        .expect("a secondary address on the node's veth");
+    t.route_to_node(secondary, 1).expect("route");
+    let client = &t.clients[0];
+    let a = client
+        .ns
+        .connect_tcp(sa(secondary, 30087), &answer_expected());
+    assert_eq!(a.server(), Some("backend"), "the secondary address: {a:?}");
+    assert_eq!(
+        client
+            .ns
+            .connect_tcp(sa(n1.ipv4, 30087), &answer_expected()),
+        Attempt::Refused,
+        "the primary address is outside nodePortAddresses"
+    );
 }

@@ -25,6 +25,8 @@ pub const DEFAULT_MASQUERADE_BIT: u8 = 14;
 pub const DEFAULT_MIN_SYNC_PERIOD: &str = "1s";
 /// kube-proxy's default sync period.
 pub const DEFAULT_SYNC_PERIOD: &str = "30s";
+/// kube-proxy's iptables-mode default for `localhostNodePorts`.
+pub const DEFAULT_LOCALHOST_NODE_PORTS: bool = true;
 /// The default cap on ClientIP affinity timeouts (the API's own maximum).
 pub const DEFAULT_MAX_AFFINITY_TIMEOUT_SECONDS: u32 = 86400;
 
@@ -229,6 +231,11 @@ pub fn node_settings<'a>(
             resolved
         })
         .unwrap_or_default();
+    let localhost_node_ports = node_scoped
+        .clone()
+        .find_map(|p| p.spec.localhost_node_ports)
+        .unwrap_or(DEFAULT_LOCALHOST_NODE_PORTS)
+        && covers_ipv4_loopback(&node_port_addresses);
     let sync_field = |f: &dyn Fn(&planproxy_crds::v1alpha1::SyncSettings) -> Option<String>| {
         node_scoped
             .clone()
@@ -252,12 +259,29 @@ pub fn node_settings<'a>(
         masquerade_bit,
         local_traffic_detector,
         node_port_addresses,
+        localhost_node_ports,
         node_ips,
         min_sync_period,
         sync_period,
         node_terminating: node.terminating,
     };
     (settings, problems)
+}
+
+/// Whether resolved `nodePortAddresses` leave IPv4 node ports on 127.0.0.0/8, as
+/// kube-proxy judges it: no IPv4 CIDR at all (every address of the family), or an
+/// IPv4 CIDR inside or around the loopback network.
+fn covers_ipv4_loopback(node_port_addresses: &[String]) -> bool {
+    let loopback = IpNet::from(IpAddr::from([127, 0, 0, 0]));
+    let ipv4: Vec<IpNet> = node_port_addresses
+        .iter()
+        .filter_map(|c| c.parse::<IpNet>().ok())
+        .filter(|n| matches!(n, IpNet::V4(_)))
+        .collect();
+    ipv4.is_empty()
+        || ipv4
+            .iter()
+            .any(|n| n.network().is_loopback() || n.contains(&loopback.addr()))
 }
 
 /// CIDRs stay (canonical); `primary` becomes the node's primary address of each

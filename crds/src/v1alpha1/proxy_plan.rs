@@ -90,10 +90,18 @@ pub struct NodeSettings {
     /// node's own pod CIDRs).
     pub local_traffic_detector: ResolvedLocalTrafficDetector,
 
-    /// CIDRs of the node addresses that NodePorts answer on. Empty means every local
+    /// CIDRs of the node addresses that NodePorts answer on: the node's local
+    /// addresses inside them, whatever Node status lists. Empty means every local
     /// address of the node.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub node_port_addresses: Vec<String>,
+
+    /// IPv4 NodePorts also answer on 127.0.0.0/8 for the node's own connections:
+    /// the agent sets `net.ipv4.conf.all.route_localnet=1` and drops packets to
+    /// 127.0.0.0/8 from other sources. True when the policies' `localhostNodePorts`
+    /// (default true) is on and `nodePortAddresses` is empty or covers 127.0.0.0/8.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub localhost_node_ports: bool,
 
     /// The node's own addresses (from Node.status.addresses), used where a source
     /// range admits the node itself.

@@ -4,7 +4,7 @@
 //! of the highest-priority matching policy that sets it (ties broken by name,
 //! alphabetically first wins), then the built-in default, which equals kube-proxy's.
 //! Node-scoped settings (`masquerade.masqueradeBit`, `masquerade.localTrafficDetector`,
-//! `nodePortAddresses`, `sync`) shape the whole node's rules, so only policies that
+//! `nodePortAddresses`, `localhostNodePorts`, `sync`) shape the whole node's rules, so only policies that
 //! select every service (no `serviceSelector`) may set them.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
@@ -16,8 +16,8 @@ use super::NoEndpointsAction;
 
 // The CEL rule below and `validate::proxy_policy` enforce the same constraint; the
 // Rust check also covers API servers that do not evaluate CEL.
-const NODE_SCOPED_RULE: &str = "!has(self.serviceSelector) || (!has(self.sync) && !has(self.nodePortAddresses) && (!has(self.masquerade) || (!has(self.masquerade.masqueradeBit) && !has(self.masquerade.localTrafficDetector))))";
-const NODE_SCOPED_MESSAGE: &str = "node-scoped settings (masquerade.masqueradeBit, masquerade.localTrafficDetector, nodePortAddresses, sync) may only be set by a policy without serviceSelector";
+const NODE_SCOPED_RULE: &str = "!has(self.serviceSelector) || (!has(self.sync) && !has(self.nodePortAddresses) && !has(self.localhostNodePorts) && (!has(self.masquerade) || (!has(self.masquerade.masqueradeBit) && !has(self.masquerade.localTrafficDetector))))";
+const NODE_SCOPED_MESSAGE: &str = "node-scoped settings (masquerade.masqueradeBit, masquerade.localTrafficDetector, nodePortAddresses, localhostNodePorts, sync) may only be set by a policy without serviceSelector";
 
 /// How planproxy proxies the services and nodes this policy selects.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -64,12 +64,25 @@ pub struct ProxyPolicySpec {
 
     /// Node addresses NodePorts answer on: CIDRs, or the keyword `primary` for the
     /// node's first InternalIP per family (its first ExternalIP when it has no
-    /// InternalIP of that family). Omitted means every local address (kube-proxy's
-    /// default). Node-scoped.
+    /// InternalIP of that family). CIDRs are matched against the node's own local
+    /// addresses, as kube-proxy matches them against its interfaces, so an address
+    /// Node status does not list (a secondary NIC's) counts. Omitted means every
+    /// local address (kube-proxy's default). Node-scoped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 16), inner(length(max = 64)))]
     #[schemars(extend("x-kubernetes-validations" = [{"rule": "self.all(a, a == 'primary' || isCIDR(a))", "message": "each entry must be a CIDR or 'primary'"}]))]
     pub node_port_addresses: Option<Vec<NodePortAddress>>,
+
+    /// Whether IPv4 NodePorts also answer on 127.0.0.1 (the whole 127.0.0.0/8)
+    /// for connections from the node itself, as kube-proxy's iptables mode does
+    /// by default (`localhostNodePorts`). It applies only when nodePortAddresses is
+    /// omitted or one of its CIDRs covers 127.0.0.0/8; IPv6 never has it. The agent
+    /// then sets `net.ipv4.conf.all.route_localnet=1` and drops packets to
+    /// 127.0.0.0/8 from other sources (the CVE-2020-8558 guard). False leaves
+    /// 127.0.0.0/8 out of node ports entirely, as kube-proxy's nftables mode does.
+    /// Default true, on every backend. Node-scoped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub localhost_node_ports: Option<bool>,
 
     /// What a frontend of a service without usable endpoints does with new
     /// connections: Reject (the client sees "connection refused" at once; kube-proxy's

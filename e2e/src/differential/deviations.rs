@@ -3,7 +3,7 @@
 //! fixed yet (listed so that the fixed-seed test stays green while they are
 //! open, and marked as bugs so that nobody mistakes them for design).
 
-use super::outcome::{Disagreement, Frontend, Source};
+use super::outcome::{Disagreement, Frontend, Outcome, Source};
 use super::state::{Backend, State, Svc};
 use crate::KubeProxyMode;
 
@@ -45,10 +45,16 @@ pub const LISTED: &[Deviation] = &[
         },
     },
     Deviation {
-        heading: "NodePorts on 127.0.0.1 are not served",
-        nature: Nature::KnownBug,
-        covers: |d, _, _| {
-            d.key.frontend == Frontend::NodePortLocalhost && d.planproxy.reached.is_empty()
+        heading: "Node ports that do not answer on 127.0.0.1 do not drop there either",
+        nature: Nature::Deliberate,
+        covers: |d, _, mode| {
+            let only = |o: &Outcome, failure: &str| {
+                o.reached.is_empty() && o.failures.iter().eq([failure].iter().copied())
+            };
+            mode == KubeProxyMode::Iptables
+                && d.key.frontend == Frontend::NodePortLocalhost
+                && only(&d.planproxy, "refused")
+                && only(&d.kube_proxy, "timeout")
         },
     },
     Deviation {
@@ -135,11 +141,23 @@ mod tests {
             .expect("seed 1 has a selector service")
             .name
             .clone();
+        // Fixed: planproxy serves localhost node ports as kube-proxy's
+        // iptables mode does, so such a disagreement is no listed deviation.
         let localhost = disagreement(Frontend::NodePortLocalhost, Source::Node, &with_node_name);
+        assert!(listed(&localhost, &state, KubeProxyMode::Iptables).is_none());
+        // Where localhost node ports are off (nodePortAddresses without
+        // loopback), a Local-policy node port without local endpoints: iptables
+        // mode drops 127.0.0.1, planproxy has nothing there.
+        let not_served = Disagreement {
+            planproxy: outcome(&[], &["refused"]),
+            kube_proxy: outcome(&[], &["timeout"]),
+            ..disagreement(Frontend::NodePortLocalhost, Source::Node, &with_node_name)
+        };
         assert_eq!(
-            listed(&localhost, &state, KubeProxyMode::Iptables).map(|d| d.heading),
-            Some("NodePorts on 127.0.0.1 are not served")
+            listed(&not_served, &state, KubeProxyMode::Iptables).map(|d| d.nature),
+            Some(Nature::Deliberate)
         );
+        assert!(listed(&not_served, &state, KubeProxyMode::Nftables).is_none());
         let hairpin = disagreement(Frontend::ClusterIp, Source::Hairpin, &no_node_name);
         assert_eq!(
             listed(&hairpin, &state, KubeProxyMode::Iptables).map(|d| d.nature),

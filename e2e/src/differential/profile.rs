@@ -9,6 +9,8 @@ use std::str::FromStr;
 
 use serde_json::{Value, json};
 
+use crate::KubeProxyMode;
+
 use crate::cluster::{CLUSTER_CIDR_V4, CLUSTER_CIDR_V6};
 
 /// The node network every node's address is in (`planproxy_netns`'s
@@ -71,13 +73,18 @@ impl NodeProfile {
     }
 
     /// The ProxyPolicy spec that gives planproxy the same settings as
-    /// kube-proxy with this profile's flags.
-    pub fn policy_spec(self) -> Value {
+    /// kube-proxy in `mode` with this profile's flags. kube-proxy's
+    /// nftables mode never serves node ports on 127.0.0.1; its iptables
+    /// mode does by default, as planproxy does.
+    pub fn policy_spec(self, mode: KubeProxyMode) -> Value {
         let cluster_cidr = json!({
             "mode": "ClusterCIDR",
             "clusterCIDRs": [CLUSTER_CIDR_V4, CLUSTER_CIDR_V6],
         });
-        let mut spec = json!({"priority": 0});
+        let mut spec = json!({
+            "priority": 0,
+            "localhostNodePorts": mode == KubeProxyMode::Iptables,
+        });
         let masquerade = match self {
             NodeProfile::ClusterCidr | NodeProfile::NodePortAddresses => {
                 json!({"localTrafficDetector": cluster_cidr})
@@ -129,15 +136,32 @@ mod tests {
     }
 
     #[test]
+    fn localhost_node_ports_follow_kube_proxy_s_mode() {
+        for profile in NodeProfile::ALL {
+            assert_eq!(
+                profile.policy_spec(KubeProxyMode::Iptables)["localhostNodePorts"],
+                true
+            );
+            assert_eq!(
+                profile.policy_spec(KubeProxyMode::Nftables)["localhostNodePorts"],
+                false
+            );
+        }
+    }
+
+    #[test]
     fn both_proxies_get_the_same_setting() {
         let all = NodeProfile::MasqueradeAll;
         assert!(
             all.kube_proxy_args()
                 .contains(&"--masquerade-all".to_owned())
         );
-        assert_eq!(all.policy_spec()["masquerade"]["masqueradeAll"], true);
+        assert_eq!(
+            all.policy_spec(KubeProxyMode::Iptables)["masquerade"]["masqueradeAll"],
+            true
+        );
 
-        let node_cidr = NodeProfile::NodeCidr.policy_spec();
+        let node_cidr = NodeProfile::NodeCidr.policy_spec(KubeProxyMode::Iptables);
         assert_eq!(
             node_cidr["masquerade"]["localTrafficDetector"]["mode"],
             "NodeCIDR"
@@ -153,11 +177,12 @@ mod tests {
             vec!["--detect-local-mode=ClusterCIDR".to_owned()]
         );
         assert_eq!(
-            NodeProfile::NoDetector.policy_spec()["masquerade"]["localTrafficDetector"]["mode"],
+            NodeProfile::NoDetector.policy_spec(KubeProxyMode::Iptables)["masquerade"]["localTrafficDetector"]
+                ["mode"],
             "None"
         );
 
-        let restricted = NodeProfile::NodePortAddresses.policy_spec();
+        let restricted = NodeProfile::NodePortAddresses.policy_spec(KubeProxyMode::Iptables);
         assert_eq!(restricted["nodePortAddresses"], json!(NODE_NETWORKS));
         assert!(
             NodeProfile::NodePortAddresses
@@ -166,7 +191,7 @@ mod tests {
         );
         assert!(
             NodeProfile::ClusterCidr
-                .policy_spec()
+                .policy_spec(KubeProxyMode::Iptables)
                 .get("nodePortAddresses")
                 .is_none()
         );

@@ -155,7 +155,7 @@ impl Differential {
                 "apiVersion": "planproxy.dev/v1alpha1",
                 "kind": "ProxyPolicy",
                 "metadata": {"name": POLICY},
-                "spec": profile.policy_spec(),
+                "spec": profile.policy_spec(mode),
             }))
             .await?;
             let (_, accepted) = api.wait_policy_judged(POLICY, CONVERGE).await?;

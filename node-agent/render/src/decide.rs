@@ -227,16 +227,19 @@ impl<'a> PortDecision<'a> {
     }
 }
 
-/// Where node ports answer in one family.
+/// Where node ports answer in one family: destinations the kernel counts as
+/// local (`addrtype LOCAL`, `fib daddr type local`), so an address the node
+/// gains or loses (a secondary NIC, an address Node status does not list)
+/// needs no new rules, narrowed by `nodePortAddresses`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NodePortDestinations {
-    /// Every local address except loopback.
-    AllLocal {
-        /// The family's loopback network, which is excluded.
-        loopback: IpNet,
-    },
-    /// Only these node addresses.
-    Addresses(Vec<IpAddr>),
+pub struct NodePortDestinations {
+    /// Only local addresses inside these networks; `None`: every local address.
+    /// An empty list means no address at all.
+    pub within: Option<Vec<IpNet>>,
+    /// Local addresses inside this network are left out: the family's loopback
+    /// network where node ports do not answer on it (set only where `within`
+    /// would otherwise reach into it).
+    pub except: Option<IpNet>,
 }
 
 /// The node-wide decisions of one family.
@@ -248,45 +251,84 @@ pub struct NodeDecision {
     pub mark: u32,
     /// Where node ports answer.
     pub node_ports: NodePortDestinations,
+    /// Where node ports without (local) endpoints refuse: every local address,
+    /// as in kube-proxy's iptables mode, except this network (the family's
+    /// loopback where node ports do not answer on it, so that 127.0.0.1 is
+    /// either a node-port destination or not one at all).
+    pub refusals_except: Option<IpNet>,
+    /// IPv4 node ports answer on 127.0.0.0/8: the node needs
+    /// `route_localnet` and the guard dropping other packets to 127.0.0.0/8.
+    pub localhost: bool,
+}
+
+/// The family's loopback network.
+pub fn loopback(family: Family) -> IpNet {
+    match family {
+        Family::V4 => IpNet::V4(
+            ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(127, 0, 0, 0), 8).unwrap_or_default(),
+        ),
+        Family::V6 => IpNet::from(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)),
+    }
 }
 
 impl NodeDecision {
     /// Decides the node-wide rules of `family`.
     pub fn new(family: Family, settings: &Settings) -> Self {
-        let loopback: IpNet = match family {
-            Family::V4 => IpNet::V4(
-                ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(127, 0, 0, 0), 8).unwrap_or_default(),
-            ),
-            Family::V6 => IpNet::from(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)),
-        };
+        let loopback = loopback(family);
         let addresses: Vec<IpNet> = settings
             .node_port_addresses
             .iter()
             .copied()
             .filter(|n| family_of_net(n) == family)
             .collect();
-        let node_ports = if addresses.is_empty() || addresses.iter().any(|n| n.prefix_len() == 0) {
-            NodePortDestinations::AllLocal { loopback }
+        let every_address = addresses.is_empty() || addresses.iter().any(|n| n.prefix_len() == 0);
+        let overlaps_loopback =
+            |n: &IpNet| n.contains(&loopback.network()) || loopback.contains(&n.network());
+        // As kube-proxy: IPv4 only, and only where nodePortAddresses reach
+        // into the loopback network (every address does).
+        let localhost = family == Family::V4
+            && settings.localhost_node_ports
+            && (every_address || addresses.iter().any(overlaps_loopback));
+        let node_ports = if every_address {
+            NodePortDestinations {
+                within: None,
+                except: (!localhost).then_some(loopback),
+            }
+        } else if localhost {
+            NodePortDestinations {
+                within: Some(addresses),
+                except: None,
+            }
         } else {
-            NodePortDestinations::Addresses(
-                settings
-                    .node_ips
-                    .iter()
-                    .copied()
-                    .filter(|ip| {
-                        family_of(ip) == family
-                            && !ip.is_loopback()
-                            && addresses.iter().any(|n| n.contains(ip))
-                    })
-                    .collect(),
-            )
+            // A network inside loopback names no destination; one around it
+            // (64.0.0.0/2) keeps its other addresses.
+            let within: Vec<IpNet> = addresses
+                .into_iter()
+                .filter(|n| !loopback.contains(n))
+                .collect();
+            let except = within
+                .iter()
+                .any(|n| n.contains(&loopback))
+                .then_some(loopback);
+            NodePortDestinations {
+                within: Some(within),
+                except,
+            }
         };
         Self {
             family,
             mark: settings.masquerade_mark,
             node_ports,
+            refusals_except: (!localhost).then_some(loopback),
+            localhost,
         }
     }
+}
+
+/// Whether the node's IPv4 node ports answer on 127.0.0.0/8, which needs
+/// `net.ipv4.conf.all.route_localnet=1`: the one place the agent learns it.
+pub fn serves_localhost_node_ports(settings: &Settings) -> bool {
+    NodeDecision::new(Family::V4, settings).localhost
 }
 
 fn of_family(set: Option<&[Endpoint]>, family: Family) -> Vec<Endpoint> {

@@ -21,6 +21,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
+use ipnet::IpNet;
+
 use planproxy_crds::ProxyPlanSpec;
 use planproxy_crds::v1alpha1::ProgrammedSummary;
 
@@ -166,6 +168,8 @@ pub fn probability(remaining: usize) -> String {
 struct FamilyBuilder<'a> {
     family: Family,
     settings: &'a Settings,
+    /// The node-wide decisions of this family.
+    node: NodeDecision,
     layout: Layout,
     rules: FamilyRules,
     nat_services: Vec<DispatchEntry>,
@@ -197,6 +201,7 @@ impl<'a> FamilyBuilder<'a> {
         Self {
             family,
             settings,
+            node: NodeDecision::new(family, settings),
             layout,
             rules,
             nat_services: Vec::new(),
@@ -378,7 +383,8 @@ impl<'a> FamilyBuilder<'a> {
                 let Unreachable { refusal, reason } = d.external_unreachable;
                 self.count_rule(Some(owner));
                 self.filter_external_nodeports.push(format!(
-                    "-m comment --comment \"{spn} {reason}\" -m addrtype --dst-type LOCAL {matcher} --dport {node_port} -j {}",
+                    "-m comment --comment \"{spn} {reason}\" -m addrtype --dst-type LOCAL{} {matcher} --dport {node_port} -j {}",
+                    not_to(self.node.refusals_except),
                     refusal_target(refusal)
                 ));
             }
@@ -592,8 +598,9 @@ impl<'a> FamilyBuilder<'a> {
     }
 
     fn finish(mut self) -> FamilyRules {
-        let node = NodeDecision::new(self.family, self.settings);
+        let node = self.node.clone();
         let mark = format!("{:#x}", node.mark);
+        self.set(Table::Filter, chains::LOCALNET_GUARD, localnet_guard(&node));
         self.nat_dispatch(&node);
         self.nat_masquerade(&mark);
         self.filter_dispatch();
@@ -620,17 +627,7 @@ impl<'a> FamilyBuilder<'a> {
         );
         let mut services = nat.root_rules;
         let tail = "-m comment --comment \"planproxy service nodeports; NOTE: this must be the last rule in this chain\"";
-        match &node.node_ports {
-            NodePortDestinations::AllLocal { loopback } => services.push(format!(
-                "{tail} -m addrtype --dst-type LOCAL ! -d {loopback} -j {}",
-                chains::NODEPORTS
-            )),
-            NodePortDestinations::Addresses(ips) => {
-                for ip in ips {
-                    services.push(format!("{tail} -d {} -j {}", host(*ip), chains::NODEPORTS));
-                }
-            }
-        }
+        services.extend(node_port_jumps(&node.node_ports, tail));
         self.set(Table::Nat, chains::SERVICES, services);
         for (name, rules) in nat.chains {
             self.set(Table::Nat, &name, rules);
@@ -702,6 +699,46 @@ impl<'a> FamilyBuilder<'a> {
     }
 }
 
+/// The tail rules of nat PPX-SERVICES sending node-port destinations to
+/// PPX-NODEPORTS. iptables takes one `-d` per rule, so a loopback network left
+/// out of CIDRs around it returns first.
+fn node_port_jumps(destinations: &NodePortDestinations, tail: &str) -> Vec<String> {
+    let local = "-m addrtype --dst-type LOCAL";
+    let to = chains::NODEPORTS;
+    match (&destinations.within, destinations.except) {
+        (None, except) => vec![format!("{tail} {local}{} -j {to}", not_to(except))],
+        (Some(networks), except) => except
+            .map(|e| {
+                format!("-m comment --comment \"planproxy: node ports do not answer on loopback\" -d {e} -j RETURN")
+            })
+            .into_iter()
+            .chain(
+                networks
+                    .iter()
+                    .map(|n| format!("{tail} {local} -d {n} -j {to}")),
+            )
+            .collect(),
+    }
+}
+
+/// ` ! -d <network>`, or nothing.
+fn not_to(except: Option<IpNet>) -> String {
+    except.map(|e| format!(" ! -d {e}")).unwrap_or_default()
+}
+
+/// filter PPX-LOCALNET-GUARD: with route_localnet on, a packet to
+/// 127.0.0.0/8 from elsewhere would reach services bound to loopback
+/// (CVE-2020-8558); only connections the node made or DNATed may pass.
+fn localnet_guard(node: &NodeDecision) -> Vec<String> {
+    if !node.localhost {
+        return Vec::new();
+    }
+    let loopback = crate::decide::loopback(node.family);
+    vec![format!(
+        "-m comment --comment \"planproxy: block incoming localnet connections\" -d {loopback} ! -s {loopback} -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
+    )]
+}
+
 fn nat_jumps() -> Vec<Jump> {
     vec![
         jump(
@@ -723,6 +760,14 @@ fn nat_jumps() -> Vec<Jump> {
 fn filter_jumps() -> Vec<Jump> {
     let new = "-m conntrack --ctstate NEW ";
     vec![
+        // First, as kubelet's KUBE-FIREWALL: no accept rule may let a
+        // spoofed packet to 127.0.0.0/8 through before the guard sees it.
+        jump(
+            "INPUT",
+            chains::LOCALNET_GUARD,
+            "",
+            "planproxy localnet guard",
+        ),
         jump(
             "INPUT",
             chains::PROXY_FIREWALL,

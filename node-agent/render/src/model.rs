@@ -113,6 +113,9 @@ pub struct Settings {
     pub local_cidrs: Vec<IpNet>,
     /// Node addresses NodePorts answer on; empty means every local address.
     pub node_port_addresses: Vec<IpNet>,
+    /// IPv4 node ports also answer on 127.0.0.0/8 (where `node_port_addresses`
+    /// cover it).
+    pub localhost_node_ports: bool,
     /// The node's own addresses.
     pub node_ips: Vec<IpAddr>,
 }
@@ -384,6 +387,7 @@ pub(crate) fn parse_settings(spec: &ProxyPlanSpec) -> Result<Settings, PlanError
         masquerade_mark: 1u32 << s.masquerade_bit,
         local_cidrs,
         node_port_addresses,
+        localhost_node_ports: s.localhost_node_ports,
         node_ips,
     })
 }

@@ -148,6 +148,9 @@ pub mod chains {
     pub const FORWARD: &str = "PPX-FORWARD";
     /// filter: drops load-balancer traffic from sources outside the allowed ranges.
     pub const PROXY_FIREWALL: &str = "PPX-PROXY-FIREWALL";
+    /// filter: drops packets to 127.0.0.0/8 from elsewhere while IPv4 node
+    /// ports answer there (route_localnet is on); empty otherwise.
+    pub const LOCALNET_GUARD: &str = "PPX-LOCALNET-GUARD";
     /// nat and filter: an empty chain whose disappearance shows someone flushed
     /// planproxy's chains. Managed by the data plane, never part of a RuleSet.
     pub const CANARY: &str = "PPX-CANARY";
@@ -163,6 +166,7 @@ pub mod chains {
                 NODEPORTS,
                 FORWARD,
                 PROXY_FIREWALL,
+                LOCALNET_GUARD,
             ],
         }
     }

@@ -411,19 +411,244 @@ fn invalid_node_settings_are_refused_with_the_field() {
     }
 }
 
-#[test]
-fn node_port_addresses_restrict_node_ports_to_matching_node_ips() {
-    let mut plan = spec(vec![]);
-    plan.settings.node_port_addresses = vec!["192.168.1.0/24".into()];
-    plan.settings.node_ips = vec!["192.168.1.10".into(), "10.0.0.5".into()];
-    let r = rendered(plan);
-    let (nat, _) = v4(&r);
-    let tail: Vec<_> = chain(nat, "PPX-SERVICES")
+/// The rules sending node-port destinations to the node-port dispatch, on
+/// both backends: iptables' nat PPX-SERVICES tail (with any RETURN before
+/// it), and nftables' `services` rules that jump to `nodeports`, per family.
+struct NodePortRules {
+    iptables: Vec<String>,
+    nft: Vec<String>,
+}
+
+/// A node-port service `ns1/np` without endpoints and one with, under
+/// `localhost` and `addresses`; returns where node ports answer and where the
+/// empty one refuses, per backend, for `family`.
+fn node_port_rules(
+    localhost: bool,
+    addresses: &[&str],
+    family: Family,
+) -> (NodePortRules, NodePortRules, Vec<String>) {
+    let mut plan = spec(vec![
+        {
+            let mut s = svc("np", "10.96.0.1", vec![ep("10.244.1.5", false)]);
+            s.cluster_ips.push("fd00:96::1".into());
+            s.cluster_endpoints = set(vec![ep("10.244.1.5", false), ep("fd00:244::5", false)]);
+            s.node_port = Some(30080);
+            s
+        },
+        {
+            let mut s = svc("empty", "10.96.0.2", vec![]);
+            s.cluster_ips.push("fd00:96::2".into());
+            s.node_port = Some(30081);
+            s
+        },
+    ]);
+    plan.settings.localhost_node_ports = localhost;
+    plan.settings.node_port_addresses = addresses.iter().map(|a| (*a).to_owned()).collect();
+    let r = render(
+        std::slice::from_ref(&plan),
+        &RenderOptions {
+            layout: Layout::Flat,
+            families: vec![],
+        },
+    )
+    .expect("renders");
+    let f = &r.rule_set.families[&family];
+    let ipt_nat = chain(&f.nat, "PPX-SERVICES");
+    let ipt_answer: Vec<String> = ipt_nat
         .iter()
-        .filter(|r| r.ends_with("-j PPX-NODEPORTS"))
+        .filter(|r| r.ends_with("-j PPX-NODEPORTS") || r.ends_with("-j RETURN"))
+        .cloned()
         .collect();
-    assert_eq!(tail.len(), 1);
-    assert!(tail[0].contains("-d 192.168.1.10/32"));
+    let ipt_refuse: Vec<String> = chain(&f.filter, "PPX-EXTERNAL-SERVICES")
+        .iter()
+        .filter(|r| r.contains("--dport 30081"))
+        .cloned()
+        .collect();
+    let ipt_guard = chain(&f.filter, "PPX-LOCALNET-GUARD").to_vec();
+    let nft = planproxy_render::nft::render_nft(&[plan], &[]).expect("renders");
+    let (ip, nfproto) = match family {
+        Family::V4 => ("ip ", "ipv4"),
+        Family::V6 => ("ip6 ", "ipv6"),
+    };
+    let of_family = |r: &&String| r.contains(nfproto) || r.contains(&format!("{ip}daddr"));
+    let nft_answer: Vec<String> = nft.rules.chains["services"]
+        .rules
+        .iter()
+        .filter(|r| r.ends_with("jump nodeports"))
+        .filter(of_family)
+        .cloned()
+        .collect();
+    let nft_refuse: Vec<String> = nft.rules.chains["external-services"]
+        .rules
+        .iter()
+        .filter(|r| r.contains("@refused-nodeports"))
+        .filter(of_family)
+        .cloned()
+        .collect();
+    let mut guards: Vec<String> = nft.rules.chains["filter-input"]
+        .rules
+        .iter()
+        .filter(|r| r.ends_with(" drop"))
+        .filter(of_family)
+        .cloned()
+        .collect();
+    guards.extend(ipt_guard);
+    (
+        NodePortRules {
+            iptables: ipt_answer,
+            nft: nft_answer,
+        },
+        NodePortRules {
+            iptables: ipt_refuse,
+            nft: nft_refuse,
+        },
+        guards,
+    )
+}
+
+#[test]
+fn localhost_node_ports_answer_on_every_local_ipv4_address_with_the_guard() {
+    let (answer, refuse, guards) = node_port_rules(true, &[], Family::V4);
+    assert_eq!(
+        answer.iptables,
+        [
+            "-m comment --comment \"planproxy service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j PPX-NODEPORTS"
+        ]
+    );
+    assert_eq!(
+        answer.nft,
+        ["fib daddr type local meta nfproto ipv4 jump nodeports"]
+    );
+    assert!(
+        refuse.iptables[0].contains("-m addrtype --dst-type LOCAL -m tcp")
+            && refuse.nft[0].starts_with("fib daddr type local meta nfproto ipv4 meta l4proto"),
+        "{:?}",
+        (refuse.iptables, refuse.nft)
+    );
+    assert_eq!(
+        guards,
+        [
+            "ip daddr 127.0.0.0/8 ip saddr != 127.0.0.0/8 ct state & (established | related) == 0 ct status & dnat == 0 drop",
+            "-m comment --comment \"planproxy: block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
+        ]
+    );
+}
+
+#[test]
+fn without_localhost_node_ports_loopback_is_no_node_port_destination_at_all() {
+    let (answer, refuse, guards) = node_port_rules(false, &[], Family::V4);
+    assert!(
+        answer.iptables[0]
+            .ends_with("-m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j PPX-NODEPORTS"),
+        "{:?}",
+        answer.iptables
+    );
+    assert_eq!(
+        answer.nft,
+        ["fib daddr type local meta nfproto ipv4 ip daddr != 127.0.0.0/8 jump nodeports"]
+    );
+    // A node port that does not answer on 127.0.0.1 does not refuse there
+    // either (a Local-policy drop included): nothing of it is there.
+    assert!(
+        refuse.iptables[0].contains("-m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -m tcp"),
+        "{:?}",
+        refuse.iptables
+    );
+    assert!(
+        refuse.nft[0].contains("ip daddr != 127.0.0.0/8 meta l4proto"),
+        "{:?}",
+        refuse.nft
+    );
+    assert!(guards.is_empty(), "{guards:?}");
+}
+
+#[test]
+fn node_port_addresses_match_local_addresses_inside_them_not_the_plans_node_ips() {
+    // 10.1.0.0/16 holds none of the plan's node IPs (192.168.1.10): a
+    // secondary NIC's address there is still served, as the kernel sees it.
+    let (answer, refuse, guards) = node_port_rules(true, &["10.1.0.0/16"], Family::V4);
+    assert_eq!(
+        answer.iptables,
+        [
+            "-m comment --comment \"planproxy service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -d 10.1.0.0/16 -j PPX-NODEPORTS"
+        ]
+    );
+    assert_eq!(
+        answer.nft,
+        ["fib daddr type local ip daddr 10.1.0.0/16 jump nodeports"]
+    );
+    // The CIDRs do not reach loopback, so neither answers nor refusals do.
+    assert!(refuse.iptables[0].contains("! -d 127.0.0.0/8"));
+    assert!(refuse.nft[0].contains("ip daddr != 127.0.0.0/8"));
+    assert!(guards.is_empty(), "loopback is not served: {guards:?}");
+}
+
+#[test]
+fn node_port_addresses_that_cover_loopback_serve_it_only_when_localhost_node_ports_are_on() {
+    let (answer, _, guards) = node_port_rules(true, &["127.0.0.0/8", "10.1.0.0/16"], Family::V4);
+    assert_eq!(
+        answer.nft,
+        [
+            "fib daddr type local ip daddr 127.0.0.0/8 jump nodeports",
+            "fib daddr type local ip daddr 10.1.0.0/16 jump nodeports"
+        ]
+    );
+    assert_eq!(answer.iptables.len(), 2);
+    assert_eq!(guards.len(), 2, "both backends guard: {guards:?}");
+
+    let (answer, refuse, guards) =
+        node_port_rules(false, &["127.0.0.0/8", "10.1.0.0/16"], Family::V4);
+    assert_eq!(
+        answer.nft,
+        ["fib daddr type local ip daddr 10.1.0.0/16 jump nodeports"],
+        "a CIDR inside loopback names nothing then"
+    );
+    assert_eq!(answer.iptables.len(), 1);
+    assert!(refuse.nft[0].contains("ip daddr != 127.0.0.0/8"));
+    assert!(guards.is_empty());
+
+    // A CIDR around loopback keeps its other addresses.
+    let (answer, _, _) = node_port_rules(false, &["64.0.0.0/2"], Family::V4);
+    assert_eq!(
+        answer.nft,
+        ["fib daddr type local ip daddr 64.0.0.0/2 ip daddr != 127.0.0.0/8 jump nodeports"]
+    );
+    assert!(
+        answer.iptables[0].ends_with("-d 127.0.0.0/8 -j RETURN")
+            && answer.iptables[1]
+                .ends_with("-m addrtype --dst-type LOCAL -d 64.0.0.0/2 -j PPX-NODEPORTS"),
+        "{:?}",
+        answer.iptables
+    );
+}
+
+#[test]
+fn ipv6_node_ports_never_answer_on_loopback() {
+    for (localhost, addresses) in [
+        (true, &[][..]),
+        (false, &[]),
+        (true, &["::/96"]),
+        (true, &["0.0.0.0/0"]),
+    ] {
+        let (answer, refuse, guards) = node_port_rules(localhost, addresses, Family::V6);
+        let case = format!("{localhost} {addresses:?}");
+        for rule in answer.nft.iter().chain(&refuse.nft).chain(&refuse.iptables) {
+            assert!(
+                rule.contains("!= ::1/128") || rule.contains("! -d ::1/128"),
+                "{case}: {rule}"
+            );
+        }
+        // iptables takes one `-d`: loopback returns before CIDRs around it.
+        let returns_first = answer.iptables[0].ends_with("-d ::1/128 -j RETURN");
+        for rule in &answer.iptables {
+            assert!(
+                returns_first || rule.contains("! -d ::1/128"),
+                "{case}: {rule}"
+            );
+        }
+        assert!(!answer.nft.is_empty() && !refuse.nft.is_empty());
+        assert!(guards.is_empty(), "{guards:?}");
+    }
 }
 
 #[test]

@@ -12,6 +12,8 @@
 mod backend;
 mod conntrack;
 mod exec;
+pub mod interfaces;
+mod localnet;
 mod netfilter;
 mod nft;
 pub mod parse;
@@ -30,6 +32,7 @@ use planproxy_render::{
     restore_full, restore_incremental,
 };
 
+pub use localnet::{ROUTE_LOCALNET, SettingProblem};
 pub use netfilter::{Netfilter, Ran, System};
 pub use planproxy_render::Family;
 
@@ -105,6 +108,8 @@ pub struct SyncReport {
     pub skipped: Vec<String>,
     /// Stale UDP conntrack entries deleted.
     pub conntrack_entries_deleted: usize,
+    /// Node settings the plan needs that could not be made (the rules are in place).
+    pub problems: Vec<SettingProblem>,
 }
 
 /// Why a data-plane operation failed. The kernel keeps its previous rules in
@@ -217,6 +222,8 @@ pub struct DataPlane {
     udp_frontends: BTreeMap<Family, BTreeSet<SocketAddr>>,
     /// Lock wait spent outside a sync (at start), added to the next report.
     unreported_lock_wait: Duration,
+    /// route_localnet, set while the plan serves localhost node ports.
+    route_localnet: localnet::RouteLocalnet,
     /// Where every netfilter program runs.
     nf: Arc<dyn Netfilter>,
 }
@@ -279,6 +286,7 @@ impl DataPlane {
             applied: None,
             udp_frontends: BTreeMap::new(),
             unreported_lock_wait: lock_wait,
+            route_localnet: localnet::RouteLocalnet::default(),
             nf,
         })
     }
@@ -383,6 +391,7 @@ impl DataPlane {
                 &rendered.model.service_ports,
                 &mut report,
             );
+            self.ensure_node_settings(&rendered.model.settings, &mut report);
             let applied = AppliedRules::Iptables(rendered.rule_set);
             (rendered.per_shard, rendered.skipped, applied)
         } else {
@@ -393,6 +402,7 @@ impl DataPlane {
             let program = self.program_nftables(program, shards, !full, &mut report)?;
             if let Some(settings) = program.settings() {
                 self.reconcile_conntrack(settings, program.service_ports(), &mut report);
+                self.ensure_node_settings(settings, &mut report);
             }
             (
                 program.per_shard(),
@@ -559,6 +569,22 @@ impl DataPlane {
                 // The rules are in place; stale flows are retried next sync.
                 Err(e) => tracing::warn!(%family, error = %e, "stale UDP conntrack cleanup failed"),
             }
+        }
+    }
+
+    /// Makes the node settings the rules rely on (route_localnet while IPv4
+    /// node ports answer on 127.0.0.1), after the rules are in place. A
+    /// failure is reported, not fatal: every other frontend works.
+    fn ensure_node_settings(
+        &mut self,
+        settings: &planproxy_render::model::Settings,
+        report: &mut SyncReport,
+    ) {
+        let wanted = self.families.contains(&Family::V4)
+            && planproxy_render::decide::serves_localhost_node_ports(settings);
+        if let Err(problem) = self.route_localnet.ensure(&*self.nf, wanted) {
+            tracing::warn!(reason = problem.reason, %problem, "node setting not made");
+            report.problems.push(problem);
         }
     }
 
@@ -1006,6 +1032,74 @@ mod tests {
         let rebuilt = nft_transactions(&nf.calls());
         assert!(rebuilt[0].contains("delete table inet planproxy"));
         assert!(rebuilt[0].contains("10.244.1.5 . 8080"), "{}", rebuilt[0]);
+    }
+
+    /// [`web`] with IPv4 node ports on 127.0.0.1 as the plan says.
+    fn web_localhost(localhost: bool) -> Vec<Arc<ProxyPlanSpec>> {
+        let mut plan = (*web(&["10.244.1.5"])[0]).clone();
+        plan.settings.localhost_node_ports = localhost;
+        vec![Arc::new(plan)]
+    }
+
+    fn sysctl_writes(calls: &[Call]) -> Vec<String> {
+        calls
+            .iter()
+            .filter(|c| c.program == "sysctl")
+            .map(Call::line)
+            .collect()
+    }
+
+    #[test]
+    fn route_localnet_is_set_while_the_plan_serves_localhost_node_ports_and_never_reset() {
+        for backend in [Backend::Nftables, Backend::IptablesNft] {
+            let nf = Arc::new(FakeNetfilter::default());
+            let mut dp = data_plane(backend, &nf);
+            dp.sync(&web_localhost(false), false).expect("sync");
+            assert!(
+                sysctl_writes(&nf.calls()).is_empty(),
+                "{backend}: not asked for"
+            );
+            let report = dp.sync(&web_localhost(true), false).expect("sync");
+            assert!(report.problems.is_empty());
+            assert_eq!(
+                sysctl_writes(&nf.calls()),
+                ["sysctl net/ipv4/conf/all/route_localnet=1"],
+                "{backend}"
+            );
+            nf.clear();
+            dp.sync(&web_localhost(true), true).expect("sync");
+            assert!(
+                sysctl_writes(&nf.calls()).is_empty(),
+                "{backend}: already 1"
+            );
+            dp.sync(&web_localhost(false), false).expect("sync");
+            assert!(
+                sysctl_writes(&nf.calls()).is_empty(),
+                "{backend}: never reset"
+            );
+            assert_eq!(nf.sysctl_value(ROUTE_LOCALNET), "1");
+        }
+    }
+
+    #[test]
+    fn a_route_localnet_that_cannot_be_set_is_a_problem_of_a_successful_sync() {
+        let nf = Arc::new(FakeNetfilter::default());
+        nf.refuse_sysctl_writes(30);
+        let mut dp = data_plane(Backend::Nftables, &nf);
+        let report = dp
+            .sync(&web_localhost(true), false)
+            .expect("the rules are programmed anyway");
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        assert_eq!(
+            report.problems[0].reason,
+            planproxy_crds::condition::reason::SYSCTL_FAILED
+        );
+        assert!(
+            report.problems[0].message.contains("route_localnet")
+                && report.problems[0].message.contains("127.0.0.1"),
+            "{}",
+            report.problems[0]
+        );
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The one seam under which the data plane talks to the kernel: every
 //! netfilter program (`iptables*`, `ip6tables*`, `nft`, `conntrack`) runs
-//! through [`Netfilter::run`]. The agent uses [`System`]; unit tests put a fake
-//! in its place and check what would have been run.
+//! through [`Netfilter::run`], and the one sysctl node ports need
+//! (`route_localnet`) is read and written through [`Netfilter::sysctl`]. The
+//! agent uses [`System`]; unit tests put a fake in its place and check what
+//! would have been run.
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};
@@ -31,6 +33,13 @@ pub trait Netfilter: Send + Sync + std::fmt::Debug {
     /// answer to the message numbered `acked_seq`. `Ok(Err(errno))` when the
     /// kernel refused the batch.
     fn netlink(&self, batch: &[u8], acked_seq: u32) -> std::io::Result<Result<(), i32>>;
+
+    /// Reads the sysctl at `path` under `/proc/sys` (`net/ipv4/conf/all/route_localnet`)
+    /// of the calling thread's network namespace, trimmed.
+    fn sysctl(&self, path: &str) -> std::io::Result<String>;
+
+    /// Writes `value` to the sysctl at `path` under `/proc/sys`.
+    fn set_sysctl(&self, path: &str, value: &str) -> std::io::Result<()>;
 }
 
 /// The real programs, in the calling thread's network namespace.
@@ -89,6 +98,17 @@ impl Netfilter for System {
             MsgFlags::empty(),
         )?;
         await_ack(&fd, acked_seq)
+    }
+
+    fn sysctl(&self, path: &str) -> std::io::Result<String> {
+        // /proc/sys/net follows the network namespace of the thread opening it.
+        Ok(std::fs::read_to_string(format!("/proc/sys/{path}"))?
+            .trim()
+            .to_owned())
+    }
+
+    fn set_sysctl(&self, path: &str, value: &str) -> std::io::Result<()> {
+        std::fs::write(format!("/proc/sys/{path}"), value)
     }
 }
 
@@ -312,6 +332,10 @@ pub(crate) mod fake {
         replies: Mutex<Vec<Reply>>,
         calls: Mutex<Vec<Call>>,
         netlink_errno: Mutex<Option<i32>>,
+        /// Sysctl values by path; a missing one reads as `0`.
+        sysctls: Mutex<std::collections::BTreeMap<String, String>>,
+        /// Writes fail with this errno.
+        sysctl_errno: Mutex<Option<i32>>,
     }
 
     impl std::fmt::Debug for FakeNetfilter {
@@ -334,6 +358,21 @@ pub(crate) mod fake {
             *self.netlink_errno.lock().expect("fake netfilter lock") = Some(errno);
         }
 
+        /// From now on sysctl writes fail with `errno`.
+        pub fn refuse_sysctl_writes(&self, errno: i32) {
+            *self.sysctl_errno.lock().expect("fake netfilter lock") = Some(errno);
+        }
+
+        /// The sysctl's value now (`0` when never written).
+        pub fn sysctl_value(&self, path: &str) -> String {
+            self.sysctls
+                .lock()
+                .expect("fake netfilter lock")
+                .get(path)
+                .cloned()
+                .unwrap_or_else(|| "0".to_owned())
+        }
+
         /// Every call so far.
         pub fn calls(&self) -> Vec<Call> {
             self.calls.lock().expect("fake netfilter lock").clone()
@@ -354,6 +393,26 @@ pub(crate) mod fake {
             });
             let refused = *self.netlink_errno.lock().expect("fake netfilter lock");
             Ok(refused.map_or(Ok(()), Err))
+        }
+
+        fn sysctl(&self, path: &str) -> std::io::Result<String> {
+            Ok(self.sysctl_value(path))
+        }
+
+        fn set_sysctl(&self, path: &str, value: &str) -> std::io::Result<()> {
+            self.calls.lock().expect("fake netfilter lock").push(Call {
+                program: "sysctl".to_owned(),
+                args: vec![format!("{path}={value}")],
+                stdin: None,
+            });
+            if let Some(errno) = *self.sysctl_errno.lock().expect("fake netfilter lock") {
+                return Err(std::io::Error::from_raw_os_error(errno));
+            }
+            self.sysctls
+                .lock()
+                .expect("fake netfilter lock")
+                .insert(path.to_owned(), value.to_owned());
+            Ok(())
         }
 
         fn run(&self, program: &str, args: &[&str], stdin: Option<&str>) -> std::io::Result<Ran> {

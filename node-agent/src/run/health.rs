@@ -263,21 +263,44 @@ async fn service_health(State(s): State<PortServerState>) -> Response {
 }
 
 /// The addresses health-check node ports listen on: every address of both
-/// families (`[::]`, which also accepts IPv4 on Linux), or the node's addresses
-/// inside `nodePortAddresses` when the plan restricts them.
-pub fn listen_addresses(node_port_addresses: &[String], node_ips: &[String]) -> Vec<IpAddr> {
-    if node_port_addresses.is_empty() {
-        return vec![IpAddr::V6(Ipv6Addr::UNSPECIFIED)];
-    }
+/// families (`[::]`, which also accepts IPv4 on Linux) unless
+/// `nodePortAddresses` restrict one; then, as kube-proxy does, the node's
+/// interface addresses inside them (every interface address of a family they
+/// leave unrestricted).
+pub fn listen_addresses(node_port_addresses: &[String], interfaces: &[IpAddr]) -> Vec<IpAddr> {
     let cidrs: Vec<ipnet::IpNet> = node_port_addresses
         .iter()
         .filter_map(|c| c.parse().ok())
         .collect();
-    node_ips
+    // As for node ports: no CIDR of a family, or a /0, is every address.
+    let restricted = |ipv6: bool| {
+        let of_family: Vec<&ipnet::IpNet> = cidrs
+            .iter()
+            .filter(|c| matches!(c, ipnet::IpNet::V6(_)) == ipv6)
+            .collect();
+        !of_family.is_empty() && of_family.iter().all(|c| c.prefix_len() > 0)
+    };
+    let (v4_restricted, v6_restricted) = (restricted(false), restricted(true));
+    if !v4_restricted && !v6_restricted {
+        return vec![IpAddr::V6(Ipv6Addr::UNSPECIFIED)];
+    }
+    let mut out: Vec<IpAddr> = interfaces
         .iter()
-        .filter_map(|ip| ip.parse::<IpAddr>().ok())
-        .filter(|ip| cidrs.iter().any(|cidr| cidr.contains(ip)))
-        .collect()
+        .copied()
+        // A link-local address cannot be bound without its interface's scope.
+        .filter(|ip| !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local()))
+        .filter(|ip| {
+            let family_restricted = if ip.is_ipv6() {
+                v6_restricted
+            } else {
+                v4_restricted
+            };
+            !family_restricted || cidrs.iter().any(|cidr| cidr.contains(ip))
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// Binds `socket`; `[::]` falls back to `0.0.0.0` on a node without IPv6.
@@ -564,14 +587,35 @@ mod tests {
     }
 
     #[test]
-    fn node_port_addresses_restrict_listeners_to_matching_node_ips() {
-        let ips = ["192.168.1.5".to_owned(), "10.1.0.7".to_owned()];
+    fn node_port_addresses_restrict_listeners_to_matching_interface_addresses() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("valid ip");
+        // A secondary address (10.1.0.7) that Node status need not list.
+        let interfaces = [
+            ip("127.0.0.1"),
+            ip("192.168.1.5"),
+            ip("10.1.0.7"),
+            ip("::1"),
+            ip("fe80::1"),
+            ip("fd00::5"),
+        ];
         assert_eq!(
-            listen_addresses(&["10.1.0.0/16".to_owned()], &ips),
-            vec!["10.1.0.7".parse::<IpAddr>().expect("valid ip")]
+            listen_addresses(&["10.1.0.0/16".to_owned()], &interfaces),
+            vec![ip("10.1.0.7"), ip("::1"), ip("fd00::5")],
+            "IPv6 is unrestricted: every bindable interface address of it"
         );
         assert_eq!(
-            listen_addresses(&[], &ips),
+            listen_addresses(
+                &["10.1.0.0/16".to_owned(), "fd00::/64".to_owned()],
+                &interfaces
+            ),
+            vec![ip("10.1.0.7"), ip("fd00::5")]
+        );
+        assert_eq!(
+            listen_addresses(&[], &interfaces),
+            vec![IpAddr::V6(Ipv6Addr::UNSPECIFIED)]
+        );
+        assert_eq!(
+            listen_addresses(&["0.0.0.0/0".to_owned()], &interfaces),
             vec![IpAddr::V6(Ipv6Addr::UNSPECIFIED)]
         );
     }

@@ -22,6 +22,11 @@ pub trait Kernel: Send + 'static {
     /// Whether the kernel's rules differ from what the last sync wrote (someone
     /// flushed or edited our chains).
     fn drift_detected(&self) -> Result<bool, ApplyError>;
+
+    /// The node's interface addresses now (health-check node ports bind those
+    /// inside `nodePortAddresses`). A failure to read them is logged and
+    /// reads as none.
+    fn local_addresses(&self) -> Vec<std::net::IpAddr>;
 }
 
 /// What one successful sync wrote.
@@ -39,6 +44,18 @@ pub struct Applied {
     pub per_shard: BTreeMap<u32, ProgrammedSummary>,
     /// Conntrack entries removed after the sync (stale UDP flows).
     pub conntrack_entries_deleted: usize,
+    /// What the plan asks of the node that could not be made, though the rules
+    /// are in place (a sysctl); the plan's status shows it as Degraded.
+    pub issues: Vec<NodeIssue>,
+}
+
+/// A node setting the plan needs that the last sync could not make.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeIssue {
+    /// The Degraded condition's reason.
+    pub reason: &'static str,
+    /// What failed and what it means for traffic.
+    pub message: String,
 }
 
 /// Why a sync (or a drift check) failed. The kernel still holds the last good rules.
@@ -68,11 +85,26 @@ impl Kernel for crate::dataplane::DataPlane {
             rules_per_table,
             per_shard: report.per_shard,
             conntrack_entries_deleted: report.conntrack_entries_deleted,
+            issues: report
+                .problems
+                .into_iter()
+                .map(|p| NodeIssue {
+                    reason: p.reason,
+                    message: p.message,
+                })
+                .collect(),
         })
     }
 
     fn drift_detected(&self) -> Result<bool, ApplyError> {
         crate::dataplane::DataPlane::drift_detected(self).map_err(ApplyError::from)
+    }
+
+    fn local_addresses(&self) -> Vec<std::net::IpAddr> {
+        crate::dataplane::interfaces::local_addresses().unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot read the node's interface addresses");
+            Vec::new()
+        })
     }
 }
 

@@ -20,7 +20,7 @@ use planproxy_crds::v1alpha1::ProgrammedSummary;
 use planproxy_crds::{ProxyPlan, ProxyPlanStatus};
 use tokio::sync::watch;
 
-use super::kernel::ApplyError;
+use super::kernel::{ApplyError, NodeIssue};
 use super::metrics::AgentMetrics;
 
 /// What the kernel holds for one shard, as the sync loop tracks it.
@@ -49,6 +49,9 @@ pub struct ShardState<'a> {
     pub pending_reason: &'a str,
     /// The last sync's error, while the node has not synced successfully since.
     pub last_failure: Option<&'a ApplyError>,
+    /// What the last successful sync could not make of the node (its rules
+    /// are in place).
+    pub issues: &'a [NodeIssue],
 }
 
 /// The status a shard should carry. `prev` is the status on the object now; its
@@ -107,12 +110,25 @@ pub fn shard_status(
             reason::APPLY_FAILED,
             format!("{failure}; the previous rules keep serving"),
         ),
-        None => condition(
-            condition::DEGRADED,
-            false,
-            reason::HEALTHY,
-            "no sync has failed since the last success".to_owned(),
-        ),
+        None => match state.issues {
+            [] => condition(
+                condition::DEGRADED,
+                false,
+                reason::HEALTHY,
+                "no sync has failed since the last success".to_owned(),
+            ),
+            [first, ..] => condition(
+                condition::DEGRADED,
+                true,
+                first.reason,
+                state
+                    .issues
+                    .iter()
+                    .map(|i| i.message.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+        },
     };
     condition::set(&mut status.conditions, degraded_condition);
 
@@ -260,6 +276,7 @@ mod tests {
             applied,
             pending_reason: "waiting for the minimum sync period",
             last_failure: None,
+            issues: &[],
         }
     }
 
@@ -354,6 +371,24 @@ mod tests {
             cond(&status, condition::PROGRAMMED).reason,
             reason::APPLY_FAILED
         );
+    }
+
+    #[test]
+    fn a_node_setting_not_made_is_degraded_but_programmed() {
+        let held = applied("abc", 100);
+        let issues = [NodeIssue {
+            reason: reason::SYSCTL_FAILED,
+            message: "setting net.ipv4.conf.all.route_localnet failed (Read-only file system)"
+                .into(),
+        }];
+        let mut input = state("abc", Some(&held));
+        input.issues = &issues;
+        let status = shard_status(None, &input, &time(101));
+        assert_eq!(cond(&status, condition::PROGRAMMED).status, "True");
+        let degraded = cond(&status, condition::DEGRADED);
+        assert_eq!(degraded.status, "True");
+        assert_eq!(degraded.reason, reason::SYSCTL_FAILED);
+        assert!(degraded.message.contains("route_localnet"), "{degraded:?}");
     }
 
     #[test]

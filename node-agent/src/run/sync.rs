@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::health::{HealthCheckServers, NodeHealth, health_check_services, listen_addresses};
-use super::kernel::{Applied, ApplyError, Kernel};
+use super::kernel::{Applied, ApplyError, Kernel, NodeIssue};
 use super::metrics::AgentMetrics;
 use super::plan_set::{DEFAULT_MIN_SYNC_PERIOD, DEFAULT_SYNC_PERIOD, NodePlan, assemble};
 use super::schedule::{Due, SyncSchedule};
@@ -54,6 +54,8 @@ pub struct SyncLoop<K> {
     /// The last complete set the kernel took, sorted by index.
     applied_specs: Vec<Arc<ProxyPlan>>,
     last_failure: Option<ApplyError>,
+    /// What the last successful sync could not make of the node.
+    issues: Vec<NodeIssue>,
     /// Service port → the trigger time whose latency was already observed.
     trigger_times: BTreeMap<String, Time>,
     started_at: Timestamp,
@@ -122,6 +124,7 @@ impl<K: Kernel> SyncLoop<K> {
             applied: BTreeMap::new(),
             applied_specs: Vec::new(),
             last_failure: None,
+            issues: Vec::new(),
             trigger_times: BTreeMap::new(),
             started_at: now,
             last_event_at: now,
@@ -340,6 +343,7 @@ impl<K: Kernel> SyncLoop<K> {
         let changed = self.applied != held || self.last_failure.is_some();
         self.applied = held;
         self.last_failure = None;
+        self.issues = applied.issues.clone();
         if changed {
             info!(full = applied.full, duration = ?applied.duration, shards = specs.len(), "rules programmed");
         } else {
@@ -371,13 +375,21 @@ impl<K: Kernel> SyncLoop<K> {
             }
         });
 
-        let addresses = specs
+        let node_port_addresses = specs
             .first()
-            .map(|shard| &shard.spec)
-            .map(|spec| {
-                listen_addresses(&spec.settings.node_port_addresses, &spec.settings.node_ips)
-            })
+            .map(|shard| shard.spec.settings.node_port_addresses.as_slice())
             .unwrap_or_default();
+        // Read at every sync, so an address the node gains or loses is served
+        // by the next one (the periodic resync at the latest).
+        let interfaces = if node_port_addresses.is_empty() {
+            Vec::new()
+        } else {
+            self.kernel
+                .as_ref()
+                .map(Kernel::local_addresses)
+                .unwrap_or_default()
+        };
+        let addresses = listen_addresses(node_port_addresses, &interfaces);
         self.health_checks
             .update(
                 health_check_services(&specs.iter().map(|s| &s.spec).collect::<Vec<_>>()),
@@ -434,6 +446,7 @@ impl<K: Kernel> SyncLoop<K> {
                 applied: self.applied.get(name),
                 pending_reason: &pending_reason,
                 last_failure: self.last_failure.as_ref(),
+                issues: &self.issues,
             };
             let status = shard_status(shard.status.as_ref(), &state, &now);
             if Some(&status) != shard.status.as_ref() {
@@ -502,6 +515,8 @@ mod tests {
         calls: Arc<Mutex<Vec<Call>>>,
         fail_next: Arc<Mutex<usize>>,
         drift: Arc<Mutex<bool>>,
+        /// What every successful sync reports it could not make of the node.
+        issues: Arc<Mutex<Vec<NodeIssue>>>,
     }
 
     impl FakeKernel {
@@ -542,6 +557,7 @@ mod tests {
                         )
                     })
                     .collect(),
+                issues: self.issues.lock().expect("fake kernel lock").clone(),
                 ..Default::default()
             })
         }
@@ -550,6 +566,10 @@ mod tests {
             Ok(std::mem::take(
                 &mut *self.drift.lock().expect("fake kernel lock"),
             ))
+        }
+
+        fn local_addresses(&self) -> Vec<std::net::IpAddr> {
+            Vec::new()
         }
     }
 
@@ -733,6 +753,42 @@ mod tests {
         assert_eq!(
             condition::find(&status.conditions, condition::PROGRAMMED).map(|c| c.status.as_str()),
             Some("True")
+        );
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_setting_the_sync_could_not_make_is_degraded_until_a_sync_makes_it() {
+        let mut h = Harness::start();
+        *h.kernel.issues.lock().expect("fake kernel lock") = vec![NodeIssue {
+            reason: condition::reason::SYSCTL_FAILED,
+            message: "setting net.ipv4.conf.all.route_localnet failed".into(),
+        }];
+        h.publish(vec![mk_shard("n1", 0, 1, 1)]);
+        settle().await;
+        let statuses = h.statuses.borrow_and_update().clone();
+        let status = &statuses["n1"].status;
+        let degraded =
+            condition::find(&status.conditions, condition::DEGRADED).expect("Degraded condition");
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", condition::reason::SYSCTL_FAILED)
+        );
+        assert!(degraded.message.contains("route_localnet"), "{degraded:?}");
+        assert_eq!(
+            condition::find(&status.conditions, condition::PROGRAMMED).map(|c| c.status.as_str()),
+            Some("True"),
+            "the rules are in place"
+        );
+
+        h.kernel.issues.lock().expect("fake kernel lock").clear();
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        let statuses = h.statuses.borrow_and_update().clone();
+        assert_eq!(
+            condition::find(&statuses["n1"].status.conditions, condition::DEGRADED)
+                .map(|c| c.status.as_str()),
+            Some("False"),
+            "the periodic resync made it"
         );
         h.stop().await;
     }

@@ -59,6 +59,10 @@ fn without_policies_every_setting_is_kube_proxys_default() {
         ("1s", "30s")
     );
     assert_eq!(settings.node_ips, ["192.168.0.1"]);
+    assert!(
+        settings.localhost_node_ports,
+        "IPv4 node ports answer on 127.0.0.1, as in kube-proxy's iptables mode"
+    );
     let port = port_on(&res, "n1", "default", "web", "http");
     assert!(!port.masquerade_all);
     assert_eq!(port.no_endpoints_action, NoEndpointsAction::Reject);
@@ -333,6 +337,38 @@ fn only_nodes_with_a_node_object_get_a_plan() {
     );
     let res = resolve(&snapshot(vec![web(&[])], vec![slice], nodes(), vec![]));
     assert_eq!(res.plans.keys().collect::<Vec<_>>(), ["edge", "n1"]);
+}
+
+#[test]
+fn localhost_node_ports_follow_the_policy_and_only_where_node_port_addresses_cover_loopback() {
+    let localhost = |setting: Option<bool>, addresses: Option<&[&str]>| {
+        let policy = mk_policy(
+            "node-ports",
+            ProxyPolicySpec {
+                localhost_node_ports: setting,
+                node_port_addresses: addresses.map(|a| a.iter().map(|c| (*c).to_owned()).collect()),
+                ..Default::default()
+            },
+        );
+        let res = resolve(&snapshot(vec![web(&[])], vec![], nodes(), vec![policy]));
+        res.plans["n1"][0].spec.settings.localhost_node_ports
+    };
+    assert!(localhost(None, None), "default on");
+    assert!(!localhost(Some(false), None), "turned off");
+    assert!(localhost(Some(true), Some(&["127.0.0.0/8", "10.0.0.0/8"])));
+    assert!(localhost(None, Some(&["0.0.0.0/0"])));
+    assert!(localhost(None, Some(&["127.0.0.1/32"])), "inside loopback");
+    assert!(localhost(None, Some(&["64.0.0.0/2"])), "around loopback");
+    assert!(
+        localhost(None, Some(&["fd00::/8"])),
+        "no IPv4 CIDR leaves every IPv4 address"
+    );
+    assert!(
+        !localhost(None, Some(&["10.0.0.0/8"])),
+        "loopback not covered"
+    );
+    assert!(!localhost(None, Some(&["primary"])));
+    assert!(!localhost(Some(false), Some(&["127.0.0.0/8"])));
 }
 
 /// A policy answering node ports on `addresses` only, on every node.

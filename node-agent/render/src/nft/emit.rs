@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
+use ipnet::IpNet;
+
 use crate::Family;
 use crate::decide::{ClusterMasquerade, NodeDecision, NodePortDestinations, PortDecision, Refusal};
 use crate::hash::{endpoint_hash, service_port_hash};
@@ -41,6 +43,47 @@ fn addr_type(family: Family) -> &'static str {
         Family::V4 => "ipv4_addr",
         Family::V6 => "ipv6_addr",
     }
+}
+
+/// The rules of the `services` chain sending node-port destinations of
+/// `family` to the `nodeports` chain.
+fn node_port_jumps(family: Family, destinations: &NodePortDestinations) -> Vec<String> {
+    let nfproto = match family {
+        Family::V4 => "ipv4",
+        Family::V6 => "ipv6",
+    };
+    let except = not_to(family, destinations.except);
+    match &destinations.within {
+        None => vec![format!(
+            "fib daddr type local meta nfproto {nfproto}{except} jump nodeports"
+        )],
+        Some(networks) => networks
+            .iter()
+            .map(|n| {
+                format!(
+                    "fib daddr type local {} daddr {n}{except} jump nodeports",
+                    ip(family)
+                )
+            })
+            .collect(),
+    }
+}
+
+/// ` ip daddr != <network>`, or nothing.
+fn not_to(family: Family, except: Option<IpNet>) -> String {
+    except
+        .map(|e| format!(" {} daddr != {e}", ip(family)))
+        .unwrap_or_default()
+}
+
+/// With route_localnet on, a packet to 127.0.0.0/8 from elsewhere would reach
+/// services bound to loopback (CVE-2020-8558); only connections the node made
+/// or DNATed may pass.
+fn localnet_guard(family: Family) -> String {
+    let (ip, loopback) = (ip(family), crate::decide::loopback(family));
+    format!(
+        "{ip} daddr {loopback} {ip} saddr != {loopback} ct state & (established | related) == 0 ct status & dnat == 0 drop"
+    )
 }
 
 /// A frontend key: `addr . proto . port`.
@@ -78,6 +121,13 @@ impl Fragment {
         }
         for node in nodes {
             b.family_chains(node);
+        }
+        // First in the input hook, as kubelet's KUBE-FIREWALL: no accept rule
+        // may let a spoofed packet to 127.0.0.0/8 through before it.
+        for node in nodes.iter().filter(|n| n.localhost) {
+            if let Some(input) = b.out.chains.get_mut("filter-input") {
+                input.rules.insert(0, localnet_guard(node.family));
+            }
         }
         b.out
     }
@@ -339,17 +389,8 @@ impl Builder {
         );
         let key = format!("{ip} daddr . meta l4proto . th dport");
         self.rule("services", None, format!("{key} vmap @services{n}"));
-        match &node.node_ports {
-            NodePortDestinations::AllLocal { loopback } => self.rule(
-                "services",
-                None,
-                format!("fib daddr type local {ip} daddr != {loopback} jump nodeports"),
-            ),
-            NodePortDestinations::Addresses(ips) => {
-                for a in ips {
-                    self.rule("services", None, format!("{ip} daddr {a} jump nodeports"));
-                }
-            }
+        for rule in node_port_jumps(family, &node.node_ports) {
+            self.rule("services", None, rule);
         }
         let nfproto = match family {
             Family::V4 => "ipv4",
@@ -366,10 +407,11 @@ impl Builder {
             None,
             format!("{key} vmap @refused-external{n}"),
         );
+        let except = not_to(family, node.refusals_except);
         self.rule(
             "external-services",
             None,
-            format!("fib daddr type local meta nfproto {nfproto} meta l4proto . th dport vmap @refused-nodeports{n}"),
+            format!("fib daddr type local meta nfproto {nfproto}{except} meta l4proto . th dport vmap @refused-nodeports{n}"),
         );
         self.rule("firewall", None, format!("{key} @firewall{n} drop"));
     }
