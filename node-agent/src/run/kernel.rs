@@ -8,6 +8,8 @@ use std::time::Duration;
 use planproxy_crds::ProxyPlan;
 use planproxy_crds::v1alpha1::ProgrammedSummary;
 
+pub use crate::dataplane::SettingProblem;
+
 /// Something that programs a node's complete plan into the kernel.
 ///
 /// Both calls block (they run `iptables-restore` / `iptables-save`), so the sync
@@ -46,16 +48,7 @@ pub struct Applied {
     pub conntrack_entries_deleted: usize,
     /// What the plan asks of the node that could not be made, though the rules
     /// are in place (a sysctl); the plan's status shows it as Degraded.
-    pub issues: Vec<NodeIssue>,
-}
-
-/// A node setting the plan needs that the last sync could not make.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NodeIssue {
-    /// The Degraded condition's reason.
-    pub reason: &'static str,
-    /// What failed and what it means for traffic.
-    pub message: String,
+    pub issues: Vec<SettingProblem>,
 }
 
 /// Why a sync (or a drift check) failed. The kernel still holds the last good rules.
@@ -85,14 +78,7 @@ impl Kernel for crate::dataplane::DataPlane {
             rules_per_table,
             per_shard: report.per_shard,
             conntrack_entries_deleted: report.conntrack_entries_deleted,
-            issues: report
-                .problems
-                .into_iter()
-                .map(|p| NodeIssue {
-                    reason: p.reason,
-                    message: p.message,
-                })
-                .collect(),
+            issues: report.problems,
         })
     }
 

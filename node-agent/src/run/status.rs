@@ -20,7 +20,7 @@ use planproxy_crds::v1alpha1::ProgrammedSummary;
 use planproxy_crds::{ProxyPlan, ProxyPlanStatus};
 use tokio::sync::watch;
 
-use super::kernel::{ApplyError, NodeIssue};
+use super::kernel::{ApplyError, SettingProblem};
 use super::metrics::AgentMetrics;
 
 /// What the kernel holds for one shard, as the sync loop tracks it.
@@ -51,7 +51,7 @@ pub struct ShardState<'a> {
     pub last_failure: Option<&'a ApplyError>,
     /// What the last successful sync could not make of the node (its rules
     /// are in place).
-    pub issues: &'a [NodeIssue],
+    pub issues: &'a [SettingProblem],
 }
 
 /// The status a shard should carry. `prev` is the status on the object now; its
@@ -376,7 +376,7 @@ mod tests {
     #[test]
     fn a_node_setting_not_made_is_degraded_but_programmed() {
         let held = applied("abc", 100);
-        let issues = [NodeIssue {
+        let issues = [SettingProblem {
             reason: reason::SYSCTL_FAILED,
             message: "setting net.ipv4.conf.all.route_localnet failed (Read-only file system)"
                 .into(),

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::health::{HealthCheckServers, NodeHealth, health_check_services, listen_addresses};
-use super::kernel::{Applied, ApplyError, Kernel, NodeIssue};
+use super::kernel::{Applied, ApplyError, Kernel, SettingProblem};
 use super::metrics::AgentMetrics;
 use super::plan_set::{DEFAULT_MIN_SYNC_PERIOD, DEFAULT_SYNC_PERIOD, NodePlan, assemble};
 use super::schedule::{Due, SyncSchedule};
@@ -55,7 +55,7 @@ pub struct SyncLoop<K> {
     applied_specs: Vec<Arc<ProxyPlan>>,
     last_failure: Option<ApplyError>,
     /// What the last successful sync could not make of the node.
-    issues: Vec<NodeIssue>,
+    issues: Vec<SettingProblem>,
     /// Service port → the trigger time whose latency was already observed.
     trigger_times: BTreeMap<String, Time>,
     started_at: Timestamp,
@@ -516,7 +516,7 @@ mod tests {
         fail_next: Arc<Mutex<usize>>,
         drift: Arc<Mutex<bool>>,
         /// What every successful sync reports it could not make of the node.
-        issues: Arc<Mutex<Vec<NodeIssue>>>,
+        issues: Arc<Mutex<Vec<SettingProblem>>>,
     }
 
     impl FakeKernel {
@@ -760,7 +760,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_node_setting_the_sync_could_not_make_is_degraded_until_a_sync_makes_it() {
         let mut h = Harness::start();
-        *h.kernel.issues.lock().expect("fake kernel lock") = vec![NodeIssue {
+        *h.kernel.issues.lock().expect("fake kernel lock") = vec![SettingProblem {
             reason: condition::reason::SYSCTL_FAILED,
             message: "setting net.ipv4.conf.all.route_localnet failed".into(),
         }];
