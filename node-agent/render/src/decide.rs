@@ -282,13 +282,9 @@ impl NodeDecision {
             .filter(|n| family_of_net(n) == family)
             .collect();
         let every_address = addresses.is_empty() || addresses.iter().any(|n| n.prefix_len() == 0);
-        let overlaps_loopback =
-            |n: &IpNet| n.contains(&loopback.network()) || loopback.contains(&n.network());
-        // As kube-proxy: IPv4 only, and only where nodePortAddresses reach
-        // into the loopback network (every address does).
-        let localhost = family == Family::V4
-            && settings.localhost_node_ports
-            && (every_address || addresses.iter().any(overlaps_loopback));
+        // The controller already judged whether nodePortAddresses reach into
+        // the loopback network, as kube-proxy does; the plan says the result.
+        let localhost = family == Family::V4 && settings.localhost_node_ports;
         let node_ports = if every_address {
             NodePortDestinations {
                 within: None,
@@ -323,12 +319,6 @@ impl NodeDecision {
             localhost,
         }
     }
-}
-
-/// Whether the node's IPv4 node ports answer on 127.0.0.0/8, which needs
-/// `net.ipv4.conf.all.route_localnet=1`: the one place the agent learns it.
-pub fn serves_localhost_node_ports(settings: &Settings) -> bool {
-    NodeDecision::new(Family::V4, settings).localhost
 }
 
 fn of_family(set: Option<&[Endpoint]>, family: Family) -> Vec<Endpoint> {

@@ -580,8 +580,7 @@ impl DataPlane {
         settings: &planproxy_render::model::Settings,
         report: &mut SyncReport,
     ) {
-        let wanted = self.families.contains(&Family::V4)
-            && planproxy_render::decide::serves_localhost_node_ports(settings);
+        let wanted = self.families.contains(&Family::V4) && settings.localhost_node_ports;
         if let Err(problem) = self.route_localnet.ensure(&*self.nf, wanted) {
             tracing::warn!(reason = problem.reason, %problem, "node setting not made");
             report.problems.push(problem);
