@@ -18,6 +18,7 @@ pub fn mk_endpoint(ip: impl ToString, port: u16) -> EndpointPlan {
         ip: ip.to_string(),
         port,
         local: false,
+        node_unknown: false,
         ready: true,
         serving: true,
         terminating: false,
@@ -157,11 +158,17 @@ impl ServicePortExt for ServicePortPlan {
 pub trait EndpointExt {
     /// Whether the endpoint runs on the plan's own node.
     fn local(self, local: bool) -> Self;
+    /// The slice named no node for the endpoint.
+    fn node_unknown(self) -> Self;
 }
 
 impl EndpointExt for EndpointPlan {
     fn local(mut self, local: bool) -> Self {
         self.local = local;
+        self
+    }
+    fn node_unknown(mut self) -> Self {
+        self.node_unknown = true;
         self
     }
 }

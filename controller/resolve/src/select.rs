@@ -199,6 +199,7 @@ fn merge<'a>(
             ip: e.ip.clone(),
             port: e.port,
             local: e.node_name.as_deref() == Some(node.name),
+            node_unknown: e.node_name.is_none(),
             ready: e.ready,
             serving: e.serving,
             terminating: e.terminating,

@@ -258,6 +258,11 @@ pub struct EndpointPlan {
     /// usually-false flags, to keep large plans small.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub local: bool,
+    /// The EndpointSlice gives the endpoint no `nodeName` (hand-written slices
+    /// of selector-less services), so it may run on this node: the node keeps
+    /// hairpin masquerade for it, as for a local endpoint.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub node_unknown: bool,
     /// The EndpointSlice `ready` condition.
     pub ready: bool,
     /// The EndpointSlice `serving` condition.

@@ -57,23 +57,6 @@ pub const LISTED: &[Deviation] = &[
                 && only(&d.kube_proxy, "timeout")
         },
     },
-    Deviation {
-        heading: "No hairpin masquerade for endpoints without nodeName",
-        nature: Nature::KnownBug,
-        covers: |d, state, _| {
-            d.key.source == Source::Hairpin
-                && d.kube_proxy.failures.is_empty()
-                && service(d, state).is_some_and(|s| {
-                    matches!(
-                        s.backend,
-                        Backend::Manual {
-                            node_names: false,
-                            ..
-                        }
-                    )
-                })
-        },
-    },
 ];
 
 /// The listed deviation covering `disagreement`, if any.
@@ -158,11 +141,10 @@ mod tests {
             Some(Nature::Deliberate)
         );
         assert!(listed(&not_served, &state, KubeProxyMode::Nftables).is_none());
+        // Fixed: endpoints without nodeName get hairpin masquerade, so a
+        // hairpin disagreement on their service is no listed deviation.
         let hairpin = disagreement(Frontend::ClusterIp, Source::Hairpin, &no_node_name);
-        assert_eq!(
-            listed(&hairpin, &state, KubeProxyMode::Iptables).map(|d| d.nature),
-            Some(Nature::KnownBug)
-        );
+        assert!(listed(&hairpin, &state, KubeProxyMode::Iptables).is_none());
         // Seed 1036: a load balancer without endpoints behind source ranges.
         let state_1036 = State::generate(1036);
         let lb = disagreement(Frontend::LoadBalancer, Source::Client, "d1036-2");

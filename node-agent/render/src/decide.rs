@@ -213,13 +213,14 @@ impl<'a> PortDecision<'a> {
         out
     }
 
-    /// The endpoints on this node among the sets in use: the only ones a
-    /// connection can hairpin to (see the crate docs).
+    /// The endpoints among the sets in use that a connection can hairpin to:
+    /// those on this node, and those whose node the plan does not know (see
+    /// the crate docs).
     pub fn hairpin_endpoints(&self) -> Vec<Endpoint> {
         let mut out: Vec<Endpoint> = self
             .endpoint_sets()
             .into_iter()
-            .flat_map(|(_, eps, _)| eps.iter().filter(|e| e.local).copied())
+            .flat_map(|(_, eps, _)| eps.iter().filter(|e| e.hairpin).copied())
             .collect();
         out.sort();
         out.dedup();

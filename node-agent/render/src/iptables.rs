@@ -16,6 +16,8 @@
 //!   local endpoints can hairpin: a connection is NATed on the node where it
 //!   first meets our rules, so its source is a pod of this node or an
 //!   off-cluster client, never a remote pod it could be load-balanced back to.
+//!   An endpoint whose slice names no node might be local, so it gets the rule
+//!   too (a remote one never matches it).
 //!   ClientIP affinity keeps kube-proxy's per-endpoint `recent` list names.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -532,8 +534,8 @@ impl<'a> FamilyBuilder<'a> {
         }
     }
 
-    /// Local endpoints are the only ones a connection can hairpin to; their
-    /// addresses go to the node-wide hairpin chain.
+    /// The endpoints a connection can hairpin to (local ones, and those of no
+    /// known node) go to the node-wide hairpin chain.
     fn endpoint_chains(&mut self, d: &PortDecision<'_>) {
         self.hairpin
             .extend(d.hairpin_endpoints().iter().map(|e| e.addr.ip()));

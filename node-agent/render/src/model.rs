@@ -135,8 +135,9 @@ impl Settings {
 pub struct Endpoint {
     /// The endpoint's address and port.
     pub addr: SocketAddr,
-    /// Whether the endpoint runs on this node (hairpin traffic is only possible then).
-    pub local: bool,
+    /// Whether a connection from the endpoint to its own service can pass
+    /// through this node: it runs here, or its slice does not say where.
+    pub hairpin: bool,
 }
 
 impl Endpoint {
@@ -616,7 +617,7 @@ fn parse_endpoints(
         if !out.iter().any(|o| o.addr == addr) {
             out.push(Endpoint {
                 addr,
-                local: ep.local,
+                hairpin: ep.local || ep.node_unknown,
             });
         }
     }

@@ -55,6 +55,7 @@ fn endpoint() -> impl Strategy<Value = EndpointPlan> {
             },
             port,
             local,
+            node_unknown: false,
             ready: true,
             serving: true,
             terminating: false,

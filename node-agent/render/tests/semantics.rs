@@ -261,6 +261,36 @@ fn endpoints_are_dnated_inline_and_hairpin_masquerade_is_one_shared_rule_per_loc
 }
 
 #[test]
+fn endpoints_of_no_known_node_get_hairpin_masquerade_on_both_backends() {
+    // A hand-written slice without nodeName: the endpoint may be this node's,
+    // so a connection from it to its own service must be masqueraded here.
+    let plan = spec(vec![svc(
+        "db",
+        "10.96.0.3",
+        vec![
+            mk_endpoint("192.0.2.50", 8080).node_unknown(),
+            ep("10.244.1.5", false),
+        ],
+    )]);
+    let r = rendered(plan.clone());
+    let (nat, _) = v4(&r);
+    assert_eq!(
+        chain(nat, "PPX-HAIRPIN"),
+        ["-s 192.0.2.50/32 -d 192.0.2.50/32 -j PPX-MARK-MASQ"],
+        "only the endpoint of no known node; the remote one cannot hairpin here"
+    );
+    let nft = planproxy_render::nft::render_nft(&[plan], &[]).expect("renders");
+    let hairpin: Vec<&String> = nft
+        .rules
+        .sets
+        .iter()
+        .filter(|(name, _)| name.starts_with("hairpin"))
+        .flat_map(|(_, set)| set.elements.keys())
+        .collect();
+    assert_eq!(hairpin, ["192.0.2.50 . 192.0.2.50"]);
+}
+
+#[test]
 fn endpoint_probabilities_follow_kube_proxy_series() {
     for (n, want) in [
         (1, "1.0000000000"),

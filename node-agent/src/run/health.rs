@@ -479,6 +479,7 @@ mod tests {
             ip: ip.into(),
             port,
             local,
+            node_unknown: false,
             ready,
             serving: ready || terminating,
             terminating,

@@ -32,6 +32,10 @@ fn cluster_endpoints_are_the_ready_ones_sorted_as_ip_port_strings() {
     assert_eq!(set.selection, EndpointSelection::Ready);
     assert!(set.endpoints[1].local, "10.0.1.2 runs on n1");
     assert!(!set.endpoints[0].local);
+    assert!(
+        set.endpoints.iter().all(|e| !e.node_unknown),
+        "the slice names every endpoint's node"
+    );
     assert!(port.has_endpoints);
     assert_eq!(port.local_endpoints, None, "no traffic policy is Local");
 }

@@ -178,7 +178,11 @@ fn selectorless_service_uses_its_manual_slices() {
     let res = resolve_two_nodes(vec![svc], vec![slice]);
     let port = port_on(&res, "n1", "default", "external-db", "");
     assert_eq!(addrs(&port.cluster_endpoints), ["192.0.2.50:5432"]);
-    assert!(!port.cluster_endpoints.unwrap().endpoints[0].local);
+    let endpoint = &port.cluster_endpoints.unwrap().endpoints[0];
+    assert!(!endpoint.local);
+    // Without a nodeName the endpoint may run on any node, so every node keeps
+    // hairpin masquerade for it, as kube-proxy's per-endpoint chains do.
+    assert!(endpoint.node_unknown);
 }
 
 #[test]
