@@ -10,9 +10,10 @@ use clap::{Args, ValueEnum};
 /// Options of `planproxy-controller run`.
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
-    /// How long to collect changes before resolving them together. A burst of
-    /// EndpointSlice updates inside one window costs one resolution and at most one
-    /// write per affected shard.
+    /// How long to collect changes before resolving them together. A change
+    /// after a quiet window is resolved at once; the changes that follow it
+    /// within the window cost one more resolution and at most one more write per
+    /// affected shard.
     #[arg(long, env = "PLANPROXY_COALESCE_WINDOW", default_value = "1s", value_parser = parse_duration)]
     pub coalesce_window: Duration,
 

@@ -176,6 +176,7 @@ pub async fn run_with(
     let mut reconciler =
         reconcile::Reconciler::new(Index::new(options), shared.clone(), metrics.clone());
     let mut deadline: Option<Instant> = None;
+    let mut last_flush: Option<Instant> = None;
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     loop {
         let flush_at = deadline.filter(|_| reconciler.synced());
@@ -186,7 +187,7 @@ pub async fn run_with(
                     break;
                 };
                 if reconciler.handle(input) && deadline.is_none() {
-                    deadline = Some(Instant::now() + args.coalesce_window);
+                    deadline = Some(flush_deadline(last_flush, Instant::now(), args.coalesce_window));
                 }
                 if reconciler.synced() && !reconciler.first_flush_done() && deadline.is_none() {
                     deadline = Some(Instant::now());
@@ -195,7 +196,9 @@ pub async fn run_with(
             () = sleep_until(flush_at) => {
                 deadline = None;
                 let first = !reconciler.first_flush_done();
-                reconciler.flush(Instant::now());
+                let now = Instant::now();
+                last_flush = Some(now);
+                reconciler.flush(now);
                 if first {
                     health.set_synced();
                     health.set_first_flush();
@@ -228,9 +231,42 @@ pub async fn run_with(
     Ok(())
 }
 
+/// When to flush a change arriving at `now`: at once after a quiet window, so
+/// a lone change costs no wait; otherwise one window after the last flush, so
+/// a burst still becomes one write per object per window. kube-proxy's
+/// minSyncPeriod paces its syncs the same way.
+fn flush_deadline(last_flush: Option<Instant>, now: Instant, window: Duration) -> Instant {
+    last_flush.map_or(now, |last| (last + window).max(now))
+}
+
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WINDOW: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_change_after_a_quiet_window_is_flushed_at_once() {
+        let start = Instant::now();
+        assert_eq!(flush_deadline(None, start, WINDOW), start);
+        let later = start + Duration::from_secs(5);
+        assert_eq!(flush_deadline(Some(start), later, WINDOW), later);
+    }
+
+    #[test]
+    fn a_change_soon_after_a_flush_waits_for_the_window_to_end() {
+        let flushed = Instant::now();
+        let soon = flushed + Duration::from_millis(300);
+        assert_eq!(
+            flush_deadline(Some(flushed), soon, WINDOW),
+            flushed + WINDOW
+        );
     }
 }
