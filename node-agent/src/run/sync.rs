@@ -69,9 +69,9 @@ pub struct SyncLoop<K> {
     hashes: HashCache,
 }
 
-/// `spec_hash` of each shard, kept per `metadata.resourceVersion` (which every
-/// write changes): the loop looks at every shard on every event, and hashing a
-/// large spec means serialising it.
+/// `spec_hash` of each shard, kept per uid and `metadata.generation`: the loop
+/// looks at every shard on every event, and hashing a large spec means
+/// serialising it.
 #[derive(Default)]
 struct HashCache {
     by_name: BTreeMap<String, (String, String)>,
@@ -79,18 +79,22 @@ struct HashCache {
 
 impl HashCache {
     fn hash(&mut self, shard: &ProxyPlan) -> String {
-        let (Some(name), Some(version)) = (&shard.metadata.name, &shard.metadata.resource_version)
+        // The generation moves only with the spec (ProxyPlan status is a
+        // subresource), so the agent's own status writes, echoed back by the
+        // watch, hash nothing again; the uid tells a recreated shard apart.
+        let meta = &shard.metadata;
+        let (Some(name), Some(uid), Some(generation)) = (&meta.name, &meta.uid, meta.generation)
         else {
             return spec_hash(&shard.spec);
         };
+        let version = format!("{uid}/{generation}");
         if let Some((cached_version, hash)) = self.by_name.get(name)
-            && cached_version == version
+            && *cached_version == version
         {
             return hash.clone();
         }
         let hash = spec_hash(&shard.spec);
-        self.by_name
-            .insert(name.clone(), (version.clone(), hash.clone()));
+        self.by_name.insert(name.clone(), (version, hash.clone()));
         hash
     }
 
