@@ -362,11 +362,7 @@ fn canonical_target_options(target: &str, options: &[String]) -> Vec<String> {
             match (target, name) {
                 ("-j MARK", "--or-mark") => Some(set_xmark(value, value)),
                 ("-j MARK", "--xor-mark") => Some(set_xmark(value, "0")),
-                ("-j MARK", "--set-mark") => match value.split_once('/') {
-                    Some((mark, mask)) => Some(set_xmark(mark, mask)),
-                    None => Some(set_xmark(value, "0xffffffff")),
-                },
-                ("-j MARK", "--set-xmark") => match value.split_once('/') {
+                ("-j MARK", "--set-mark" | "--set-xmark") => match value.split_once('/') {
                     Some((mark, mask)) => Some(set_xmark(mark, mask)),
                     None => Some(set_xmark(value, "0xffffffff")),
                 },
@@ -795,7 +791,14 @@ mod tests {
 
     /// `(chain, rule)` of every `add rule` and `(set, element)` of every
     /// `add element` in an `nft -f` input.
-    fn written_nft(text: &str) -> (Vec<(String, String)>, BTreeMap<String, Vec<String>>) {
+    /// What an `nft -f` input writes: rules as `(chain, rule)` in order, and
+    /// elements by set.
+    struct WrittenNft {
+        rules: Vec<(String, String)>,
+        elements: BTreeMap<String, Vec<String>>,
+    }
+
+    fn written_nft(text: &str) -> WrittenNft {
         let prefix = format!("add rule inet {} ", planproxy_render::nft::TABLE);
         let mut rules = Vec::new();
         let mut elements: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -812,13 +815,13 @@ mod tests {
                     .extend(body.split(", ").map(str::to_owned));
             }
         }
-        (rules, elements)
+        WrittenNft { rules, elements }
     }
 
     #[test]
     fn every_nft_rule_and_element_we_write_canonicalises_like_nft_lists_it() {
         for (name, written, listed) in CAPTURED_NFT {
-            let (rules, elements) = written_nft(written);
+            let WrittenNft { rules, elements } = written_nft(written);
             let listing = parse_listing(listed);
             let mut position: BTreeMap<&str, usize> = BTreeMap::new();
             let mut rewritten = 0;
