@@ -7,13 +7,16 @@ mod backends;
 mod support;
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
 use backends::{apply_on, config, nft_ruleset};
-use planproxy_crds::v1alpha1::{EndpointSelection, EndpointSet, NoEndpointsAction, TrafficPolicy};
-use planproxy_netns::{Attempt, ConnectOpts, Topology, TopologySpec};
+use planproxy_crds::ProxyPlanSpec;
+use planproxy_crds::v1alpha1::{
+    EndpointSelection, EndpointSet, NoEndpointsAction, Protocol, TrafficPolicy,
+};
+use planproxy_netns::{Attempt, ConnectOpts, SctpInit, Topology, TopologySpec};
 use planproxy_node_agent::dataplane::{Backend, BackendChoice, DataPlane, DataPlaneConfig};
 use support::*;
 
@@ -1301,4 +1304,300 @@ fn node_port_addresses_match_a_secondary_address_the_plan_does_not_list(via: Bac
         Attempt::Refused,
         "the primary address is outside nodePortAddresses"
     );
+}
+
+on_all_three_backends!(
+    verify_reads_every_rule_shape_back_and_catches_a_rule_edited_in_place,
+    sctp_reaches_endpoints_dnated_from_pods_and_masqueraded_from_outside
+);
+
+/// One plan holding every shape of rule the renderers write: both families,
+/// node ports, external and load-balancer IPs with source ranges, affinity,
+/// both traffic policies Local, health-check node ports, services without
+/// endpoints (reject and drop), UDP, SCTP and the localhost node-port guard.
+fn every_rule_shape(n1: &planproxy_netns::Node, n2: &planproxy_netns::Node) -> ProxyPlanSpec {
+    let (local, remote) = (&n1.pods[0], &n2.pods[0]);
+    let mut web = service(
+        "web",
+        &["10.96.0.10", "fd00:96::10"],
+        vec![
+            endpoint(remote, 1, false),
+            endpoint(local, 1, false),
+            endpoint(remote, 1, true),
+        ],
+    );
+    web.node_port = Some(30080);
+    web.external_ips = vec!["192.0.2.10".into()];
+    web.load_balancer_ips = vec!["198.51.100.10".into()];
+    web.load_balancer_source_ranges = vec!["203.0.113.0/24".into(), "198.51.100.7/32".into()];
+    let sticky = service(
+        "sticky",
+        &["10.96.0.11"],
+        vec![endpoint(remote, 1, false), endpoint(local, 1, false)],
+    )
+    .with_affinity();
+    let mut local_only = service(
+        "local",
+        &["10.96.0.12"],
+        vec![endpoint(local, 1, false), endpoint(remote, 1, false)],
+    )
+    .external_local();
+    local_only.node_port = Some(30081);
+    local_only.health_check_node_port = Some(30256);
+    let mut itp = service("itp", &["10.96.0.13"], vec![endpoint(remote, 1, false)]);
+    itp.internal_traffic_policy = TrafficPolicy::Local;
+    itp.local_endpoints = Some(EndpointSet {
+        selection: EndpointSelection::None,
+        endpoints: vec![],
+    });
+    let rejecting = service("rejecting", &["10.96.0.20"], vec![]);
+    let mut dropping = service("dropping", &["10.96.0.21"], vec![]);
+    dropping.no_endpoints_action = NoEndpointsAction::Drop;
+    dropping.node_port = Some(30082);
+    let dns = service("dns", &["10.96.0.53"], vec![endpoint(remote, 1, false)]).udp();
+    let mut sig = service("sig", &["10.96.0.60"], vec![endpoint(remote, 1, false)]);
+    sig.protocol = Protocol::Sctp;
+    let mut spec = plan(
+        n1,
+        vec![web, sticky, local_only, itp, rejecting, dropping, dns, sig],
+    );
+    spec.settings.localhost_node_ports = true;
+    spec
+}
+
+/// Rewrites, in the kernel of `node`, the first rule that DNATs to `from`
+/// so that it DNATs to `to`, in place: every chain keeps its number of rules.
+/// Returns the chain.
+fn edit_a_dnat_rule_in_place(
+    node: &planproxy_netns::Node,
+    via: Backend,
+    from: &str,
+    to: &str,
+) -> String {
+    if via == Backend::Nftables {
+        let listing = node
+            .ns
+            .exec_ok(&["nft", "-a", "list", "table", "inet", "planproxy"])
+            .expect("nft list");
+        let mut chain = "";
+        for line in listing.lines().map(str::trim) {
+            let Some((rule, handle)) = line.split_once(" # handle ") else {
+                continue;
+            };
+            if let Some(name) = rule
+                .strip_prefix("chain ")
+                .and_then(|l| l.strip_suffix(" {"))
+            {
+                chain = name;
+            }
+            if !rule.contains(&format!("dnat ip to {from}")) {
+                continue;
+            }
+            let edited = rule.replace(&format!("dnat ip to {from}"), &format!("dnat ip to {to}"));
+            let mut args = vec![
+                "nft",
+                "replace",
+                "rule",
+                "inet",
+                "planproxy",
+                chain,
+                "handle",
+                handle,
+            ];
+            args.extend(edited.split_whitespace());
+            node.ns.exec_ok(&args).expect("nft replace rule");
+            return chain.to_owned();
+        }
+        panic!("no rule DNATs to {from}:\n{listing}");
+    }
+    let (save, iptables) = match via {
+        Backend::IptablesLegacy => ("iptables-legacy-save", "iptables-legacy"),
+        _ => ("iptables-nft-save", "iptables-nft"),
+    };
+    let dump = node
+        .ns
+        .exec_ok(&[save, "-t", "nat"])
+        .expect("iptables-save");
+    let mut positions: BTreeMap<&str, usize> = BTreeMap::new();
+    for line in dump.lines() {
+        let Some((chain, rule)) = line.strip_prefix("-A ").and_then(|l| l.split_once(' ')) else {
+            continue;
+        };
+        let position = positions.entry(chain).or_default();
+        *position += 1;
+        if rule.contains(&format!("--to-destination {from}")) {
+            // The shell reads the comment's quotes as iptables-save wrote them.
+            let command = format!(
+                "{iptables} -t nat -R {chain} {position} {}",
+                rule.replace(
+                    &format!("--to-destination {from}"),
+                    &format!("--to-destination {to}")
+                )
+            );
+            node.ns
+                .exec_ok(&["sh", "-c", &command])
+                .expect("iptables -R");
+            return chain.to_owned();
+        }
+    }
+    panic!("no rule DNATs to {from}:\n{dump}");
+}
+
+fn verify_reads_every_rule_shape_back_and_catches_a_rule_edited_in_place(via: Backend) {
+    let t = topology(2, 1, 0);
+    let (n1, n2) = (t.node(1), t.node(2));
+    let spec = every_rule_shape(n1, n2);
+    let mut dataplane = n1
+        .ns
+        .run_in(|| DataPlane::new(config(via)))
+        .expect("data plane");
+    n1.ns
+        .run_in(|| dataplane.sync(&[Arc::new(spec.clone())], false))
+        .expect("sync");
+    n1.ns.run_in(|| dataplane.verify()).unwrap_or_else(|e| {
+        panic!(
+            "{via}: verify right after a sync: {e}\n{}",
+            n1.ns.netfilter_report()
+        )
+    });
+
+    // An incremental sync (one endpoint fewer) reads back as well.
+    let mut fewer = spec.clone();
+    fewer.service_ports[0]
+        .cluster_endpoints
+        .as_mut()
+        .expect("web has endpoints")
+        .endpoints
+        .remove(1);
+    n1.ns
+        .run_in(|| dataplane.sync(&[Arc::new(fewer)], false))
+        .expect("incremental sync");
+    n1.ns.run_in(|| dataplane.verify()).unwrap_or_else(|e| {
+        panic!(
+            "{via}: verify after an incremental sync: {e}\n{}",
+            n1.ns.netfilter_report()
+        )
+    });
+
+    let from = format!("{}:{ECHO_PORT}", n2.pods[0].ipv4);
+    let to = format!("{}:{}", n2.pods[0].ipv4, ECHO_PORT + 1);
+    let chain = edit_a_dnat_rule_in_place(n1, via, &from, &to);
+    let err = n1
+        .ns
+        .run_in(|| dataplane.verify())
+        .expect_err("a DNAT port changed in place must fail verify");
+    let detail = err.to_string();
+    assert_eq!(err.kind(), "verify", "{detail}");
+    assert!(
+        detail.contains(&format!("chain {chain} rule ")),
+        "{via}: names the chain: {detail}"
+    );
+    assert!(
+        detail.contains(&from) && detail.contains(&to),
+        "{via}: shows the written and the found rule: {detail}"
+    );
+}
+
+/// Waits for the INIT tagged `init.initiate_tag` at `capture`; panics with
+/// what the node holds when it does not come.
+fn arrived(
+    capture: &planproxy_netns::SctpCapture,
+    init: &SctpInit,
+    node: &planproxy_netns::Node,
+    what: &str,
+) -> planproxy_netns::ReceivedInit {
+    capture
+        .wait_for(init.initiate_tag, Duration::from_secs(5))
+        .expect("reading the capture socket")
+        .unwrap_or_else(|| {
+            panic!(
+                "{what}: the SCTP INIT never arrived\n{}",
+                node.ns.netfilter_report()
+            )
+        })
+}
+
+fn sctp_reaches_endpoints_dnated_from_pods_and_masqueraded_from_outside(via: Backend) {
+    const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 60);
+    const ENDPOINT_PORT: u16 = 38_680;
+    let t = topology(2, 1, 1);
+    let (n1, n2) = (t.node(1), t.node(2));
+    let (pod, backend, client) = (&n1.pods[0], &n2.pods[0], &t.clients[0]);
+    // This kernel may have no SCTP sockets, only netfilter's SCTP support:
+    // raw sockets carry the packets, and a failure to open one fails here.
+    let capture = backend
+        .ns
+        .capture_sctp()
+        .expect("a raw SCTP socket on the endpoint");
+    let init = |destination_port, initiate_tag| SctpInit {
+        source_port: 40_000,
+        destination_port,
+        initiate_tag,
+    };
+
+    // Without any rule: the kernel delivers raw SCTP between pods at all.
+    let direct = init(ENDPOINT_PORT, 0x5c79_0001);
+    pod.ns
+        .send_sctp_init(None, backend.ipv4, &direct)
+        .expect("sending a raw SCTP packet");
+    let got = arrived(&capture, &direct, n1, "pod to pod without rules");
+    assert_eq!(
+        got.destination,
+        SocketAddrV4::new(backend.ipv4, ENDPOINT_PORT)
+    );
+
+    let mut sig = service(
+        "sig",
+        &["10.96.0.60"],
+        vec![mk_endpoint(backend.ipv4, ENDPOINT_PORT)],
+    );
+    sig.protocol = Protocol::Sctp;
+    sig.port = 3868;
+    sig.node_port = Some(30_868);
+    apply_on(via, n1, &plan(n1, vec![sig]));
+
+    let to_cluster_ip = init(3868, 0x5c79_0002);
+    pod.ns
+        .send_sctp_init(None, CLUSTER_IP, &to_cluster_ip)
+        .expect("sending to the cluster IP");
+    let got = arrived(&capture, &to_cluster_ip, n1, "pod to cluster IP");
+    assert_eq!(
+        got.destination,
+        SocketAddrV4::new(backend.ipv4, ENDPOINT_PORT),
+        "DNATed"
+    );
+    assert_eq!(
+        got.source,
+        SocketAddrV4::new(pod.ipv4, 40_000),
+        "pod traffic keeps its source"
+    );
+    assert!(got.checksum_valid, "NAT must leave a valid CRC32c");
+
+    let to_node_port = init(30_868, 0x5c79_0003);
+    client
+        .ns
+        .send_sctp_init(None, n1.ipv4, &to_node_port)
+        .expect("sending to the node port");
+    let got = arrived(&capture, &to_node_port, n1, "client to node port");
+    assert_eq!(
+        got.destination,
+        SocketAddrV4::new(backend.ipv4, ENDPOINT_PORT),
+        "DNATed"
+    );
+    assert_eq!(
+        *got.source.ip(),
+        n1.ipv4,
+        "masqueraded to the node's address"
+    );
+    assert!(got.checksum_valid, "NAT must leave a valid CRC32c");
+
+    // Another SCTP port of the cluster IP is no frontend: nothing DNATs it.
+    let other_port = init(3869, 0x5c79_0004);
+    pod.ns
+        .send_sctp_init(None, CLUSTER_IP, &other_port)
+        .expect("sending to another port");
+    let stray = capture
+        .wait_for(other_port.initiate_tag, Duration::from_millis(700))
+        .expect("reading the capture socket");
+    assert_eq!(stray, None, "only the service's own port is DNATed");
 }

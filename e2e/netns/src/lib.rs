@@ -29,6 +29,10 @@
 //!   backend wrote them ([`Netns::proxy_rules`]), and helpers that break them
 //!   behind the agent's back ([`Netns::flush_proxy_rules`],
 //!   [`Netns::delete_proxy_rules`], [`Netns::jump_into_proxy_chain`]).
+//! * SCTP without SCTP sockets ([`sctp`]): [`Netns::send_sctp_init`] sends a
+//!   hand-built INIT on a raw socket and [`Netns::capture_sctp`] reads, on
+//!   another namespace's raw socket, where it arrived (addresses, ports,
+//!   whether NAT left a valid checksum).
 //! * [`Topology`]: nodes with pods behind a bridge, a router and clients
 //!   outside the cluster, with a fixed address plan documented in
 //!   [`topology`].
@@ -70,6 +74,7 @@ mod echo;
 mod error;
 mod ns;
 mod rules;
+pub mod sctp;
 pub mod topology;
 
 pub use child::ChildGuard;
@@ -77,4 +82,5 @@ pub use echo::{Attempt, ConnectOpts, EchoConfig, EchoGuard, echo_line, here};
 pub use error::{NetnsError, Result};
 pub use ns::{MAX_IFNAME_LEN, NAME_PREFIX, Netns, remove_stale_namespaces, veth};
 pub use rules::{CHAIN_PREFIX, ForeignJump, NFT_TABLE, Place, ProxyChain, ProxyRules, Tamper};
+pub use sctp::{ReceivedInit, SctpCapture, SctpInit};
 pub use topology::{Client, Host, Node, Pod, Topology, TopologySpec};

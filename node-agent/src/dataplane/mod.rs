@@ -17,6 +17,7 @@ mod localnet;
 mod netfilter;
 mod nft;
 pub mod parse;
+mod verify;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -180,14 +181,16 @@ pub enum Error {
     /// [`DataPlane::verify`] was called before any successful sync.
     #[error("nothing has been synced yet")]
     NotSynced,
-    /// After a restore, the kernel does not hold what was written.
+    /// After a sync, the kernel does not hold what was written.
     #[error("{family} {table}: read back differs from what was written: {detail}")]
     Verify {
         /// The family.
         family: Family,
         /// The table.
         table: Table,
-        /// What differs.
+        /// What differs: the first rule that does (chain, position, the text
+        /// written and the text the kernel reports), or a missing chain,
+        /// jump, set or element.
         detail: String,
     },
 }
@@ -635,56 +638,18 @@ impl DataPlane {
         Ok(false)
     }
 
-    /// Checks that the kernel holds what the last sync wrote: every chain with
-    /// its number of rules, and every jump from the built-in chains.
+    /// Checks that the kernel holds what the last sync wrote: every chain
+    /// rule by rule (as canonical text, so a rule edited in place is caught),
+    /// every jump from the built-in chains, every set's elements. The error
+    /// names the first rule that differs, with both texts.
     pub fn verify(&self) -> Result<(), Error> {
-        let applied = match &self.applied {
-            None => return Err(Error::NotSynced),
-            Some(AppliedRules::Nftables(program)) => {
-                return verify_nftables(&*self.nf, program.table());
-            }
-            Some(AppliedRules::Iptables(rule_set)) => rule_set,
-        };
-        for (family, rules) in &applied.families {
-            let programs = self.backend.programs(*family);
-            let ipt = self.iptables(*family);
-            for table in Table::ALL {
-                let counts = exec::chain_rule_counts(&exec::save(&*self.nf, &programs, table)?);
-                let expected = rules.table(table);
-                for (name, chain) in &expected.chains {
-                    let found = counts.get(name).copied();
-                    if found != Some(chain.rules.len()) {
-                        return Err(Error::Verify {
-                            family: *family,
-                            table,
-                            detail: match found {
-                                None => format!("chain {name} is missing"),
-                                Some(n) => format!(
-                                    "chain {name} has {n} rules, expected {}",
-                                    chain.rules.len()
-                                ),
-                            },
-                        });
-                    }
-                }
-                for jump in &expected.jumps {
-                    let present = ipt
-                        .exists(table.as_str(), jump.builtin, &jump.spec)
-                        .unwrap_or(false);
-                    if !present {
-                        return Err(Error::Verify {
-                            family: *family,
-                            table,
-                            detail: format!(
-                                "jump from {} to {} is missing",
-                                jump.builtin, jump.target
-                            ),
-                        });
-                    }
-                }
+        match &self.applied {
+            None => Err(Error::NotSynced),
+            Some(AppliedRules::Nftables(program)) => verify::nftables(&*self.nf, program.table()),
+            Some(AppliedRules::Iptables(rule_set)) => {
+                verify::iptables(&*self.nf, self.backend, rule_set)
             }
         }
-        Ok(())
     }
 
     /// Removes every planproxy rule, chain and table of every backend, and
@@ -789,39 +754,6 @@ fn load_fresh(nf: &dyn Netfilter, table: &NftTable) -> Result<(), Error> {
     result
 }
 
-/// Checks that our table holds every chain with its number of rules and every
-/// set with its elements (dynamic sets excepted: the kernel fills them).
-fn verify_nftables(nf: &dyn Netfilter, table: &NftTable) -> Result<(), Error> {
-    let bad = |detail: String| Error::Verify {
-        family: Family::V4,
-        table: Table::Nat,
-        detail: format!("nftables table {}: {detail}", planproxy_render::nft::TABLE),
-    };
-    let listing = nft::list_table(nf)?.ok_or_else(|| bad("missing".to_owned()))?;
-    for (name, chain) in table.chains() {
-        match listing.chains.get(name) {
-            None => return Err(bad(format!("chain {name} is missing"))),
-            Some(found) if found.len() != chain.rules.len() => {
-                return Err(bad(format!(
-                    "chain {name} has {} rules, expected {}",
-                    found.len(),
-                    chain.rules.len()
-                )));
-            }
-            Some(_) => {}
-        }
-    }
-    for (name, _, count) in table.sets().filter(|(_, d, _)| !d.dynamic) {
-        let found = listing.sets.get(name).map(Vec::len);
-        if found != Some(count) {
-            return Err(bad(format!(
-                "set {name} has {found:?} elements, expected {count}"
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// Removes the jumps and `PPX-` chains of one iptables backend.
 fn cleanup_iptables(
     nf: &dyn Netfilter,
@@ -896,7 +828,7 @@ mod tests {
     use super::netfilter::fake::{Call, FakeNetfilter};
     use super::*;
 
-    fn data_plane(backend: Backend, nf: &Arc<FakeNetfilter>) -> DataPlane {
+    pub(super) fn data_plane(backend: Backend, nf: &Arc<FakeNetfilter>) -> DataPlane {
         let config = DataPlaneConfig {
             backend: BackendChoice::Exactly(backend),
             families: vec![Family::V4],
@@ -906,7 +838,7 @@ mod tests {
     }
 
     /// `default/web` on 10.96.0.10:80 reaching `endpoints` on port 8080.
-    fn web(endpoints: &[&str]) -> Vec<Arc<ProxyPlanSpec>> {
+    pub(super) fn web(endpoints: &[&str]) -> Vec<Arc<ProxyPlanSpec>> {
         let port = mk_service_port(
             "default",
             "web",

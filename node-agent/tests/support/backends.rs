@@ -44,3 +44,29 @@ macro_rules! on_every_backend {
         )*
     };
 }
+
+/// [`on_every_backend!`] plus `<name>::iptables_legacy`: for what depends on
+/// how each iptables variant reads its rules back.
+#[macro_export]
+macro_rules! on_all_three_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn iptables_nft() {
+                    super::$name(planproxy_node_agent::dataplane::Backend::IptablesNft);
+                }
+
+                #[test]
+                fn iptables_legacy() {
+                    super::$name(planproxy_node_agent::dataplane::Backend::IptablesLegacy);
+                }
+
+                #[test]
+                fn nftables() {
+                    super::$name(planproxy_node_agent::dataplane::Backend::Nftables);
+                }
+            }
+        )*
+    };
+}
