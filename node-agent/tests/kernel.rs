@@ -14,9 +14,9 @@ use std::time::Duration;
 use backends::{apply_on, config, nft_ruleset};
 use planproxy_crds::ProxyPlanSpec;
 use planproxy_crds::v1alpha1::{
-    EndpointSelection, EndpointSet, NoEndpointsAction, Protocol, TrafficPolicy,
+    EndpointPlan, EndpointSelection, EndpointSet, NoEndpointsAction, Protocol, TrafficPolicy,
 };
-use planproxy_netns::{Attempt, ConnectOpts, SctpInit, Topology, TopologySpec};
+use planproxy_netns::{Attempt, ConnectOpts, Pod, SctpInit, Topology, TopologySpec};
 use planproxy_node_agent::dataplane::{Backend, BackendChoice, DataPlane, DataPlaneConfig};
 use support::*;
 
@@ -29,6 +29,7 @@ on_every_backend!(
     local_external_policy_reaches_only_local_pods_and_preserves_the_client_address,
     services_without_endpoints_reject_or_drop_as_the_plan_says,
     a_pod_reaching_itself_through_its_service_is_masqueraded,
+    a_pod_reaching_itself_is_masqueraded_also_when_its_slice_names_no_node,
     stale_udp_flows_are_removed_when_endpoints_go_and_when_the_first_arrives,
     incremental_updates_while_traffic_flows_fail_no_connection,
     three_equal_endpoints_share_3000_connections_evenly,
@@ -270,6 +271,21 @@ fn services_without_endpoints_reject_or_drop_as_the_plan_says(via: Backend) {
 }
 
 fn a_pod_reaching_itself_through_its_service_is_masqueraded(via: Backend) {
+    hairpin_is_masqueraded(via, |pod| endpoint(pod, 1, false));
+}
+
+fn a_pod_reaching_itself_is_masqueraded_also_when_its_slice_names_no_node(via: Backend) {
+    // A hand-written slice without nodeName: the plan cannot call the endpoint
+    // local, only of no known node.
+    hairpin_is_masqueraded(via, |pod| {
+        let mut endpoint = endpoint(pod, 1, false);
+        endpoint.local = false;
+        endpoint.node_unknown = true;
+        endpoint
+    });
+}
+
+fn hairpin_is_masqueraded(via: Backend, endpoint_of: impl Fn(&Pod) -> EndpointPlan) {
     let t = topology(1, 1, 0);
     let n1 = t.node(1);
     let pod = &n1.pods[0];
@@ -280,11 +296,7 @@ fn a_pod_reaching_itself_through_its_service_is_masqueraded(via: Backend) {
         n1,
         &plan(
             n1,
-            vec![service(
-                "hairpin",
-                &["10.96.0.10"],
-                vec![endpoint(pod, 1, false)],
-            )],
+            vec![service("hairpin", &["10.96.0.10"], vec![endpoint_of(pod)])],
         ),
     );
     let a = pod.ns.connect_tcp(sa(CLUSTER_IP, 80), &answer_expected());
