@@ -42,7 +42,7 @@ pub const CLUSTER_CIDR_V6: &str = "fd00:244::/32";
 /// How to build a namespace cluster.
 #[derive(Clone, Debug)]
 pub struct ClusterSpec {
-    /// Number of nodes (`node1` … `nodeN`), 1 to 3.
+    /// Number of nodes (`node1` … `nodeN`), 1 to 9 (the topology's limit).
     pub nodes: u8,
     /// Zone of each node, cycling (`topology.kubernetes.io/zone`).
     pub zones: Vec<String>,
@@ -63,6 +63,9 @@ pub struct ClusterSpec {
     /// `--cluster-cidr` or `--detect-local-mode`, kube-proxy detects local
     /// traffic by the cluster CIDRs.
     pub kube_proxy_args: Vec<String>,
+    /// The agent's `--backend` on these nodes (1-based); the others keep the
+    /// chart's (the agent's default). Lets one cluster compare backends.
+    pub agent_backends: BTreeMap<u8, String>,
 }
 
 /// kube-proxy's `--proxy-mode` on a reference node.
@@ -93,6 +96,7 @@ impl Default for ClusterSpec {
             agent_args: Vec::new(),
             kube_proxy_nodes: BTreeMap::new(),
             kube_proxy_args: Vec::new(),
+            agent_backends: BTreeMap::new(),
         }
     }
 }
@@ -215,9 +219,9 @@ impl Cluster {
     /// namespace, registers the Nodes, installs planproxy with `helm
     /// install`, and starts the controller and agents as the spec asks.
     pub fn start(spec: ClusterSpec) -> Result<Cluster> {
-        if !(1..=3).contains(&spec.nodes) {
+        if !(1..=9).contains(&spec.nodes) {
             return Err(E2eError::Invalid(format!(
-                "a cluster has 1 to 3 nodes, not {}",
+                "a cluster has 1 to 9 nodes, not {}",
                 spec.nodes
             )));
         }
@@ -321,10 +325,9 @@ impl Cluster {
             &self.controller_launch,
             pod,
             &node,
-            &ip,
-            &host_ip,
+            (&ip, &host_ip),
             &self.control_plane.ns,
-            binaries::CONTROLLER,
+            (binaries::CONTROLLER, &[]),
         )?;
         *lock(&self.controller) = Some(process);
         Ok(())
@@ -337,14 +340,20 @@ impl Cluster {
         let name = node_name(index);
         let pod = format!("planproxy-agent-{name}");
         let ip = self.node(index).ipv4.to_string();
+        let extra_args: Vec<String> = self
+            .spec
+            .agent_backends
+            .get(&index)
+            .map(|backend| format!("--backend={backend}"))
+            .into_iter()
+            .collect();
         let process = self.run_workload(
             &self.agent_launch,
             &pod,
             &name,
-            &ip,
-            &ip,
+            (&ip, &ip),
             &self.node(index).ns,
-            binaries::AGENT,
+            (binaries::AGENT, &extra_args),
         )?;
         lock(&self.agents).push((name, process));
         Ok(())
@@ -405,17 +414,16 @@ impl Cluster {
     }
 
     /// Plays kubelet for one pod of a chart workload: the Pod object (made
-    /// afresh, as after a restart), a bound token, and the process.
-    #[allow(clippy::too_many_arguments)]
+    /// afresh, as after a restart), a bound token, and the process, given
+    /// `extra_args` after the template's.
     fn run_workload(
         &self,
         launch: &Launch,
         pod: &str,
         node: &str,
-        pod_ip: &str,
-        host_ip: &str,
+        (pod_ip, host_ip): (&str, &str),
         ns: &planproxy_netns::Netns,
-        binary_name: &str,
+        (binary_name, extra_args): (&str, &[String]),
     ) -> Result<ChildGuard> {
         self.apiserver
             .delete("v1", "Pod", Some(install::NAMESPACE), pod, Some(0))
@@ -435,6 +443,7 @@ impl Cluster {
         let binary = binaries::locate(binary_name)?;
         let mut argv = vec![binary.display().to_string()];
         argv.extend(launch.argv.iter().skip(1).cloned());
+        argv.extend(extra_args.iter().cloned());
         let mut env = launch.environment(pod, node)?;
         env.push(("KUBECONFIG".into(), kubeconfig.display().to_string()));
         env.push(("NO_COLOR".into(), "1".into()));
@@ -487,6 +496,27 @@ impl Cluster {
             process.terminate(grace)?;
         }
         Ok(())
+    }
+
+    /// Stops node N's kube-proxy (SIGTERM, then SIGKILL after `grace`); its
+    /// rules stay, as after a crash.
+    pub fn stop_kube_proxy(&self, index: u8, grace: Duration) -> Result<()> {
+        let name = node_name(index);
+        let mut proxies = lock(&self.kube_proxies);
+        if let Some(position) = proxies.iter().position(|(n, _)| *n == name) {
+            let (_, mut process) = proxies.remove(position);
+            process.terminate(grace)?;
+        }
+        Ok(())
+    }
+
+    /// The process id of node N's kube-proxy, if one runs.
+    pub fn kube_proxy_pid(&self, index: u8) -> Option<u32> {
+        let name = node_name(index);
+        lock(&self.kube_proxies)
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, p)| p.pid())
     }
 
     // ---- accessors ------------------------------------------------------------

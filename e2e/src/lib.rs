@@ -97,6 +97,7 @@
 
 pub mod binaries;
 pub mod cluster;
+pub mod compare;
 pub mod control;
 pub mod differential;
 mod error;

@@ -554,6 +554,17 @@ impl ControlPlane {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// [`Self::bytes_to_clients`] split by the client's address (in the
+    /// namespace cluster, a node's address stands for that node's components).
+    pub fn bytes_to_clients_by_peer(&self) -> std::collections::BTreeMap<IpAddr, u64> {
+        self.inner
+            .proxy
+            .bytes_by_peer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     // ---- faults ----------------------------------------------------------------------
 
     /// Closes every connection of the components under test (their watches

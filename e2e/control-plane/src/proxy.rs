@@ -3,9 +3,10 @@
 //! untouched): it only drops connections, or refuses them for a while, so
 //! faults happen at the network level exactly as a client would see them.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -28,6 +29,20 @@ pub(crate) struct FaultProxy {
     mode: watch::Sender<Mode>,
     /// Bytes sent from kube-apiserver to clients, over the proxy's life.
     pub(crate) bytes_to_clients: Arc<AtomicU64>,
+    /// The same bytes split by the client's address: in the namespace
+    /// cluster each node's components connect from the node's own address,
+    /// so this is what each node's proxy received.
+    pub(crate) bytes_by_peer: PeerBytes,
+}
+
+/// Bytes sent to clients, per client address.
+pub(crate) type PeerBytes = Arc<Mutex<BTreeMap<IpAddr, u64>>>;
+
+/// Where one connection's bytes are added up.
+#[derive(Clone)]
+struct Counters {
+    total: Arc<AtomicU64>,
+    by_peer: PeerBytes,
 }
 
 impl FaultProxy {
@@ -40,12 +55,16 @@ impl FaultProxy {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let (mode, rx) = watch::channel(Mode::Serving { epoch: 0 });
-        let bytes = Arc::new(AtomicU64::new(0));
-        tokio::spawn(accept_loop(listener, addr, upstream, rx, bytes.clone()));
+        let counters = Counters {
+            total: Arc::new(AtomicU64::new(0)),
+            by_peer: PeerBytes::default(),
+        };
+        tokio::spawn(accept_loop(listener, addr, upstream, rx, counters.clone()));
         Ok((
             FaultProxy {
                 mode,
-                bytes_to_clients: bytes,
+                bytes_to_clients: counters.total,
+                bytes_by_peer: counters.by_peer,
             },
             addr,
         ))
@@ -81,14 +100,15 @@ async fn accept_loop(
     addr: SocketAddr,
     upstream: SocketAddr,
     mut mode: watch::Receiver<Mode>,
-    bytes: Arc<AtomicU64>,
+    counters: Counters,
 ) {
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((client, _)) = accepted else { continue };
+                let Ok((client, peer)) = accepted else { continue };
                 let Mode::Serving { epoch } = *mode.borrow() else { continue };
-                tokio::spawn(forward(client, upstream, epoch, mode.clone(), bytes.clone()));
+                let counters = counters.clone();
+                tokio::spawn(forward(client, peer.ip(), upstream, epoch, mode.clone(), counters));
             }
             changed = mode.changed() => {
                 if changed.is_err() {
@@ -122,10 +142,11 @@ async fn rebind(addr: SocketAddr) -> Option<TcpListener> {
 
 async fn forward(
     mut client: TcpStream,
+    peer: IpAddr,
     upstream: SocketAddr,
     epoch: u64,
     mut mode: watch::Receiver<Mode>,
-    bytes: Arc<AtomicU64>,
+    counters: Counters,
 ) {
     let Ok(mut server) = TcpStream::connect(upstream).await else {
         return;
@@ -135,7 +156,7 @@ async fn forward(
     let (mut client_read, mut client_write) = client.split();
     let (mut server_read, mut server_write) = server.split();
     let to_server = tokio::io::copy(&mut client_read, &mut server_write);
-    let to_client = copy_counted(&mut server_read, &mut client_write, &bytes);
+    let to_client = copy_counted(&mut server_read, &mut client_write, &counters, peer);
     let dropped = mode.wait_for(|m| *m != Mode::Serving { epoch });
     tokio::select! {
         _ = to_server => {}
@@ -144,7 +165,7 @@ async fn forward(
     }
 }
 
-async fn copy_counted<R, W>(reader: &mut R, writer: &mut W, bytes: &AtomicU64)
+async fn copy_counted<R, W>(reader: &mut R, writer: &mut W, counters: &Counters, peer: IpAddr)
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
@@ -159,6 +180,9 @@ where
         if writer.write_all(&buffer[..n]).await.is_err() {
             return;
         }
-        bytes.fetch_add(n as u64, Ordering::Relaxed);
+        counters.total.fetch_add(n as u64, Ordering::Relaxed);
+        // A plain map update; a panic elsewhere cannot leave it half done.
+        let mut by_peer = counters.by_peer.lock().unwrap_or_else(|e| e.into_inner());
+        *by_peer.entry(peer).or_default() += n as u64;
     }
 }
