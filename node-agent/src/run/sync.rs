@@ -207,18 +207,19 @@ impl<K: Kernel> SyncLoop<K> {
             });
         }
         let differs = plan.is_complete() && {
+            // Compared by name, not in order: the shards come sorted by index,
+            // the held ones by name, and `n-10` sorts before `n-2`.
             let hashes = &mut self.hashes;
-            let desired: Vec<(Option<&str>, String)> = plan
+            let desired: BTreeMap<Option<&str>, String> = plan
                 .shards
                 .iter()
                 .map(|shard| (shard.metadata.name.as_deref(), hashes.hash(shard)))
                 .collect();
-            let desired = desired.into_iter();
             let held = self
                 .applied
                 .iter()
                 .map(|(name, applied)| (Some(name.as_str()), applied.hash.clone()));
-            !desired.eq(held)
+            !desired.into_iter().eq(held)
         };
         if differs {
             if self.schedule.queued_since().is_none() {
@@ -682,6 +683,25 @@ mod tests {
             "min sync period respected: {gap:?}"
         );
         assert!(calls[1].at - t0 < Duration::from_millis(1100));
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_plan_of_many_shards_seen_again_unchanged_needs_no_sync() {
+        // Twelve shards: `n1-10` and `n1-11` sort before `n1-2` by name.
+        let h = Harness::start();
+        let shards: Vec<Arc<ProxyPlan>> = (0..12).map(|i| mk_shard("n1", i, 12, 1)).collect();
+        h.publish(shards.clone());
+        settle().await;
+        // The watch sends the same shards again, as it does for a status write.
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            h.publish(shards.clone());
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let calls = h.kernel.calls();
+        assert_eq!(calls.len(), 1, "only the first sync: {calls:?}");
+        assert_eq!(h.health.snapshot().queued_since, None);
         h.stop().await;
     }
 
