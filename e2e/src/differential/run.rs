@@ -66,6 +66,14 @@ enum Job<'a> {
     },
 }
 
+impl Job<'_> {
+    fn affinity(&self) -> bool {
+        match self {
+            Job::From { affinity, .. } | Job::Hairpin { affinity, .. } => *affinity,
+        }
+    }
+}
+
 /// A pool pod: where it runs, and its addresses.
 #[derive(Clone, Debug)]
 struct PoolPod {
@@ -658,46 +666,62 @@ impl Differential {
     /// connections are sequential (affinity and endpoint coverage are about
     /// their order), but probes of different frontends share nothing but
     /// the namespaces, and most of a probe's time is waiting for timeouts.
+    /// Probes of ClientIP-affinity services are the exception: every frontend
+    /// of a service port shares one affinity table, and two first connections
+    /// from one client racing through it can both miss it and stick to
+    /// different endpoints, on either proxy. They run one after another, on
+    /// a worker of their own.
     fn run_jobs(&self, node: u8, jobs: Vec<(ProbeKey, Job<'_>)>) -> BTreeMap<ProbeKey, Outcome> {
-        let next = AtomicUsize::new(0);
+        let (affine, free): (Vec<_>, Vec<_>) =
+            jobs.into_iter().partition(|(_, job)| job.affinity());
         let results = Mutex::new(BTreeMap::new());
+        let drain = |queue: &[(ProbeKey, Job<'_>)], next: &AtomicUsize| {
+            while let Some((key, job)) = queue.get(next.fetch_add(1, Ordering::Relaxed)) {
+                let outcome = self.run_job(node, job);
+                results
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(key.clone(), outcome);
+            }
+        };
+        let (next_free, next_affine) = (AtomicUsize::new(0), AtomicUsize::new(0));
         std::thread::scope(|scope| {
-            for _ in 0..PROBE_WORKERS.min(jobs.len()) {
-                scope.spawn(|| {
-                    while let Some((key, job)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        let outcome = match job {
-                            Job::From {
-                                ns,
-                                sender,
-                                target,
-                                protocol,
-                                affinity,
-                            } => self.probe(
-                                ns,
-                                node,
-                                *target,
-                                *protocol,
-                                sender.clone(),
-                                (*affinity, false),
-                            ),
-                            Job::Hairpin {
-                                app,
-                                target,
-                                protocol,
-                                affinity,
-                            } => self.hairpin(*app, node, *target, *protocol, *affinity),
-                        };
-                        results
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .insert(key.clone(), outcome);
-                    }
-                });
+            let free_workers = PROBE_WORKERS - usize::from(!affine.is_empty());
+            for _ in 0..free_workers.min(free.len()) {
+                scope.spawn(|| drain(&free, &next_free));
+            }
+            if !affine.is_empty() {
+                scope.spawn(|| drain(&affine, &next_affine));
             }
         });
         results
             .into_inner()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn run_job(&self, node: u8, job: &Job<'_>) -> Outcome {
+        match job {
+            Job::From {
+                ns,
+                sender,
+                target,
+                protocol,
+                affinity,
+            } => self.probe(
+                ns,
+                node,
+                *target,
+                *protocol,
+                sender.clone(),
+                (*affinity, false),
+            ),
+            Job::Hairpin {
+                app,
+                target,
+                protocol,
+                affinity,
+            } => self.hairpin(*app, node, *target, *protocol, *affinity),
+        }
     }
 
     /// From an endpoint of `app` on `node` (a ready one if there is one) to
