@@ -158,6 +158,17 @@ impl Differential {
             kube_proxy_args: profile.kube_proxy_args(),
             ..ClusterSpec::default()
         })?;
+        // A rejected connection is refused by an ICMP error from the node, and
+        // the kernel rations those (per peer, and 1,000 a second with a burst
+        // of 50 for the whole namespace): the probes' bursts of connects saw
+        // some rejections as timeouts, on either proxy's node.
+        for node in [PLANPROXY_NODE, KUBE_PROXY_NODE] {
+            let ns = &cluster.node(node).ns;
+            ns.sysctl("net.ipv4.icmp_ratelimit", "0")?;
+            ns.sysctl("net.ipv6.icmp.ratelimit", "0")?;
+            ns.sysctl("net.ipv4.icmp_msgs_per_sec", "100000")?;
+            ns.sysctl("net.ipv4.icmp_msgs_burst", "100000")?;
+        }
         cluster.run(|api| async move {
             api.apply_policy(json!({
                 "apiVersion": "planproxy.dev/v1alpha1",
