@@ -24,24 +24,36 @@ pub fn nft_ruleset(node: &Node) -> String {
         .expect("nft list ruleset in the node namespace")
 }
 
+/// Declares, for each `name`, a module of `#[test]`s, one per
+/// `test_name => Backend` pair, each calling `name(Backend::…)`.
+#[macro_export]
+macro_rules! tests_on_backends {
+    ($backends:tt $($name:ident),* $(,)?) => {
+        $( $crate::backend_tests_of!($name $backends); )*
+    };
+}
+
+/// One `name`'s module for [`tests_on_backends!`].
+#[macro_export]
+macro_rules! backend_tests_of {
+    ($name:ident [$($test:ident => $backend:ident),*]) => {
+        mod $name {
+            $(
+                #[test]
+                fn $test() {
+                    super::$name(planproxy_node_agent::dataplane::Backend::$backend);
+                }
+            )*
+        }
+    };
+}
+
 /// Declares `#[test]`s `<name>::iptables_nft` and `<name>::nftables`, each
 /// calling `name(backend)`.
 #[macro_export]
 macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                #[test]
-                fn iptables_nft() {
-                    super::$name(planproxy_node_agent::dataplane::Backend::IptablesNft);
-                }
-
-                #[test]
-                fn nftables() {
-                    super::$name(planproxy_node_agent::dataplane::Backend::Nftables);
-                }
-            }
-        )*
+        $crate::tests_on_backends!([iptables_nft => IptablesNft, nftables => Nftables] $($name),*);
     };
 }
 
@@ -50,23 +62,9 @@ macro_rules! on_every_backend {
 #[macro_export]
 macro_rules! on_all_three_backends {
     ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                #[test]
-                fn iptables_nft() {
-                    super::$name(planproxy_node_agent::dataplane::Backend::IptablesNft);
-                }
-
-                #[test]
-                fn iptables_legacy() {
-                    super::$name(planproxy_node_agent::dataplane::Backend::IptablesLegacy);
-                }
-
-                #[test]
-                fn nftables() {
-                    super::$name(planproxy_node_agent::dataplane::Backend::Nftables);
-                }
-            }
-        )*
+        $crate::tests_on_backends!(
+            [iptables_nft => IptablesNft, iptables_legacy => IptablesLegacy, nftables => Nftables]
+            $($name),*
+        );
     };
 }
